@@ -1,0 +1,93 @@
+"""Evaluate a checkpoint (ours or VPD's released) on one or all splits and print the results table.
+
+Every sentence of every ref is evaluated; with several processes (test.sh DATASET CKPT, NPROC
+set) the refs are sharded and the counts reduced, so the numbers do not depend on NPROC.
+"""
+import json
+import os
+import sys
+
+import torch
+
+from data.loaders import build_dataset, build_loader
+from models import build_model, load_segmenter_state
+from refer.refer import evaluation_splits
+from utils.args import parse_args
+from utils.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
+                              model_state_from_checkpoint)
+from utils.dist import cleanup, init_distributed
+from utils.engine import evaluate, resolve_precision
+from utils.logging import format_results_table, setup_logging
+from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
+
+
+class PredictionWriter:
+    """Writes predicted masks ({ref_id}_{sent_id}.png, 0/255) and comparison panels."""
+
+    def __init__(self, masks_dir=None, vis_dir=None, vis_num=0):
+        self.masks_dir, self.vis_dir, self.vis_left = masks_dir, vis_dir, vis_num
+        for folder in (masks_dir, vis_dir):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, batch, predictions, ious):
+        for index, prediction in enumerate(predictions):
+            name = f"{batch['ref_ids'][index]}_{batch['sent_ids'][index]}.png"
+            if self.masks_dir:
+                mask_to_image(prediction.numpy()).save(os.path.join(self.masks_dir, name))
+            if self.vis_dir and self.vis_left > 0:
+                image_index = int(batch["image_index"][index])
+                panel = comparison_panel(tensor_to_image(batch["image"][image_index]),
+                                         batch["mask"][image_index].numpy(), prediction.numpy(),
+                                         batch["sentences"][index], float(ious[index]))
+                panel.save(os.path.join(self.vis_dir, name))
+                self.vis_left -= 1
+
+
+def main(argv=None):
+    args = parse_args(argv, description=__doc__.splitlines()[0])
+    if not args.checkpoint:
+        raise SystemExit("test.py needs --checkpoint PATH (test.sh passes its second argument)")
+    dist_info = init_distributed(args.dist_backend)
+    logger = setup_logging(dist_info.is_main)
+    device = dist_info.device
+    dtype = resolve_precision(args.precision, device)
+
+    model = build_model(args)
+    state = load_checkpoint(args.checkpoint)
+    check_compatible(state, args, args.checkpoint)
+    report = load_segmenter_state(model, model_state_from_checkpoint(state, args.checkpoint))
+    logger.info(f"loaded {args.checkpoint}: {report}")
+    model.to(device).eval()
+
+    splits = evaluation_splits(args.dataset, args.splitBy) if args.split == "all" else [args.split]
+    # Panels only from rank 0, so --vis_num is the total; masks from every rank (disjoint refs).
+    writer = PredictionWriter(args.save_masks, args.vis_dir if dist_info.is_main else None,
+                              args.vis_num)
+    show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
+    results_by_split = {}
+    for split in splits:
+        dataset = build_dataset(args, split, eval_mode=True)
+        loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
+                              seed=args.seed, drop_last=False, eval_mode=True)
+        results_by_split[split] = evaluate(model, loader, device, dtype, on_predictions=writer,
+                                           show_progress=show_progress, desc=split)
+    if dist_info.is_main:
+        title = f"{args.dataset} ({args.splitBy}), {os.path.basename(args.checkpoint)}"
+        print(f"\n{title}\n{format_results_table(results_by_split)}\n", flush=True)
+        if args.results_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
+            with open(args.results_json, "w") as handle:
+                json.dump({"dataset": args.dataset, "splitBy": args.splitBy,
+                           "checkpoint": args.checkpoint, "results": results_by_split},
+                          handle, indent=2)
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

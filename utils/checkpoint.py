@@ -1,0 +1,113 @@
+"""Checkpoint files: atomic writes, safe loads, and the last/best naming of a run."""
+import os
+import tempfile
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A file that is not one of our checkpoints, or does not fit the model."""
+
+
+def last_checkpoint_path(output_dir, model_id):
+    return os.path.join(output_dir, f"checkpoint_last_{model_id}.pth")
+
+
+def best_checkpoint_path(output_dir, model_id):
+    return os.path.join(output_dir, f"model_best_{model_id}.pth")
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` so that a kill at any moment leaves either the old or the new file.
+
+    The bytes go to a temporary file in the same folder, are fsynced, and replace `path` with an
+    atomic rename; the folder is fsynced so the rename itself survives a crash.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict on the CPU with `weights_only=True` (no code runs on load).
+
+    Accepts our checkpoints ({'model': state_dict, ...}) and VPD's released ones; raises
+    CheckpointError with the path when the file is missing or not a checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a bad file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict with a "
+                              f"'model' state dict")
+    return state
+
+
+def model_state_from_checkpoint(state, path="checkpoint"):
+    """The model's state dict inside a loaded checkpoint (ours: 'model'; VPD's: 'model' too)."""
+    model_state = state.get("model", state.get("state_dict"))
+    if not isinstance(model_state, dict) or not model_state:
+        raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(state)[:10]})")
+    return model_state
+
+
+def check_compatible(state, args, path, flags=("model", "token_length")):
+    """Refuse a checkpoint trained with other settings of `flags`, naming the flag.
+
+    (Shapes are checked again when the weights load; this says *why* they would differ.)
+    """
+    checkpoint_args = state.get("args") or {}
+    for flag in flags:
+        if flag in checkpoint_args and checkpoint_args[flag] != getattr(args, flag):
+            raise CheckpointError(f"{path} was trained with --{flag} {checkpoint_args[flag]}, "
+                                  f"this run uses --{flag} {getattr(args, flag)}")
+
+
+def trainable_state_dict(model, frozen_prefixes=()):
+    """The model's state dict without the frozen pretrained parts (reloaded from --sd_path)."""
+    return {key: value for key, value in model.state_dict().items()
+            if not any(key.startswith(prefix + ".") for prefix in frozen_prefixes)}
+
+
+def rng_state():
+    import random
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+    if not state:
+        return
+    random.setstate(_to_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(value):
+    """random.setstate needs tuples; a weights_only load may hand back lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_tuple(item) for item in value)
+    return value

@@ -1,0 +1,86 @@
+"""Process-group set-up and the few collective helpers the training loop needs.
+
+Launch with torchrun (train.sh does); a plain `python train.py` runs as a single process.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def init_distributed(backend="auto"):
+    """Join the process group described by torchrun's environment variables, pick the device.
+
+    backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo".
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    num_gpus = torch.cuda.device_count()
+
+    if backend == "auto":
+        backend = "nccl" if num_gpus > 0 else "gloo"
+    if backend == "nccl" and num_gpus == 0:
+        raise RuntimeError("--dist_backend nccl needs CUDA GPUs and none is visible; "
+                           "use --dist_backend gloo (or auto) to run on CPU")
+    if num_gpus > 0 and local_world_size > num_gpus:
+        raise RuntimeError(f"{local_world_size} processes per node were launched but only "
+                           f"{num_gpus} GPU(s) are visible: pass NPROC <= {num_gpus}")
+
+    if num_gpus > 0:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all processes in place (a no-op when single-process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj):
+    """A list with every process's `obj` (a one-element list when single-process)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def cleanup():
+    if is_distributed():
+        dist.destroy_process_group()

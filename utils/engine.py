@@ -1,0 +1,154 @@
+"""The training and evaluation loops shared by train.py and test.py."""
+import math
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from utils.dist import all_reduce_sum, is_distributed
+from utils.metrics import RISMetric, intersection_and_union
+
+
+def resolve_precision(precision, device):
+    """--precision -> autocast dtype. auto: bf16 on GPUs that have it, fp32 elsewhere."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model):
+    """The bare model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def model_inputs(batch, device):
+    """The segmenter's keyword arguments for a batch: images, or cached latents when present."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+              "attention_mask": batch["attention_mask"].to(device, non_blocking=True)}
+    if "latents" in batch:
+        inputs["latents"] = batch["latents"].to(device, non_blocking=True)
+    else:
+        inputs["images"] = batch["image"].to(device, non_blocking=True)
+    if "image_index" in batch:
+        inputs["image_index"] = batch["image_index"].to(device, non_blocking=True)
+    return inputs
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT (a scheduler's pre-emption, Ctrl-C) into a flag checked between steps,
+    so the loop can save a checkpoint and exit cleanly instead of dying mid-write."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device):
+        """True on every process once any of them was signalled, so all stop at the same step
+        (a rank leaving the loop alone would leave the others waiting in DDP's all-reduce)."""
+        if not is_distributed():
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        return bool(all_reduce_sum(flag).item())
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
+                    start_iteration=0, stop=None, show_progress=True):
+    """One pass over `loader` (which already skips the first `start_iteration` batches).
+
+    Returns a dict: mean loss, last lr, images seen, seconds, iterations done in this epoch
+    (counting the skipped ones), and whether a stop was requested.
+    """
+    model.train()
+    segmenter = unwrap(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    num_images = 0
+    iteration = start_iteration
+    start_time = time.perf_counter()
+    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
+                    initial=start_iteration, total=start_iteration + len(loader))
+    for batch in progress:
+        masks = batch["mask"].to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(**model_inputs(batch, device))
+        loss = segmenter.loss(logits.float(), masks)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+        loss_value = loss.item()  # one sync per step: cheap next to the step, and names the step
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss became {loss_value} at epoch {epoch}, iteration "
+                                     f"{iteration} (global step {scheduler.last_epoch}); the last "
+                                     f"good checkpoint was kept")
+        loss_sum += loss_value
+        num_images += masks.shape[0]
+        iteration += 1
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if stop is not None and stop.agreed(device):
+            break
+    progress.close()
+    steps = max(iteration - start_iteration, 1)
+    return {"loss": loss_sum.item() / steps, "lr": scheduler.get_last_lr()[0],
+            "images": num_images, "seconds": time.perf_counter() - start_time,
+            "iterations": iteration, "stopped": iteration < start_iteration + len(loader)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=True,
+             desc="eval"):
+    """All sentences of this process's shard of refs; metrics reduced over every process.
+
+    on_predictions(batch, predictions, ious), if given, sees each batch's (N, H, W) argmax masks
+    on this process (used to save masks and visualisations). Collective: every rank calls it.
+    """
+    segmenter = unwrap(model)
+    segmenter.eval()
+    metric = RISMetric()
+    num_refs = 0
+    start_time = time.perf_counter()
+    for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
+        with autocast(device, dtype):
+            logits = segmenter(**model_inputs(batch, device))
+        predictions = logits.argmax(dim=1)
+        targets = batch["mask"].to(device)[batch["image_index"].to(device)]
+        intersection, union = intersection_and_union(predictions, targets)
+        ious = metric.update(intersection.cpu(), union.cpu())
+        num_refs += batch["mask"].shape[0]
+        if on_predictions is not None:
+            on_predictions(batch, predictions.cpu(), ious)
+    results = metric.compute()
+    refs = torch.tensor([num_refs], dtype=torch.int64)
+    results["refs"] = int(all_reduce_sum(refs).item())
+    results["seconds"] = time.perf_counter() - start_time
+    return results

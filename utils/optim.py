@@ -1,0 +1,44 @@
+"""Optimizer and learning-rate schedule of the VPD recipe."""
+import torch
+
+
+def parameter_groups(model, weight_decay, unet_lr_scale=1.0):
+    """AdamW groups by role: UNet vs. the rest (decoder, text adapter), decayed vs. not.
+
+    Norm weights, biases and the adapter's gamma (every parameter with one dimension) get no
+    weight decay. Each group carries `lr_scale`, which `build_optimizer` applies to the lr.
+    """
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        role = "unet" if ".unet." in f".{name}" else "head"
+        decay = parameter.ndim > 1
+        key = (role, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": unet_lr_scale if role == "unet" else 1.0,
+                           "name": f"{role}_{'decay' if decay else 'no_decay'}"}
+        groups[key]["params"].append(parameter)
+    return list(groups.values())
+
+
+def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None):
+    groups = parameter_groups(model, weight_decay, unet_lr_scale)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    if fused is None:  # the fused kernel is the fastest AdamW on GPUs
+        fused = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def poly_lr_lambda(total_iterations, power=0.9):
+    """(1 - it / total) ^ power, stepped every iteration, no warm-up."""
+    def factor(iteration):
+        return max(0.0, 1.0 - iteration / max(total_iterations, 1)) ** power
+    return factor
+
+
+def build_scheduler(optimizer, total_iterations, power=0.9):
+    # LambdaLR multiplies each group's initial lr (already scaled by its lr_scale).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_iterations, power))
