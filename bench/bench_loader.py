@@ -1,0 +1,78 @@
+"""Training-loader throughput (items/s) on a synthetic REFER dataset, per number of workers.
+
+Builds ~COCO-sized JPEGs (640x480 by default) in a temporary folder with tests/refer_fixtures.py,
+then times one pass of the training loader (decode, resize, normalise, mask decode, tokens)
+after one warm-up batch, so worker start-up is not counted.
+
+    python bench/bench_loader.py --num-images 200 --img-size 512 --workers 0 2
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+# Scripts only: make the repository root importable (library code never does this).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from data import ReferDataset, build_loader  # noqa: E402
+from tests.refer_fixtures import make_refer_dataset  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=200, help="synthetic images (default 200)")
+    parser.add_argument("--image-width", type=int, default=640)
+    parser.add_argument("--image-height", type=int, default=480)
+    parser.add_argument("--img-size", type=int, default=512, help="side after resizing (default 512)")
+    parser.add_argument("--token-length", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4, help="per-GPU batch of VPD (default 4)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                        help="DataLoader worker counts to compare (default: 0 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of the main process (default: torch's); "
+                             "workers=0 collates on them and stalls when CPUs are shared")
+    return parser.parse_args(argv)
+
+
+def time_one_pass(dataset, batch_size: int, workers: int) -> tuple[int, float]:
+    """(items after the warm-up batch, seconds) for one shuffled training pass."""
+    loader = build_loader(dataset, batch_size=batch_size, workers=workers, shuffle=True,
+                          distributed=False, seed=0, eval_mode=False)
+    batches = iter(loader)
+    next(batches)  # warm-up: worker start-up, first decodes
+    items, start = 0, time.perf_counter()
+    for batch in batches:
+        items += batch["image"].shape[0]
+    return items, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as root:
+        start = time.perf_counter()
+        make_refer_dataset(root, "refcoco", "unc", num_images=args.num_images, refs_per_image=1,
+                           splits=("train",), special_images=False,
+                           image_size=(args.image_width, args.image_height))
+        generated = time.perf_counter() - start
+        start = time.perf_counter()
+        dataset = ReferDataset(root, "refcoco", "unc", split="train", img_size=args.img_size,
+                               token_length=args.token_length)
+        built = time.perf_counter() - start
+        print(f"{len(dataset)} refs, {args.image_width}x{args.image_height} JPEGs -> "
+              f"{args.img_size}x{args.img_size}, batch {args.batch_size}, "
+              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
+              f"(data generated in {generated:.1f}s, dataset built in {built:.2f}s)")
+        print(f"{'workers':>7}  {'items':>5}  {'seconds':>7}  {'items/s':>7}")
+        for workers in args.workers:
+            items, seconds = time_one_pass(dataset, args.batch_size, workers)
+            print(f"{workers:>7}  {items:>5}  {seconds:>7.2f}  {items / seconds:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Dataset / DataLoader factories shared by train.py and test.py.
+
+Evaluation shards refs across processes without padding (``ShardedEvalSampler``) so that summed
+intersections and unions are exact whatever the number of processes. Training runs are
+reproducible from ``seed``: the loader's generator fixes the shuffling order and the per-worker
+seeds that torch derives for ``random``, ``numpy`` and ``torch`` in each worker.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .refer_dataset import ReferDataset
+
+__all__ = ["build_dataset", "build_loader", "collate_eval", "set_loader_epoch", "ShardedEvalSampler",
+           "ResumableTrainSampler"]
+
+
+def build_dataset(args, split: str, eval_mode: bool) -> ReferDataset:
+    """ReferDataset from the parsed flags ``refer_data_root, dataset, splitBy, img_size,
+    token_length``. The embedded toy dataset is generated on first use."""
+    if args.dataset == "toy" and not os.path.isfile(
+            os.path.join(args.refer_data_root, "toy", "instances.json")):
+        from .toy import ensure_toy_dataset  # lazy: only the toy path needs the generator
+        ensure_toy_dataset(args.refer_data_root)
+    return ReferDataset(args.refer_data_root, dataset=args.dataset, splitBy=args.splitBy,
+                        split=split, img_size=args.img_size, token_length=args.token_length,
+                        eval_mode=eval_mode)
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` gets indices ``r, r + w, r + 2w, ...``: every index exactly once
+    across ranks, no padding or duplicates (unlike DistributedSampler), so shards may differ in
+    length by one."""
+
+    def __init__(self, dataset_or_length, num_replicas: int | None = None,
+                 rank: int | None = None):
+        self.length = (dataset_or_length if isinstance(dataset_or_length, int)
+                       else len(dataset_or_length))
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank} is outside [0, num_replicas={num_replicas})")
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+class ResumableTrainSampler(DistributedSampler):
+    """DistributedSampler (also used with one process) whose epoch can start part-way through.
+
+    ``set_epoch(epoch, skip_samples)`` fixes the epoch's permutation (from ``seed + epoch``) and
+    drops its first ``skip_samples`` indices, so a run stopped mid-epoch resumes exactly where it
+    stopped without loading the skipped images.
+    """
+
+    def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0,
+                 drop_last=False):
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.skip_samples = 0
+
+    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip_samples = skip_samples
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip_samples, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.skip_samples, 0)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0, skip_batches: int = 0) -> None:
+    """Make a training loader's epoch ``epoch`` reproducible, optionally skipping its first batches.
+
+    The order comes from the sampler (``seed + epoch``); the random sentence drawn for each ref
+    comes from the workers' RNGs, which torch seeds from ``loader.generator`` when an epoch's
+    iterator starts (or, with ``workers=0``, from the global torch RNG), so both are re-seeded
+    from (seed, rank, epoch) here.
+    """
+    loader.sampler.set_epoch(epoch, skip_samples=skip_batches * loader.batch_size)
+    rank = loader.sampler.rank
+    epoch_seed = (seed * 1_000_003 + epoch) * 1_009 + rank
+    loader.generator.manual_seed(epoch_seed)
+    if loader.num_workers == 0:
+        torch.manual_seed(epoch_seed)
+
+
+def collate_eval(batch: list[dict]) -> dict:
+    """Batch eval items with a variable number of sentences per image.
+
+    Sentences of all images are concatenated along dim 0; ``image_index[k]`` says which image of
+    the batch sentence ``k`` belongs to (so ``image[image_index]`` pairs images with sentences).
+    """
+    counts = torch.tensor([item["input_ids"].shape[0] for item in batch], dtype=torch.long)
+    return {
+        "image": torch.stack([item["image"] for item in batch]),
+        "mask": torch.stack([item["mask"] for item in batch]),
+        "input_ids": torch.cat([item["input_ids"] for item in batch]),
+        "attention_mask": torch.cat([item["attention_mask"] for item in batch]),
+        "image_index": torch.repeat_interleave(torch.arange(len(batch)), counts),
+        "ref_ids": [item["ref_id"] for item in batch for _ in item["sent_ids"]],
+        "sent_ids": [sent_id for item in batch for sent_id in item["sent_ids"]],
+        "sentences": [sentence for item in batch for sentence in item["sentences"]],
+        "image_ids": [item["image_id"] for item in batch],
+    }
+
+
+def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False,
+                 distributed: bool | None = None, seed: int = 0, drop_last: bool = False,
+                 eval_mode: bool | None = None) -> DataLoader:
+    """DataLoader for training (random sentence per ref) or evaluation (all sentences).
+
+    ``distributed=None`` follows ``torch.distributed.is_initialized()``. Training uses
+    ResumableTrainSampler (one shard per process): call ``set_loader_epoch`` every epoch.
+    ``eval_mode=None`` follows ``dataset.eval_mode``.
+    """
+    if eval_mode is None:
+        eval_mode = getattr(dataset, "eval_mode", False)
+    if distributed is None:
+        distributed = dist.is_initialized()
+    elif distributed and not dist.is_initialized():
+        raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be "
+                           "initialised first (init_process_group)")
+    if eval_mode and drop_last:
+        raise ValueError("drop_last=True would leave sentences unscored in evaluation; "
+                         "expected drop_last=False with eval_mode=True")
+    rank = dist.get_rank() if distributed else 0
+
+    if eval_mode:
+        sampler = ShardedEvalSampler(dataset, num_replicas=None if distributed else 1,
+                                     rank=None if distributed else 0)
+    else:
+        sampler = ResumableTrainSampler(dataset, num_replicas=None if distributed else 1,
+                                        rank=None if distributed else 0, shuffle=shuffle,
+                                        seed=seed, drop_last=drop_last)
+
+    # Distinct per rank so that ranks do not draw identical sentence streams.
+    generator = torch.Generator()
+    generator.manual_seed(seed + rank)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_eval if eval_mode else None,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        # Training re-creates its workers each epoch so that set_loader_epoch can re-seed them;
+        # evaluation keeps them.
+        persistent_workers=workers > 0 and eval_mode,
+        generator=generator,
+    )

@@ -1,0 +1,176 @@
+"""One item per referred object (ref) of a REFER split, as LAVT and VPD consume it.
+
+Training draws one random sentence of the ref per access; evaluation returns every sentence so
+that each sentence is scored once. Everything an item needs is prepared at construction in compact
+form (token ids as one int32 array, masks as compressed RLE), so the dataset is cheap to send to
+DataLoader workers and does not keep the full COCO annotation file alive.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from refer.refer import REFER, EmptySplitError, ReferValueError, decode_rle, segmentation_to_rle
+
+from .tokenizer import CLIPTokenizer
+from .transforms import ImageMaskTransform, load_rgb
+
+__all__ = ["ReferDataset", "EmptySentenceError"]
+
+
+class EmptySentenceError(ReferValueError):
+    """A ref's sentence has no text to tokenise."""
+
+
+class ReferDataset(Dataset):
+    """REFER split as tensors for VPD-RIS.
+
+    Args:
+        data_root: folder with ``{dataset}/`` and ``images/`` (see ``refer/README.md``).
+        dataset, splitBy, split: which refs to use, e.g. ``refcocog``, ``umd``, ``val``.
+            ``split='test'`` covers every test split (testA, testB, ...), as in REFER.
+        img_size: side of the square image and mask.
+        token_length: number of text tokens per sentence (truncated / padded).
+        eval_mode: return all sentences of a ref instead of one random sentence.
+
+    Items (``eval_mode=False``): ``image`` float32 [3,S,S] in [-1,1], ``mask`` int64 [S,S] in
+    {0,1}, ``input_ids`` / ``attention_mask`` int64 [L], ``ref_id``, ``image_id``, ``sent_id``.
+    Items (``eval_mode=True``): ``input_ids`` / ``attention_mask`` int64 [N,L] for the ref's N
+    sentences, ``sent_ids`` and ``sentences`` lists, plus image, mask, ref_id, image_id.
+    """
+
+    def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
+                 split: str = "train", img_size: int = 512, token_length: int = 77,
+                 eval_mode: bool = False):
+        self.dataset = dataset
+        self.splitBy = splitBy
+        self.split = split
+        self.img_size = img_size
+        self.token_length = token_length
+        self.eval_mode = eval_mode
+        self.transform = ImageMaskTransform(img_size)
+
+        refer = REFER(data_root, dataset, splitBy)
+        self.refs_path = refer.refs_path
+        ref_ids = refer.getRefIds(split=split)
+        if not ref_ids:
+            raise EmptySplitError(
+                f"split {split!r} selects no refs in {refer.refs_path}; splits present: "
+                f"{', '.join(refer.splits())}")
+
+        self.refs: list[dict] = refer.loadRefs(ref_ids)
+        images = [refer.Imgs[ref["image_id"]] for ref in self.refs]
+        self._image_paths = [refer.image_path(image) for image in images]
+        self._rles = [self._compact_rle(refer, ref, image) for ref, image in zip(self.refs, images)]
+        self._index_sentences(CLIPTokenizer(token_length))
+
+    # ----------------------------------------------------------------------------- construction
+    @staticmethod
+    def _compact_rle(refer: REFER, ref: dict, image: dict) -> dict:
+        """The ref's mask as one compressed RLE (a few hundred bytes instead of polygon lists)."""
+        height, width = image["height"], image["width"]
+        rle = segmentation_to_rle(refer.refToAnn[ref["ref_id"]]["segmentation"], height, width)
+        if rle is None:  # no usable polygon: an empty mask
+            rle = mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))
+        return rle
+
+    def _index_sentences(self, tokenizer: CLIPTokenizer) -> None:
+        """Tokenise every sentence once; keep ids in one [M, L] int32 array plus per-ref offsets."""
+        bpe_cache: dict[str, list[int]] = {}
+        rows, lengths, offsets = [], [], [0]
+        self.sent_ids: list[list[int]] = []
+        num_truncated, longest = 0, 0
+        for ref in self.refs:
+            ref_sent_ids = []
+            for sentence in ref["sentences"]:
+                text = sentence["sent"]
+                if text not in bpe_cache:
+                    if not isinstance(text, str) or not text.strip():
+                        raise EmptySentenceError(
+                            f"empty sentence in {self.refs_path}: ref_id {ref['ref_id']} "
+                            f"sent_id {sentence['sent_id']} has sent={text!r}; expected text")
+                    try:
+                        bpe_cache[text] = tokenizer.encode(text)
+                    except ValueError as error:
+                        raise EmptySentenceError(
+                            f"untokenisable sentence in {self.refs_path}: ref_id {ref['ref_id']} "
+                            f"sent_id {sentence['sent_id']}: {error}") from error
+                bpe = bpe_cache[text]
+                num_tokens = len(bpe) + 2
+                longest = max(longest, num_tokens)
+                num_truncated += num_tokens > self.token_length
+                ids = tokenizer.ids_from_bpe(bpe)
+                rows.append(ids + [tokenizer.PAD_ID] * (self.token_length - len(ids)))
+                lengths.append(len(ids))
+                ref_sent_ids.append(sentence["sent_id"])
+            if not ref_sent_ids:
+                raise EmptySentenceError(
+                    f"ref_id {ref['ref_id']} in {self.refs_path} has no sentences")
+            self.sent_ids.append(ref_sent_ids)
+            offsets.append(len(rows))
+
+        self._token_ids = np.asarray(rows, dtype=np.int32)
+        self._token_lengths = np.asarray(lengths, dtype=np.int32)
+        self._sent_offsets = np.asarray(offsets, dtype=np.int64)
+        self.num_sentences = len(rows)
+        self.max_sentence_tokens = longest
+        self.num_truncated = num_truncated
+        if num_truncated:
+            warnings.warn(
+                f"{num_truncated} of {len(rows)} sentences exceed token_length="
+                f"{self.token_length} tokens and are truncated; longest is {longest}",
+                stacklevel=3)
+
+    # ---------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def ref(self, index: int) -> dict:
+        """The REFER ref dict of item ``index`` (sentences, ann_id, category_id, ...)."""
+        return self.refs[index]
+
+    def image_path(self, index: int) -> str:
+        return self._image_paths[index]
+
+    def sentences(self, index: int) -> list[str]:
+        return [sentence["sent"] for sentence in self.refs[index]["sentences"]]
+
+    def _tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.from_numpy(self._token_ids[row].astype(np.int64))
+        attention_mask = (torch.arange(self.token_length) < int(self._token_lengths[row])).long()
+        return input_ids, attention_mask
+
+    def _image_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = self.refs[index]
+        image = load_rgb(self._image_paths[index],
+                         context=f"ref_id {ref['ref_id']} of {self.dataset}({self.splitBy})")
+        mask = decode_rle(self._rles[index])
+        return self.transform(image, mask)
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.refs[index]
+        image, mask = self._image_and_mask(index)
+        item = {"image": image, "mask": mask, "ref_id": int(ref["ref_id"]),
+                "image_id": int(ref["image_id"])}
+        first, last = int(self._sent_offsets[index]), int(self._sent_offsets[index + 1])
+        if self.eval_mode:
+            tokens = [self._tokens(row) for row in range(first, last)]
+            item["input_ids"] = torch.stack([ids for ids, _ in tokens])
+            item["attention_mask"] = torch.stack([attn for _, attn in tokens])
+            item["sent_ids"] = list(self.sent_ids[index])
+            item["sentences"] = self.sentences(index)
+        else:
+            # torch's RNG: DataLoader seeds it per worker, so a seeded run draws the same sentences.
+            choice = int(torch.randint(last - first, ()).item())
+            item["input_ids"], item["attention_mask"] = self._tokens(first + choice)
+            item["sent_id"] = int(self.sent_ids[index][choice])
+        return item
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.dataset}({self.splitBy}) split={self.split!r}, "
+                f"{len(self)} refs, {self.num_sentences} sentences, img_size={self.img_size}, "
+                f"token_length={self.token_length}, eval_mode={self.eval_mode})")

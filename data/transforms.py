@@ -1,0 +1,78 @@
+"""Image loading and the paired image/mask transform of VPD-RIS.
+
+VPD resizes both image and mask to a square (aspect ratio not kept), maps pixels to [-1, 1] for
+the Stable Diffusion VAE and applies no augmentation. Masks are always resized with
+nearest-neighbour so they stay binary.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageMaskTransform", "load_rgb", "ImageFileNotFoundError", "ImageReadError"]
+
+
+class ImageFileNotFoundError(FileNotFoundError):
+    """An image file listed by the annotations does not exist."""
+
+
+class ImageReadError(OSError):
+    """An image file exists but PIL cannot decode it (truncated, corrupt, not an image)."""
+
+
+def load_rgb(path: str, context: str = "") -> Image.Image:
+    """Open an image as 3-channel RGB (grayscale, CMYK, RGBA and palette images included).
+
+    ``context`` (e.g. ``"ref_id 12"``) is added to error messages so a bad file can be traced
+    back to the annotation that uses it.
+    """
+    where = f" ({context})" if context else ""
+    if not os.path.isfile(path):
+        raise ImageFileNotFoundError(f"image file not found: {path}{where}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now so corrupt data fails here, inside the try
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageReadError(f"cannot read image {path}{where}: {reason}") from error
+
+
+class ImageMaskTransform:
+    """Resize image (bilinear) and mask (nearest) to ``img_size`` x ``img_size``.
+
+    Returns ``image`` float32 (3, S, S) in [-1, 1] and ``mask`` int64 (S, S) in {0, 1}.
+    """
+
+    def __init__(self, img_size: int = 512):
+        if img_size < 1:
+            raise ValueError(f"img_size={img_size}; expected a positive number of pixels")
+        self.img_size = img_size
+
+    def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"mask shape {mask.shape} does not match image size "
+                             f"{image.height}x{image.width} (height x width)")
+        size = (self.img_size, self.img_size)  # PIL takes (width, height)
+        image = image.resize(size, Image.BILINEAR)
+        # ToTensor + Normalize(0.5, 0.5) == x / 127.5 - 1. Done in numpy on purpose: per-item
+        # torch ops run on the intra-op thread pool, which stalls badly in the main process
+        # (workers=0) when the CPUs are shared.
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        image_array = np.empty(pixels.shape, dtype=np.float32)
+        np.divide(pixels, 127.5, out=image_array)
+        image_array -= 1.0
+        image_tensor = torch.from_numpy(image_array)
+
+        mask_image = Image.fromarray((mask > 0).astype(np.uint8))
+        mask_image = mask_image.resize(size, Image.NEAREST)
+        mask_tensor = torch.from_numpy(np.asarray(mask_image, dtype=np.int64).copy())
+        return image_tensor, mask_tensor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(img_size={self.img_size})"

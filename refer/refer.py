@@ -1,0 +1,355 @@
+"""A Python 3 REFER API for RefCOCO, RefCOCO+, RefCOCOg, RefCLEF and our embedded toy set.
+
+Keeps the method names and index attributes of the original REFER toolkit (Licheng Yu, 2016) so
+existing notebooks keep working, but builds every index in one pass (the original was quadratic
+on real RefCOCO), decodes masks to a binary {0, 1} map, and fails with one-line errors that name
+the file or value at fault instead of printing and calling ``sys.exit``.
+
+On-disk layout (see ``refer/README.md``)::
+
+    {data_root}/{dataset}/instances.json       COCO-style images / annotations / categories
+    {data_root}/{dataset}/refs({splitBy}).p    pickled list of refs
+    {data_root}/{image folder of the dataset}/{file_name}
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = [
+    "REFER", "DATASETS", "DatasetLayout", "ReferFileNotFoundError", "ReferValueError",
+    "UnknownSplitError", "EmptySplitError", "QUERY_SPLITS", "segmentation_to_mask",
+    "split_matches", "decode_rle", "segmentation_to_rle", "evaluation_splits", "dataset_layout",
+]
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where a dataset's images live and which partitions (splitBy) it was released with.
+
+    ``splits`` lists, per splitBy, the split names its refs file holds; it documents the data and
+    feeds error messages, while queries are checked against ``QUERY_SPLITS``.
+    """
+    image_dir: str                          # relative to data_root
+    splits: dict[str, tuple[str, ...]]      # splitBy -> split names in that refs file
+
+    @property
+    def split_bys(self) -> tuple[str, ...]:
+        return tuple(self.splits)
+
+
+_COCO_IMAGES = os.path.join("images", "mscoco", "images", "train2014")
+
+# The one table of supported datasets.
+DATASETS: dict[str, DatasetLayout] = {
+    "refcoco": DatasetLayout(_COCO_IMAGES, {
+        "unc": ("train", "val", "testA", "testB"),
+        "google": ("train", "val", "test"),
+    }),
+    "refcoco+": DatasetLayout(_COCO_IMAGES, {
+        "unc": ("train", "val", "testA", "testB"),
+    }),
+    "refcocog": DatasetLayout(_COCO_IMAGES, {
+        "umd": ("train", "val", "test"),
+        "google": ("train", "val"),
+    }),
+    "refclef": DatasetLayout(os.path.join("images", "saiapr_tc-12"), {
+        "unc": ("train", "val", "testA", "testB", "testC"),
+        "berkeley": ("train", "val", "test"),
+    }),
+    "toy": DatasetLayout(os.path.join("toy", "images"), {
+        "unc": ("train", "val", "testA", "testB"),
+    }),
+}
+
+# Split names getRefIds understands, as in the original API. 'testA'/'testB'/'testC' select every
+# test split carrying that letter (so 'testA' also covers 'testAB'), 'test' every test split,
+# 'testAB'/'testBC'/'testAC' and 'train'/'val' match exactly.
+QUERY_SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
+
+
+class ReferFileNotFoundError(FileNotFoundError):
+    """A file or folder the REFER layout requires is missing."""
+
+
+class ReferValueError(ValueError):
+    """An argument names something REFER does not know (dataset, splitBy, split, id)."""
+
+
+class UnknownSplitError(ReferValueError):
+    """A split name outside ``QUERY_SPLITS``."""
+
+
+class EmptySplitError(ReferValueError):
+    """A valid split name that selects no ref of the loaded refs file."""
+
+
+def dataset_layout(dataset: str, splitBy: str) -> DatasetLayout:
+    """The ``DATASETS`` entry of a dataset, after checking both names."""
+    if dataset not in DATASETS:
+        raise ReferValueError(
+            f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    layout = DATASETS[dataset]
+    if splitBy not in layout.splits:
+        raise ReferValueError(
+            f"unknown splitBy {splitBy!r} for dataset {dataset!r}; "
+            f"expected one of {', '.join(layout.split_bys)}")
+    return layout
+
+
+def evaluation_splits(dataset: str, splitBy: str) -> list[str]:
+    """Every held-out split of a dataset/partition, in the order papers report them
+    (e.g. refcoco/unc -> val, testA, testB; refcocog/umd -> val, test)."""
+    layout = dataset_layout(dataset, splitBy)
+    return [split for split in layout.splits[splitBy] if split != "train"]
+
+
+def _as_list(value) -> list:
+    """The original API accepts a single id wherever it accepts a list of ids."""
+    if isinstance(value, (list, tuple, set, np.ndarray)):
+        return list(value)
+    return [value]
+
+
+def split_matches(query: str, ref_split: str) -> bool:
+    """Whether a ref stored with split ``ref_split`` belongs to the queried split."""
+    if query in ("testA", "testB", "testC"):
+        return ref_split.startswith("test") and query[-1] in ref_split[len("test"):]
+    if query == "test":
+        return ref_split.startswith("test")
+    return ref_split == query
+
+
+def _load_refs_pickle(path: str) -> list[dict]:
+    """Load a refs(*).p file. The released files were pickled by Python 2: their byte strings
+    decode as ASCII, and latin-1 is the fallback for the rare non-ASCII one."""
+    with open(path, "rb") as f:
+        try:
+            return pickle.load(f)
+        except UnicodeDecodeError:
+            f.seek(0)
+            return pickle.load(f, encoding="latin1")
+
+
+class REFER:
+    """Index of one REFER dataset/partition: refs, COCO annotations, images and categories.
+
+    Args:
+        data_root: folder holding ``{dataset}/`` and ``images/`` (``refer/data`` by default in
+            our scripts, ``--refer_data_root`` elsewhere).
+        dataset: one of ``DATASETS`` (refcoco, refcoco+, refcocog, refclef, toy).
+        splitBy: the partition, e.g. ``unc`` for RefCOCO, ``umd`` or ``google`` for RefCOCOg.
+        verbose: print load timings like the original API.
+    """
+
+    def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
+                 verbose: bool = False):
+        layout = dataset_layout(dataset, splitBy)
+
+        self.data_root = os.path.expanduser(data_root)
+        self.dataset = dataset
+        self.splitBy = splitBy
+        self.layout = layout
+        self.data_dir = os.path.join(self.data_root, dataset)
+        self.image_dir = os.path.join(self.data_root, layout.image_dir)
+        self.instances_path = os.path.join(self.data_dir, "instances.json")
+        self.refs_path = os.path.join(self.data_dir, f"refs({splitBy}).p")
+
+        for path, what in ((self.instances_path, "COCO-style annotations of " + dataset),
+                           (self.refs_path, f"refs of {dataset} ({splitBy})")):
+            if not os.path.isfile(path):
+                raise ReferFileNotFoundError(
+                    f"missing {path}: expected the {what} (see refer/README.md for the layout)")
+        if not os.path.isdir(self.image_dir):
+            raise ReferFileNotFoundError(
+                f"missing image folder {self.image_dir}: expected the images of {dataset} "
+                "(see refer/README.md for the layout)")
+
+        start = time.perf_counter()
+        with open(self.instances_path, "r") as f:
+            instances = json.load(f)
+        for key in ("images", "annotations", "categories"):
+            if key not in instances:
+                raise ReferValueError(
+                    f"{self.instances_path} has no {key!r} list; expected COCO-style "
+                    "'images', 'annotations' and 'categories'")
+        self.data = {
+            "dataset": dataset,
+            "refs": _load_refs_pickle(self.refs_path),
+            "images": instances["images"],
+            "annotations": instances["annotations"],
+            "categories": instances["categories"],
+        }
+        self.createIndex()
+        if verbose:
+            print(f"loaded {dataset}({splitBy}): {len(self.Refs)} refs, {len(self.Anns)} anns, "
+                  f"{len(self.Imgs)} images in {time.perf_counter() - start:.1f}s")
+
+    # ----------------------------------------------------------------------------------- index
+    def createIndex(self) -> None:
+        """Build every lookup table in a single pass over annotations, images and refs."""
+        self.Anns, self.Imgs, self.Cats = {}, {}, {}
+        self.imgToAnns: dict[int, list[dict]] = {}
+        for ann in self.data["annotations"]:
+            self.Anns[ann["id"]] = ann
+            self.imgToAnns.setdefault(ann["image_id"], []).append(ann)
+        for img in self.data["images"]:
+            self.Imgs[img["id"]] = img
+        for cat in self.data["categories"]:
+            self.Cats[cat["id"]] = cat["name"]  # the original maps id -> name
+
+        self.Refs, self.imgToRefs, self.refToAnn, self.annToRef, self.catToRefs = {}, {}, {}, {}, {}
+        self.Sents, self.sentToRef, self.sentToTokens = {}, {}, {}
+        for ref in self.data["refs"]:
+            ref_id, ann_id = ref["ref_id"], ref["ann_id"]
+            if ann_id not in self.Anns:
+                raise ReferValueError(
+                    f"{self.refs_path}: ref_id {ref_id} points to ann_id {ann_id}, which "
+                    f"{self.instances_path} does not contain")
+            self.Refs[ref_id] = ref
+            self.imgToRefs.setdefault(ref["image_id"], []).append(ref)
+            self.catToRefs.setdefault(ref["category_id"], []).append(ref)
+            self.refToAnn[ref_id] = self.Anns[ann_id]
+            self.annToRef[ann_id] = ref
+            for sent in ref["sentences"]:
+                self.Sents[sent["sent_id"]] = sent
+                self.sentToRef[sent["sent_id"]] = ref
+                self.sentToTokens[sent["sent_id"]] = sent.get("tokens", [])
+
+    # --------------------------------------------------------------------------------- queries
+    def getRefIds(self, image_ids=[], cat_ids=[], ref_ids=[], split: str = "") -> list[int]:
+        """Ids of refs matching all given filters (an empty filter matches everything)."""
+        image_ids, cat_ids, ref_ids = _as_list(image_ids), _as_list(cat_ids), _as_list(ref_ids)
+        if split and split not in QUERY_SPLITS:
+            raise UnknownSplitError(
+                f"unknown split {split!r} for {self.dataset}({self.splitBy}); expected one of "
+                f"{', '.join(QUERY_SPLITS)} (this refs file holds {', '.join(self.splits())})")
+        if image_ids:
+            refs = [ref for image_id in image_ids for ref in self.imgToRefs.get(image_id, [])]
+        else:
+            refs = self.data["refs"]
+        if cat_ids:
+            wanted_cats = set(cat_ids)
+            refs = [ref for ref in refs if ref["category_id"] in wanted_cats]
+        if ref_ids:
+            wanted_refs = set(ref_ids)
+            refs = [ref for ref in refs if ref["ref_id"] in wanted_refs]
+        if split:
+            refs = [ref for ref in refs if split_matches(split, ref["split"])]
+        return [ref["ref_id"] for ref in refs]
+
+    def getAnnIds(self, image_ids=[], cat_ids=[], ref_ids=[]) -> list[int]:
+        """Ids of annotations matching all given filters (the original ignored ``ref_ids``)."""
+        image_ids, cat_ids, ref_ids = _as_list(image_ids), _as_list(cat_ids), _as_list(ref_ids)
+        if image_ids:
+            anns = [ann for image_id in image_ids for ann in self.imgToAnns.get(image_id, [])]
+        else:
+            anns = self.data["annotations"]
+        if cat_ids:
+            wanted_cats = set(cat_ids)
+            anns = [ann for ann in anns if ann["category_id"] in wanted_cats]
+        if ref_ids:
+            wanted_anns = {self.Refs[ref_id]["ann_id"] for ref_id in ref_ids}
+            anns = [ann for ann in anns if ann["id"] in wanted_anns]
+        return [ann["id"] for ann in anns]
+
+    def getImgIds(self, ref_ids=[]) -> list[int]:
+        """Ids of the images of the given refs (all images when none given), without repeats."""
+        ref_ids = _as_list(ref_ids)
+        if ref_ids:
+            return list(dict.fromkeys(self.Refs[ref_id]["image_id"] for ref_id in ref_ids))
+        return list(self.Imgs)
+
+    def getCatIds(self) -> list[int]:
+        return list(self.Cats)
+
+    def splits(self) -> list[str]:
+        """Split names present in the loaded refs file, sorted."""
+        return sorted({ref["split"] for ref in self.data["refs"]})
+
+    def loadRefs(self, ref_ids=[]) -> list[dict]:
+        return [self.Refs[ref_id] for ref_id in _as_list(ref_ids)]
+
+    def loadAnns(self, ann_ids=[]) -> list[dict]:
+        return [self.Anns[ann_id] for ann_id in _as_list(ann_ids)]
+
+    def loadImgs(self, image_ids=[]) -> list[dict]:
+        return [self.Imgs[image_id] for image_id in _as_list(image_ids)]
+
+    def loadCats(self, cat_ids=[]) -> list[str]:
+        """Category names of the given ids."""
+        return [self.Cats[cat_id] for cat_id in _as_list(cat_ids)]
+
+    def getRefBox(self, ref_id: int) -> list[float]:
+        """COCO box ``[x, y, w, h]`` of the ref's annotation."""
+        return self.refToAnn[ref_id]["bbox"]
+
+    def image_path(self, image_info: dict) -> str:
+        """Path of an image given its ``Imgs`` entry."""
+        return os.path.join(self.image_dir, image_info["file_name"])
+
+    # ------------------------------------------------------------------------------------ masks
+    def getMask(self, ref: dict) -> dict:
+        """Binary mask of the ref's annotation: ``{'mask': HxW uint8 in {0, 1}, 'area': int}``."""
+        ann = self.refToAnn[ref["ref_id"]]
+        image = self.Imgs[ref["image_id"]]
+        return segmentation_to_mask(ann["segmentation"], image["height"], image["width"])
+
+
+def segmentation_to_mask(segmentation, height: int, width: int) -> dict:
+    """Decode a COCO segmentation into ``{'mask': HxW uint8 in {0, 1}, 'area': int}``.
+
+    Accepts polygon parts (merged into one map), an RLE dict with uncompressed (list) or
+    compressed (bytes/str) counts, or a list of RLE dicts.
+    """
+    rle = segmentation_to_rle(segmentation, height, width)
+    if rle is None:
+        return {"mask": np.zeros((height, width), np.uint8), "area": 0}
+    mask = decode_rle(rle)
+    return {"mask": mask, "area": int(mask.sum())}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """``pycocotools.mask.decode`` of one RLE as an HxW uint8 array.
+
+    pycocotools 2.0.x triggers a NumPy 2 DeprecationWarning inside every decode; it is silenced
+    here only, so that it does not drown real warnings in test and training logs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept",
+                                category=DeprecationWarning)
+        return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def segmentation_to_rle(segmentation, height: int, width: int) -> dict | None:
+    """One compressed pycocotools RLE for any supported segmentation; None for an empty
+    polygon list. Cheap (no full-size mask is materialised), so datasets can keep masks as RLE.
+
+    Polygon parts with fewer than three points are dropped: pycocotools would read a part of
+    four numbers as a box.
+    """
+    if isinstance(segmentation, dict):
+        counts = segmentation["counts"]
+        if isinstance(counts, list):  # uncompressed RLE, as COCO stores iscrowd annotations
+            return mask_utils.frPyObjects(segmentation, height, width)
+        if isinstance(counts, str):
+            counts = counts.encode("ascii")
+        return {"size": list(segmentation["size"]), "counts": counts}
+    if isinstance(segmentation, list):
+        if segmentation and isinstance(segmentation[0], dict):
+            rles = [segmentation_to_rle(s, height, width) for s in segmentation]
+            return mask_utils.merge(rles)
+        parts = [list(map(float, part)) for part in segmentation if len(part) >= 6]
+        if not parts:
+            return None
+        return mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
+    raise ReferValueError(
+        f"unsupported segmentation of type {type(segmentation).__name__}; expected a polygon "
+        "list or an RLE dict")

@@ -1,0 +1,297 @@
+"""REFER API against synthetic data whose answers are known (tests/refer_fixtures.py)."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from refer import (DATASETS, REFER, EmptySplitError, ReferFileNotFoundError, ReferValueError,
+                   UnknownSplitError, segmentation_to_mask)
+from tests.refer_fixtures import make_refer_dataset, polygon_outline, rasterise_polygons
+
+
+@pytest.fixture(scope="module")
+def refcoco(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("refer_data"))
+    info = make_refer_dataset(root, "refcoco", "unc", num_images=8)
+    return info, REFER(root, "refcoco", "unc")
+
+
+def _one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------------- splits
+@pytest.mark.parametrize("split", ["train", "val", "testA", "testB", "test"])
+def test_split_membership(refcoco, split):
+    info, refer = refcoco
+    assert sorted(refer.getRefIds(split=split)) == info.expected_ref_ids(split)
+    assert info.expected_ref_ids(split)  # the fixture covers every split
+
+
+def test_test_split_is_union_of_test_splits(refcoco):
+    _, refer = refcoco
+    union = set(refer.getRefIds(split="testA")) | set(refer.getRefIds(split="testB"))
+    assert set(refer.getRefIds(split="test")) == union
+
+
+def test_testA_covers_combined_test_splits(tmp_path):
+    """As in the original API, 'testA' also selects refs stored with split 'testAB'."""
+    info = make_refer_dataset(str(tmp_path), "refclef", "unc", num_images=4,
+                              splits=("train", "testAB", "testA", "testC"), special_images=False)
+    refer = REFER(str(tmp_path), "refclef", "unc")
+    by_split = info.ref_ids_by_split
+    assert sorted(refer.getRefIds(split="testA")) == sorted(by_split["testAB"] + by_split["testA"])
+    assert sorted(refer.getRefIds(split="testB")) == sorted(by_split["testAB"])
+    assert sorted(refer.getRefIds(split="testAB")) == sorted(by_split["testAB"])
+    assert sorted(refer.getRefIds(split="testC")) == sorted(by_split["testC"])
+    assert refer.getRefIds(split="val") == []
+
+
+def test_all_refs_without_filters(refcoco):
+    info, refer = refcoco
+    assert sorted(refer.getRefIds()) == sorted(info.refs)
+
+
+def test_filters_combine(refcoco):
+    info, refer = refcoco
+    image_id = next(iter(info.images))
+    refs_of_image = sorted(r for r, ref in info.refs.items() if ref["image_id"] == image_id)
+    assert sorted(refer.getRefIds(image_ids=image_id)) == refs_of_image
+    assert sorted(refer.getRefIds(image_ids=[image_id])) == refs_of_image
+
+    cat_id = info.refs[refs_of_image[0]]["category_id"]
+    expected = sorted(r for r, ref in info.refs.items() if ref["category_id"] == cat_id
+                      and ref["split"] == "train")
+    assert sorted(refer.getRefIds(cat_ids=[cat_id], split="train")) == expected
+    assert refer.getRefIds(ref_ids=[refs_of_image[0]]) == [refs_of_image[0]]
+
+
+def test_ann_img_cat_queries(refcoco):
+    info, refer = refcoco
+    ref_id = sorted(info.refs)[3]
+    ref = info.refs[ref_id]
+    assert refer.getAnnIds(ref_ids=[ref_id]) == [ref["ann_id"]]
+    anns_of_image = refer.getAnnIds(image_ids=[ref["image_id"]])
+    assert ref["ann_id"] in anns_of_image and len(anns_of_image) == 3  # 2 refs + 1 unreferred
+    assert set(refer.getAnnIds(cat_ids=[ref["category_id"]])) >= {ref["ann_id"]}
+    assert len(refer.getAnnIds()) == 3 * len(info.images)
+
+    same_image = [r for r, x in info.refs.items() if x["image_id"] == ref["image_id"]]
+    assert refer.getImgIds(ref_ids=same_image) == [ref["image_id"]]  # no repeats
+    assert sorted(refer.getImgIds()) == sorted(info.images)
+    assert sorted(refer.getCatIds()) == [1, 18, 47]
+    assert refer.loadCats([1, 47]) == ["person", "cup"]
+    assert refer.loadRefs(ref_id)[0] is refer.Refs[ref_id]
+    assert refer.loadImgs(ref["image_id"])[0]["id"] == ref["image_id"]
+    assert refer.loadAnns([ref["ann_id"]])[0]["id"] == ref["ann_id"]
+
+
+def test_ref_box_is_annotation_box(refcoco):
+    info, refer = refcoco
+    for ref_id, ref in info.refs.items():
+        box = refer.getRefBox(ref_id)
+        mask = refer.getMask(ref)["mask"]
+        ys, xs = np.nonzero(mask)
+        # The fixture computes boxes from its own rasterisation; allow the edge pixel.
+        assert abs(box[0] - xs.min()) <= 1 and abs(box[1] - ys.min()) <= 1
+        assert refer.refToAnn[ref_id]["bbox"] == box
+
+
+def test_indices(refcoco):
+    info, refer = refcoco
+    for ref_id, ref in info.refs.items():
+        assert refer.refToAnn[ref_id]["id"] == ref["ann_id"]
+        assert refer.annToRef[ref["ann_id"]]["ref_id"] == ref_id
+        assert ref_id in [r["ref_id"] for r in refer.imgToRefs[ref["image_id"]]]
+        assert ref_id in [r["ref_id"] for r in refer.catToRefs[ref["category_id"]]]
+        for sentence in ref["sentences"]:
+            assert refer.sentToRef[sentence["sent_id"]]["ref_id"] == ref_id
+            assert refer.sentToTokens[sentence["sent_id"]] == sentence["tokens"]
+    assert sum(len(anns) for anns in refer.imgToAnns.values()) == len(refer.Anns)
+
+
+def test_sentences_per_ref(refcoco):
+    info, refer = refcoco
+    for ref_id, texts in info.sentences.items():
+        ref = refer.Refs[ref_id]
+        assert [s["sent"] for s in ref["sentences"]] == texts
+        assert ref["sent_ids"] == info.sent_ids[ref_id]
+    assert {len(t) for t in info.sentences.values()} == {1, 2, 3}
+
+
+def test_image_paths_exist(refcoco):
+    info, refer = refcoco
+    for image_id, image in info.images.items():
+        path = refer.image_path(refer.Imgs[image_id])
+        assert path == image["path"] and os.path.isfile(path)
+
+
+# -------------------------------------------------------------------------------------- masks
+def test_polygon_masks_match_independent_rasterisation(refcoco):
+    info, refer = refcoco
+    assert {info.segmentation_kind[r] for r in info.polygons} == {"polygon", "multipolygon"}
+    for ref_id, parts in info.polygons.items():
+        image = info.images[info.refs[ref_id]["image_id"]]
+        height, width = image["height"], image["width"]
+        result = refer.getMask(info.refs[ref_id])
+        mask = result["mask"]
+        assert mask.shape == (height, width) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 1}  # overlapping parts stay binary
+        expected = rasterise_polygons(parts, height, width).astype(bool)
+        # pycocotools and PIL may only disagree on pixels touching the polygon edges.
+        disagree = mask.astype(bool) != expected
+        assert not (disagree & ~polygon_outline(parts, height, width)).any(), ref_id
+        iou = (mask.astype(bool) & expected).sum() / (mask.astype(bool) | expected).sum()
+        assert iou > 0.6, (ref_id, iou)
+        assert result["area"] == int(mask.sum())
+
+
+def test_multipart_polygon_covers_every_part(refcoco):
+    info, refer = refcoco
+    for ref_id, parts in info.polygons.items():
+        if len(parts) < 2:
+            continue
+        image = info.images[info.refs[ref_id]["image_id"]]
+        mask = refer.getMask(info.refs[ref_id])["mask"]
+        for part in parts:  # every part's centroid pixel is inside the merged mask
+            cx, cy = np.mean(part[0::2]), np.mean(part[1::2])
+            assert mask[int(cy), int(cx)] == 1, (ref_id, part)
+        assert mask.shape == (image["height"], image["width"])
+
+
+@pytest.mark.parametrize("kind", ["rle_compressed", "rle_uncompressed"])
+def test_rle_masks_are_exact(refcoco, kind):
+    info, refer = refcoco
+    ref_ids = [r for r in info.rle_masks if info.segmentation_kind[r] == kind]
+    assert ref_ids
+    for ref_id in ref_ids:
+        result = refer.getMask(info.refs[ref_id])
+        np.testing.assert_array_equal(result["mask"], info.rle_masks[ref_id])
+        assert result["area"] == int(info.rle_masks[ref_id].sum())
+    if kind == "rle_uncompressed":
+        assert all(refer.refToAnn[r]["iscrowd"] == 1 for r in ref_ids)
+
+
+def test_compressed_rle_as_bytes_and_degenerate_polygons():
+    mask = np.zeros((6, 5), np.uint8)
+    mask[1:4, 2:4] = 1
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.encode(np.asfortranarray(mask))  # counts are bytes here
+    np.testing.assert_array_equal(segmentation_to_mask(rle, 6, 5)["mask"], mask)
+    # A two-point "polygon" is dropped instead of being read as a box.
+    empty = segmentation_to_mask([[1, 1, 3, 3]], 6, 5)
+    assert empty["area"] == 0 and empty["mask"].shape == (6, 5)
+
+
+# ---------------------------------------------------------------------------------- datasets
+@pytest.mark.parametrize("dataset,split_by,image_folder,splits", [
+    ("refcoco+", "unc", "images/mscoco/images/train2014", ("train", "val", "testA", "testB")),
+    ("refcocog", "umd", "images/mscoco/images/train2014", ("train", "val", "test")),
+    ("refcocog", "google", "images/mscoco/images/train2014", ("train", "val")),
+    ("refclef", "berkeley", "images/saiapr_tc-12", ("train", "val", "test")),
+    ("toy", "unc", "toy/images", ("train", "val", "testA", "testB")),
+])
+def test_dataset_layouts(tmp_path, dataset, split_by, image_folder, splits):
+    info = make_refer_dataset(str(tmp_path), dataset, split_by, num_images=len(splits),
+                              refs_per_image=1, special_images=False)
+    refer = REFER(str(tmp_path), dataset, split_by)
+    assert refer.image_dir == os.path.join(str(tmp_path), image_folder)
+    assert refer.refs_path == os.path.join(str(tmp_path), dataset, f"refs({split_by}).p")
+    assert refer.splits() == sorted(splits)
+    assert DATASETS[dataset].splits[split_by] == splits
+    for split in splits:
+        assert sorted(refer.getRefIds(split=split)) == info.expected_ref_ids(split)
+
+
+def test_python2_style_pickle_with_non_ascii_bytes(tmp_path):
+    """Python 2 pickles store str as bytes; non-ASCII ones need the latin-1 fallback."""
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    with open(info.refs_path, "rb") as f:
+        refs = pickle.load(f)
+    # Hand-made protocol-2 pickle of a Python 2 str: SHORT_BINSTRING opcode with a byte 0xe9.
+    py2_str = b"\x80\x02U\x05caf\xe9!q\x00."
+    with open(tmp_path / "probe.p", "wb") as f:
+        f.write(py2_str)
+    from refer.refer import _load_refs_pickle
+    assert _load_refs_pickle(str(tmp_path / "probe.p")) == "caf\u00e9!"
+    assert len(refs) == len(info.refs)
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_missing_instances_json(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    os.remove(info.instances_path)
+    with pytest.raises(ReferFileNotFoundError) as error:
+        REFER(str(tmp_path), "refcoco", "unc")
+    assert isinstance(error.value, FileNotFoundError)
+    assert info.instances_path in _one_line(error)
+
+
+def test_missing_refs_file(tmp_path):
+    make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    with pytest.raises(FileNotFoundError) as error:
+        REFER(str(tmp_path), "refcoco", "google")
+    message = _one_line(error)
+    assert os.path.join(str(tmp_path), "refcoco", "refs(google).p") in message
+
+
+def test_missing_image_folder(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    os.rename(info.image_dir, info.image_dir + "_moved")
+    with pytest.raises(FileNotFoundError) as error:
+        REFER(str(tmp_path), "refcoco", "unc")
+    assert info.image_dir in _one_line(error) and "image folder" in _one_line(error)
+
+
+def test_unknown_dataset_lists_accepted(tmp_path):
+    with pytest.raises(ReferValueError) as error:
+        REFER(str(tmp_path), "refcocoz", "unc")
+    message = _one_line(error)
+    assert isinstance(error.value, ValueError)
+    assert "'refcocoz'" in message
+    for name in ("refcoco", "refcoco+", "refcocog", "refclef", "toy"):
+        assert name in message
+
+
+def test_unknown_split_by_lists_accepted(tmp_path):
+    with pytest.raises(ReferValueError) as error:
+        REFER(str(tmp_path), "refcocog", "unc")
+    message = _one_line(error)
+    assert "'unc'" in message and "umd" in message and "google" in message
+
+
+def test_unknown_split(refcoco):
+    _, refer = refcoco
+    with pytest.raises(UnknownSplitError) as error:
+        refer.getRefIds(split="trian")
+    message = _one_line(error)
+    assert "'trian'" in message and "testA" in message and "train" in message
+
+
+def test_empty_split_error_type_is_value_error():
+    assert issubclass(EmptySplitError, ValueError) and issubclass(UnknownSplitError, ValueError)
+
+
+def test_ref_pointing_to_missing_annotation(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    with open(info.refs_path, "rb") as f:
+        refs = pickle.load(f)
+    refs[0]["ann_id"] = 999999
+    with open(info.refs_path, "wb") as f:
+        pickle.dump(refs, f)
+    with pytest.raises(ReferValueError) as error:
+        REFER(str(tmp_path), "refcoco", "unc")
+    assert "999999" in _one_line(error) and f"ref_id {refs[0]['ref_id']}" in _one_line(error)
+
+
+def test_evaluation_splits():
+    from refer import evaluation_splits
+    assert evaluation_splits("refcoco", "unc") == ["val", "testA", "testB"]
+    assert evaluation_splits("refcoco+", "unc") == ["val", "testA", "testB"]
+    assert evaluation_splits("refcocog", "umd") == ["val", "test"]
+    assert evaluation_splits("refcocog", "google") == ["val"]
+    with pytest.raises(ReferValueError, match="umd, google"):
+        evaluation_splits("refcocog", "unc")
