@@ -11,7 +11,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.loaders import build_dataset, build_loader
+from data.loaders import build_dataset, build_loader, set_loader_epoch
 from models import build_model, load_segmenter_state
 from utils.args import parse_args
 from utils.checkpoint import (CheckpointError, best_checkpoint_path, check_compatible,
@@ -115,7 +115,7 @@ def main(argv=None):
     stop = StopRequest().install()
     show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
     for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler_for_epoch(epoch, skip_batches=start_iteration)
+        set_loader_epoch(train_loader, epoch, seed=args.seed, skip_batches=start_iteration)
         try:
             train_stats = train_one_epoch(trained_model, train_loader, optimizer, scheduler, device,
                                           dtype, epoch, scaler=scaler,

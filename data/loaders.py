@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -86,20 +87,25 @@ class ResumableTrainSampler(DistributedSampler):
         return max(super().__len__() - self.skip_samples, 0)
 
 
+def _ignore_termination_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then shuts
+    them down (a scheduler signals the whole process group)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0, skip_batches: int = 0) -> None:
     """Make a training loader's epoch ``epoch`` reproducible, optionally skipping its first batches.
 
-    The order comes from the sampler (``seed + epoch``); the random sentence drawn for each ref
-    comes from the workers' RNGs, which torch seeds from ``loader.generator`` when an epoch's
-    iterator starts (or, with ``workers=0``, from the global torch RNG), so both are re-seeded
-    from (seed, rank, epoch) here.
+    The order comes from the sampler (``seed + epoch``) and the sentence drawn for each ref from
+    (seed, epoch, ref index), so a resumed epoch sees exactly the batches the interrupted one
+    would have, whatever the number of workers. Training workers are not persistent, so the
+    dataset's new seed reaches them when the epoch's iterator starts.
     """
     loader.sampler.set_epoch(epoch, skip_samples=skip_batches * loader.batch_size)
-    rank = loader.sampler.rank
-    epoch_seed = (seed * 1_000_003 + epoch) * 1_009 + rank
+    epoch_seed = seed * 1_009 + epoch
+    loader.dataset.set_sentence_seed(epoch_seed)
     loader.generator.manual_seed(epoch_seed)
-    if loader.num_workers == 0:
-        torch.manual_seed(epoch_seed)
 
 
 def collate_eval(batch: list[dict]) -> dict:
@@ -166,4 +172,5 @@ def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: b
         # evaluation keeps them.
         persistent_workers=workers > 0 and eval_mode,
         generator=generator,
+        worker_init_fn=_ignore_termination_signals,
     )

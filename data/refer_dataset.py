@@ -7,6 +7,8 @@ DataLoader workers and does not keep the full COCO annotation file alive.
 """
 from __future__ import annotations
 
+import random
+
 import warnings
 
 import numpy as np
@@ -52,6 +54,7 @@ class ReferDataset(Dataset):
         self.img_size = img_size
         self.token_length = token_length
         self.eval_mode = eval_mode
+        self.sentence_seed = None  # see set_sentence_seed
         self.transform = ImageMaskTransform(img_size)
 
         refer = REFER(data_root, dataset, splitBy)
@@ -164,11 +167,23 @@ class ReferDataset(Dataset):
             item["sent_ids"] = list(self.sent_ids[index])
             item["sentences"] = self.sentences(index)
         else:
-            # torch's RNG: DataLoader seeds it per worker, so a seeded run draws the same sentences.
-            choice = int(torch.randint(last - first, ()).item())
+            choice = self._sentence_choice(index, last - first)
             item["input_ids"], item["attention_mask"] = self._tokens(first + choice)
             item["sent_id"] = int(self.sent_ids[index][choice])
         return item
+
+    def set_sentence_seed(self, seed: int | None) -> None:
+        """Draw training sentences as a function of (seed, ref index) instead of an RNG stream.
+
+        Then an epoch's sentences do not depend on the number of workers or on where a resumed
+        epoch starts; the training loop sets a new seed every epoch (data.loaders.set_loader_epoch).
+        """
+        self.sentence_seed = seed
+
+    def _sentence_choice(self, index: int, num_sentences: int) -> int:
+        if self.sentence_seed is None:  # torch's RNG, which DataLoader seeds per worker
+            return int(torch.randint(num_sentences, ()).item())
+        return random.Random(self.sentence_seed * 1_000_003 + index).randrange(num_sentences)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.dataset}({self.splitBy}) split={self.split!r}, "

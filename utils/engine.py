@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dist import all_reduce_sum, is_distributed
+from utils.logging import get_logger
 from utils.metrics import RISMetric, intersection_and_union
 
 
@@ -76,8 +77,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
-                    start_iteration=0, stop=None, show_progress=True):
+                    start_iteration=0, stop=None, show_progress=True, log_interval=60.0):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
+
+    Without a progress bar (a log file, not a terminal) a progress line is logged every
+    `log_interval` seconds instead.
 
     Returns a dict: mean loss, last lr, images seen, seconds, iterations done in this epoch
     (counting the skipped ones), and whether a stop was requested.
@@ -87,9 +91,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_images = 0
     iteration = start_iteration
-    start_time = time.perf_counter()
+    start_time = last_log_time = time.perf_counter()
+    total = start_iteration + len(loader)
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
-                    initial=start_iteration, total=start_iteration + len(loader))
+                    initial=start_iteration, total=total)
     for batch in progress:
         masks = batch["mask"].to(device, non_blocking=True)
         with autocast(device, dtype):
@@ -115,13 +120,21 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
         num_images += masks.shape[0]
         iteration += 1
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if not show_progress and time.perf_counter() - last_log_time > log_interval:
+            last_log_time = time.perf_counter()
+            get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
+                              f"{loss_value:.4f} | {(last_log_time - start_time) / steps_done(iteration, start_iteration):.2f} s/it")
         if stop is not None and stop.agreed(device):
             break
     progress.close()
-    steps = max(iteration - start_iteration, 1)
+    steps = steps_done(iteration, start_iteration)
     return {"loss": loss_sum.item() / steps, "lr": scheduler.get_last_lr()[0],
             "images": num_images, "seconds": time.perf_counter() - start_time,
-            "iterations": iteration, "stopped": iteration < start_iteration + len(loader)}
+            "iterations": iteration, "stopped": iteration < total}
+
+
+def steps_done(iteration, start_iteration):
+    return max(iteration - start_iteration, 1)
 
 
 @torch.no_grad()

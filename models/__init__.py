@@ -1,0 +1,39 @@
+"""Model layer: VPD referring segmenter on diffusers' SD UNet (see presets.build_model)."""
+
+from .adapter import TextAdapter
+from .attention import AttentionMapStore, MapRecordingAttnProcessor, install_attention_map_processors
+from .backbone import DiffusionBackbone
+from .decoder import SimpleDecoder
+from .presets import PRESETS, build_model, build_model_on_meta, create_segmenter
+from .segmenter import VPDSegmenter, decoder_in_channels
+from .text_encoder import FrozenCLIPTextEncoder
+from .weights import (
+    CheckpointMismatchError,
+    LoadReport,
+    WeightsFormatError,
+    WeightsNotFoundError,
+    load_pretrained_components,
+    load_segmenter_state,
+)
+
+__all__ = [
+    "AttentionMapStore",
+    "CheckpointMismatchError",
+    "DiffusionBackbone",
+    "FrozenCLIPTextEncoder",
+    "LoadReport",
+    "MapRecordingAttnProcessor",
+    "PRESETS",
+    "SimpleDecoder",
+    "TextAdapter",
+    "VPDSegmenter",
+    "WeightsFormatError",
+    "WeightsNotFoundError",
+    "build_model",
+    "build_model_on_meta",
+    "create_segmenter",
+    "decoder_in_channels",
+    "install_attention_map_processors",
+    "load_pretrained_components",
+    "load_segmenter_state",
+]

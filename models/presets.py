@@ -1,0 +1,177 @@
+"""Model presets: `vpd` (SD v1.5 + CLIP ViT-L/14, the paper's model) and `tiny` (same classes, small).
+
+Each preset only says how to obtain its three diffusers/transformers components and its decoder
+width; `create_segmenter` assembles every preset the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .adapter import TextAdapter
+from .backbone import DiffusionBackbone
+from .decoder import SimpleDecoder
+from .segmenter import VPDSegmenter, decoder_in_channels
+from .text_encoder import FrozenCLIPTextEncoder
+from .weights import SD15_CONFIG_DIR, load_pretrained_components
+
+__all__ = [
+    "PRESETS",
+    "TINY_UNET_CONFIG",
+    "TINY_VAE_CONFIG",
+    "TINY_CLIP_CONFIG",
+    "build_model",
+    "build_model_on_meta",
+    "create_segmenter",
+    "random_components",
+]
+
+# Random initialisation is seeded with this inside a forked RNG scope: the frozen random parts of
+# `tiny` (VAE, CLIP) are identical in every run, so checkpoints that omit them stay valid, and the
+# caller's global RNG stream is left untouched.
+INIT_SEED = 0
+
+# SD v1.5's UNet block structure at toy width.
+TINY_UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    attention_head_dim=4,  # diffusers' SD naming: this is the number of heads
+    norm_num_groups=8,
+    cross_attention_dim=32,  # = TINY_CLIP_CONFIG["hidden_size"]
+)
+# Three blocks: latents at 1/4 of the image (not 1/8), so a 96-128 px toy image keeps a 24-32 px latent.
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=128,
+)
+# CLIP's vocabulary and 77 positions (the real tokenizer works unchanged), toy width and depth.
+TINY_CLIP_CONFIG = dict(
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+Components = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def random_components(
+    unet_config: dict, vae_config: dict, clip_config: dict | CLIPTextConfig, seed: int = INIT_SEED
+) -> Components:
+    """Randomly initialised UNet, VAE and CLIP text model, deterministic for a given seed."""
+    if not isinstance(clip_config, CLIPTextConfig):
+        clip_config = CLIPTextConfig(**clip_config)
+    with _seeded(seed):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        clip = CLIPTextModel(clip_config)
+    return unet, vae, clip
+
+
+def _vpd_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
+    """SD v1.5 from `sd_path`; with sd_path=None a random init of the real sizes (size tests, benchmarks)."""
+    if sd_path is None:
+        if torch.get_default_device().type != "meta":
+            warnings.warn("model 'vpd' without sd_path: random initialisation, no pretrained weights", stacklevel=3)
+        return random_components(
+            UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"),
+            AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"),
+            CLIPTextConfig.from_json_file(SD15_CONFIG_DIR / "text_encoder" / "config.json"),
+        )
+    return load_pretrained_components(sd_path, clip_path)
+
+
+def _tiny_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
+    """Small random components; there are no pretrained weights, so paths are ignored."""
+    return random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
+
+
+@dataclass(frozen=True)
+class Preset:
+    components: Callable[[str | Path | None, str | Path | None], Components]
+    decoder_hidden: int
+
+
+PRESETS: dict[str, Preset] = {
+    "vpd": Preset(components=_vpd_components, decoder_hidden=640),
+    "tiny": Preset(components=_tiny_components, decoder_hidden=64),
+}
+
+
+def create_segmenter(
+    name: str = "vpd",
+    token_length: int = 40,
+    attn_grad: bool = False,
+    sd_path: str | Path | None = None,
+    clip_path: str | Path | None = None,
+) -> VPDSegmenter:
+    """Build a preset. For `vpd`, `sd_path=None` gives a random init (no weights read).
+
+    Every randomly initialised part (the tiny components, the text adapter, the decoder) is seeded
+    with INIT_SEED, independently of the training seed: two builds are identical.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    unet, vae, clip = preset.components(sd_path, clip_path)
+    backbone = DiffusionBackbone(unet, vae, attn_grad=attn_grad)
+    text_encoder = FrozenCLIPTextEncoder(clip)
+    with _seeded(INIT_SEED):
+        text_adapter = TextAdapter(text_encoder.hidden_size)
+        decoder = SimpleDecoder(decoder_in_channels(backbone.feature_channels, token_length), hidden=preset.decoder_hidden)
+    return VPDSegmenter(backbone, text_encoder, text_adapter, decoder)
+
+
+def build_model(args) -> VPDSegmenter:
+    """Build the model the command line asks for.
+
+    Reads `args.model` ('vpd' | 'tiny'), `args.token_length`, `args.sd_path` (vpd only: a diffusers
+    folder or an LDM checkpoint file; None = random init), and optionally `args.clip_path` (default:
+    the text encoder inside sd_path) and `args.attn_grad` (default False).
+    """
+    return create_segmenter(
+        args.model,
+        token_length=args.token_length,
+        attn_grad=getattr(args, "attn_grad", False),
+        sd_path=args.sd_path,
+        clip_path=getattr(args, "clip_path", None),
+    )
+
+
+def build_model_on_meta(name: str = "vpd", token_length: int = 40) -> VPDSegmenter:
+    """The preset's architecture on the meta device: real shapes, no memory, no weights read."""
+    with torch.device("meta"):
+        return create_segmenter(name, token_length=token_length, sd_path=None)

@@ -1,0 +1,143 @@
+"""VPD referring-image segmenter: text + image -> 2-class logits per sentence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import TextAdapter
+from .backbone import ATTENTION_MAP_FEATURES, FEATURE_NAMES, DiffusionBackbone
+from .decoder import SimpleDecoder
+from .text_encoder import FrozenCLIPTextEncoder
+
+__all__ = ["VPDSegmenter", "decoder_in_channels", "CLASS_WEIGHTS"]
+
+# Cross-entropy weights of (background, object), as in VPD / LAVT.
+CLASS_WEIGHTS = (0.9, 1.1)
+
+
+def decoder_in_channels(feature_channels: Sequence[int], token_length: int) -> list[int]:
+    """[c1, c2 + L, c3 + L, c4]: the L attention maps are appended to c2 and c3."""
+    return [c + token_length if name in ATTENTION_MAP_FEATURES else c for name, c in zip(FEATURE_NAMES, feature_channels)]
+
+
+class VPDSegmenter(nn.Module):
+    """Frozen VAE + CLIP, trainable UNet, text adapter and decoder.
+
+    Attribute names (`backbone.unet`, `backbone.vae`, `text_encoder`, `text_adapter`, `decoder`) are
+    the state-dict prefixes of our checkpoints; `frozen_module_names` lists the sub-modules that
+    never train, so checkpoints may leave them out.
+    """
+
+    frozen_module_names = ("backbone.vae", "text_encoder")
+
+    def __init__(
+        self,
+        backbone: DiffusionBackbone,
+        text_encoder: FrozenCLIPTextEncoder,
+        text_adapter: TextAdapter,
+        decoder: SimpleDecoder,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        self.text_adapter = text_adapter
+        self.decoder = decoder
+
+        # The token length is implied by the decoder's widths; check that everything agrees.
+        if text_encoder.hidden_size != backbone.context_dim:
+            raise ValueError(
+                f"text encoder width {text_encoder.hidden_size} != UNet cross_attention_dim {backbone.context_dim}"
+            )
+        c1, c2, c3, c4 = backbone.feature_channels
+        self.token_length = decoder.in_channels[1] - c2
+        expected = decoder_in_channels(backbone.feature_channels, self.token_length)
+        if self.token_length <= 0 or list(decoder.in_channels) != expected:
+            raise ValueError(
+                f"decoder in_channels {list(decoder.in_channels)} do not match [c1, c2+L, c3+L, c4] for "
+                f"features {list(backbone.feature_channels)}"
+            )
+        if self.token_length > text_encoder.max_length:
+            raise ValueError(f"token_length {self.token_length} > CLIP's {text_encoder.max_length} positions")
+
+        self.register_buffer("class_weights", torch.tensor(CLASS_WEIGHTS), persistent=False)
+        for name in self.frozen_module_names:
+            self.get_submodule(name).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> VPDSegmenter:
+        super().train(mode)
+        for name in self.frozen_module_names:
+            self.get_submodule(name).eval()
+        return self
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.backbone.vae_scale_factor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> VAE latents (no gradient); cacheable for evaluation."""
+        return self.backbone.encode_images(images)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (N, L) -> adapted CLIP embedding (N, L, D), the UNet's cross-attention context."""
+        return self.text_adapter(self.text_encoder(input_ids, attention_mask))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Segment the object each sentence refers to.
+
+        Args:
+            input_ids: (N, L) CLIP token ids of N sentences, L = token_length.
+            images: (B, 3, H, W) in [-1, 1]; or
+            latents: (B, C, h, w) from `encode_images` (exactly one of images / latents).
+            attention_mask: accepted and ignored (VPD never masks padded tokens).
+            image_index: (N,) long, image of each sentence; lets B < N images be encoded once for
+                several sentences (evaluation). Without it N must equal B.
+
+        Returns:
+            logits (N, 2, H, W) at the image size (latent size x vae_scale_factor for latents).
+        """
+        # 1. Latents, once per image.
+        if (images is None) == (latents is None):
+            raise ValueError("pass exactly one of `images` or `latents`")
+        if latents is None:
+            latents = self.encode_images(images)
+            output_size = tuple(images.shape[-2:])
+        else:
+            output_size = tuple(s * self.vae_scale_factor for s in latents.shape[-2:])
+        if input_ids.ndim != 2 or input_ids.shape[1] != self.token_length:
+            raise ValueError(f"input_ids must be (N, {self.token_length}), got {tuple(input_ids.shape)}")
+
+        # 2. One latent per sentence.
+        if image_index is not None:
+            latents = latents.index_select(0, image_index.to(latents.device))
+        elif latents.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"{input_ids.shape[0]} sentences for {latents.shape[0]} images: pass image_index to map them"
+            )
+
+        # 3. Text context: frozen CLIP + trainable adapter.
+        context = self.encode_text(input_ids, attention_mask)
+
+        # 4. UNet features, with the cross-attention maps appended to c2 and c3.
+        features, attention_maps = self.backbone(latents, context.to(latents.dtype))
+        features = [
+            torch.cat([feature, attention_maps[name].to(feature.dtype)], dim=1) if name in attention_maps else feature
+            for name, feature in zip(FEATURE_NAMES, features)
+        ]
+
+        # 5. Decode and upsample to the image size.
+        return self.decoder(features, output_size=output_size)
+
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Weighted cross-entropy; masks (N, H, W) with 0 = background, 1 = object."""
+        return F.cross_entropy(logits, masks.long(), weight=self.class_weights.to(logits.dtype))

@@ -1,0 +1,339 @@
+"""Loading pretrained components and checkpoints (kept apart from the modelling code).
+
+* `load_pretrained_components(sd_path, clip_path)`: SD v1.5 UNet, VAE and CLIP text model from a
+  diffusers folder or an original LDM single-file checkpoint, offline only. Single files are
+  converted with diffusers' own helpers (`diffusers.loaders.single_file_utils`) using the configs
+  shipped in `models/configs/sd15`, so the hub is never consulted.
+* `load_segmenter_state(model, state_dict)`: our checkpoints, or VPD's released RIS checkpoints
+  (`vpd_ris_refcoco.pth`, ...) converted to our names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    load_single_file_checkpoint,
+)
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+__all__ = [
+    "SD15_CONFIG_DIR",
+    "WeightsNotFoundError",
+    "WeightsFormatError",
+    "CheckpointMismatchError",
+    "LoadReport",
+    "load_pretrained_components",
+    "load_clip_text_model",
+    "components_from_ldm_state_dict",
+    "convert_vpd_state_dict",
+    "load_segmenter_state",
+]
+
+SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+ACCEPTED_SD_LAYOUTS = (
+    "a diffusers folder with unet/, vae/ and text_encoder/ (e.g. stable-diffusion-v1-5) or an original "
+    "LDM checkpoint file (.ckpt/.safetensors, e.g. v1-5-pruned-emaonly.ckpt)"
+)
+ACCEPTED_CLIP_LAYOUTS = "a transformers folder of a CLIP (text) model, e.g. clip-vit-large-patch14"
+
+Components = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weights path that does not exist."""
+
+
+class WeightsFormatError(ValueError):
+    """A weights path that exists but is not one of the accepted layouts."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A segmenter checkpoint that does not fit the model (another --model or --token_length)."""
+
+
+# ============================================================================ pretrained components
+def load_pretrained_components(
+    sd_path: str | Path, clip_path: str | Path | None = None, config_dir: str | Path = SD15_CONFIG_DIR
+) -> Components:
+    """Load (unet, vae, clip_text_model) without network access.
+
+    Args:
+        sd_path: a diffusers folder (`unet/`, `vae/`, `text_encoder/`) or an LDM checkpoint file.
+        clip_path: a transformers CLIP folder for the text encoder; default: the one in sd_path.
+        config_dir: configs (`unet/`, `vae/`, `text_encoder/` each with config.json) used to
+            build the models of a single-file checkpoint; default: SD v1.5's, shipped with us.
+    """
+    if sd_path is None:
+        raise WeightsNotFoundError(f"no sd_path given; expected {ACCEPTED_SD_LAYOUTS}")
+    path = Path(sd_path).expanduser()
+    with_text_encoder = clip_path is None
+    if path.is_dir():
+        unet, vae, clip = _load_diffusers_folder(path, with_text_encoder)
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise WeightsFormatError(f"sd_path {path} has an unknown file type; expected {ACCEPTED_SD_LAYOUTS}")
+        checkpoint = _read_single_file(path)
+        unet, vae, clip = components_from_ldm_state_dict(checkpoint, config_dir, with_text_encoder, source=str(path))
+    else:
+        raise WeightsNotFoundError(f"sd_path {path} does not exist; expected {ACCEPTED_SD_LAYOUTS}")
+    if clip_path is not None:
+        clip = load_clip_text_model(clip_path)
+    return unet, vae, clip
+
+
+def load_clip_text_model(clip_path: str | Path) -> CLIPTextModel:
+    """CLIP text model from a transformers folder (a full CLIPModel folder works too)."""
+    path = Path(clip_path).expanduser()
+    if not path.is_dir():
+        raise WeightsNotFoundError(f"clip_path {path} is not a folder; expected {ACCEPTED_CLIP_LAYOUTS}")
+    if not (path / "config.json").is_file():
+        raise WeightsFormatError(f"clip_path {path} has no config.json; expected {ACCEPTED_CLIP_LAYOUTS}")
+    try:
+        return CLIPTextModel.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError) as error:
+        raise WeightsFormatError(f"cannot load a CLIP text model from {path}: {_first_line(error)}") from error
+
+
+def _load_diffusers_folder(path: Path, with_text_encoder: bool) -> Components:
+    subfolders = ["unet", "vae"] + (["text_encoder"] if with_text_encoder else [])
+    absent = [name for name in subfolders if not (path / name / "config.json").is_file()]
+    if absent:
+        raise WeightsFormatError(
+            f"sd_path {path} lacks {', '.join(f'{a}/config.json' for a in absent)}; expected {ACCEPTED_SD_LAYOUTS}"
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise WeightsFormatError(f"cannot load the diffusers folder {path}: {_first_line(error)}") from error
+    clip = load_clip_text_model(path / "text_encoder") if with_text_encoder else None
+    return unet, vae, clip
+
+
+def _read_single_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # A local file never reaches the hub; `local_files_only` makes sure of it.
+        return load_single_file_checkpoint(str(path), local_files_only=True)
+    except Exception as error:  # diffusers raises OSError/ValueError/UnpicklingError variants
+        raise WeightsFormatError(
+            f"cannot read {path} as a weights-only checkpoint ({_first_line(error)}); expected {ACCEPTED_SD_LAYOUTS}"
+        ) from error
+
+
+def components_from_ldm_state_dict(
+    checkpoint: Mapping[str, torch.Tensor],
+    config_dir: str | Path = SD15_CONFIG_DIR,
+    with_text_encoder: bool = True,
+    source: str = "checkpoint",
+) -> Components:
+    """Build (unet, vae, clip) from an original LDM state dict (`model.diffusion_model.*`,
+    `first_stage_model.*`, `cond_stage_model.transformer.*`) and diffusers/transformers configs."""
+    config_dir = Path(config_dir)
+    if not any(key.startswith("model.diffusion_model.") for key in checkpoint):
+        raise WeightsFormatError(f"{source} has no model.diffusion_model.* keys; expected {ACCEPTED_SD_LAYOUTS}")
+    unet_config = UNet2DConditionModel.load_config(config_dir / "unet")
+    vae_config = AutoencoderKL.load_config(config_dir / "vae")
+
+    unet = _build_with_state(
+        lambda: UNet2DConditionModel.from_config(unet_config),
+        convert_ldm_unet_checkpoint(checkpoint, unet_config),
+        f"{source} (UNet)",
+    )
+    vae = _build_with_state(
+        lambda: AutoencoderKL.from_config(vae_config),
+        convert_ldm_vae_checkpoint(checkpoint, vae_config),
+        f"{source} (VAE)",
+    )
+    clip = None
+    if with_text_encoder:
+        clip_config = CLIPTextConfig.from_json_file(config_dir / "text_encoder" / "config.json")
+        clip_state = convert_ldm_clip_checkpoint(checkpoint)
+        if not clip_state:
+            raise WeightsFormatError(f"{source} has no cond_stage_model.transformer.* (CLIP) keys; pass clip_path")
+        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); LDM files keep it.
+        clip_state = {key.removeprefix("text_model."): value for key, value in clip_state.items()}
+        clip = _build_with_state(lambda: CLIPTextModel(clip_config), clip_state, f"{source} (CLIP)").eval()
+    return unet, vae, clip
+
+
+def _build_with_state(factory: Callable[[], nn.Module], state_dict: dict, what: str) -> nn.Module:
+    """Instantiate without a random init (meta device, then empty CPU storage) and load strictly."""
+    with torch.device("meta"):
+        model = factory()
+    expected = model.state_dict()
+    # Non-persistent buffers (e.g. CLIP's position_ids) would stay uninitialised: build normally then.
+    persistent = set(expected)
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        model = factory()
+    else:
+        model = model.to_empty(device="cpu")
+    state_dict = {k: v for k, v in state_dict.items() if k in persistent or not k.endswith("position_ids")}
+    missing = sorted(persistent - set(state_dict))
+    unexpected = sorted(set(state_dict) - persistent)
+    mismatched = [k for k in persistent & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        raise WeightsFormatError(
+            f"{what} does not fit the config: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
+            f"(e.g. {sorted(mismatched)[:3]}); expected an SD v1.x checkpoint matching the configs"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ============================================================================ segmenter checkpoints
+@dataclass
+class LoadReport:
+    """What `load_segmenter_state` did.
+
+    layout: 'ours' or 'vpd'. loaded: model keys set from the checkpoint. missing: trainable keys the
+    checkpoint lacks (left as built). frozen_kept: keys of frozen modules the checkpoint lacks (left as
+    built: pretrained or seeded). unexpected: checkpoint keys the model does not have. ignored:
+    checkpoint keys dropped on purpose (the UNet's noise-prediction head, unused by VPD).
+    """
+
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    frozen_kept: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors ({self.layout} layout); missing {len(self.missing)}"
+            f"{' e.g. ' + ', '.join(self.missing[:5]) if self.missing else ''}; unexpected {len(self.unexpected)}"
+            f"{' e.g. ' + ', '.join(self.unexpected[:5]) if self.unexpected else ''}; frozen modules kept as built "
+            f"{len(self.frozen_kept)}; ignored {len(self.ignored)}"
+        )
+
+
+# VPD's SimpleDecoding names -> ours (conv{1,2}_{4,3,2}: 1st/2nd conv of the c3/c2/c1 fusion).
+_VPD_DECODER_STAGES = {"4": "fuse_c3", "3": "fuse_c2", "2": "fuse_c1"}
+_VPD_DECODER_KEY = re.compile(r"^classifier\.(conv|bn)([12])_([432])\.(.+)$")
+_VPD_UNET_PREFIX = "unet.unet.diffusion_model."
+_VPD_VAE_PREFIX = "encoder_vq."
+# The UNet output head VPD never runs; the backbone removes it, so its weights are dropped.
+_UNUSED_UNET_HEAD = ("backbone.unet.conv_norm_out.", "backbone.unet.conv_out.")
+
+
+def convert_vpd_state_dict(
+    state_dict: Mapping[str, torch.Tensor], unet_config: Mapping, vae_config: Mapping
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """VPD RIS checkpoint keys -> our keys. Returns (converted, unconverted VPD keys)."""
+    converted: dict[str, torch.Tensor] = {}
+    unet_ldm, vae_ldm, leftover = {}, {}, []
+    for key, value in state_dict.items():
+        if key.startswith(_VPD_UNET_PREFIX):
+            unet_ldm["model.diffusion_model." + key.removeprefix(_VPD_UNET_PREFIX)] = value
+        elif key.startswith(_VPD_VAE_PREFIX):
+            vae_ldm["first_stage_model." + key.removeprefix(_VPD_VAE_PREFIX)] = value
+        elif key == "gamma":
+            converted["text_adapter.gamma"] = value
+        elif key.startswith("text_adapter.fc."):
+            converted["text_adapter.mlp." + key.removeprefix("text_adapter.fc.")] = value
+        elif key.startswith("classifier.conv1_1."):
+            converted["decoder.classifier." + key.removeprefix("classifier.conv1_1.")] = value
+        elif match := _VPD_DECODER_KEY.match(key):
+            kind, position, stage, rest = match.groups()
+            converted[f"decoder.{_VPD_DECODER_STAGES[stage]}.{int(position) - 1}.{kind}.{rest}"] = value
+        else:
+            leftover.append(key)
+    # diffusers' own converters for the LDM-named UNet and VAE weights.
+    if unet_ldm:
+        unet = convert_ldm_unet_checkpoint(unet_ldm, unet_config)
+        converted.update({"backbone.unet." + k: v for k, v in unet.items()})
+        if len(unet) != len(unet_ldm):
+            leftover.append(f"{_VPD_UNET_PREFIX}* ({len(unet_ldm) - len(unet)} keys not converted)")
+    if vae_ldm:
+        vae = convert_ldm_vae_checkpoint(vae_ldm, vae_config)
+        converted.update({"backbone.vae." + k: v for k, v in vae.items()})
+        if len(vae) != len(vae_ldm):
+            leftover.append(f"{_VPD_VAE_PREFIX}* ({len(vae_ldm) - len(vae)} keys not converted)")
+    return converted, leftover
+
+
+def _unwrap(state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """Accept a full training checkpoint ({'model': ...}) and DDP's 'module.' prefix."""
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def _detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    # VPD's names first: both layouts have `text_adapter.*` keys.
+    if any(key.startswith((_VPD_UNET_PREFIX, _VPD_VAE_PREFIX, "classifier.")) or key == "gamma" for key in state_dict):
+        return "vpd"
+    if any(key.startswith(("backbone.", "text_encoder.", "text_adapter.", "decoder.")) for key in state_dict):
+        return "ours"
+    sample = ", ".join(list(state_dict)[:3])
+    raise CheckpointMismatchError(
+        f"unrecognised checkpoint layout (first keys: {sample}); expected our model state or VPD's released RIS checkpoint"
+    )
+
+
+def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
+    """Load our checkpoint or VPD's released RIS checkpoint into a `VPDSegmenter`.
+
+    Keys of frozen modules (`model.frozen_module_names`) may be absent: they keep their built
+    (pretrained / seeded) weights. Raises `CheckpointMismatchError` when tensors have other shapes
+    than the model's (a checkpoint of another --model or --token_length) or when no UNet weight
+    matches; with `strict`, also when trainable keys are missing or keys are unexpected.
+    """
+    # 1. Normalise the checkpoint to our key names.
+    state_dict = _unwrap(state_dict)
+    layout = _detect_layout(state_dict)
+    unexpected: list[str] = []
+    if layout == "vpd":
+        unet, vae = model.backbone.unet, model.backbone.vae
+        state_dict, unexpected = convert_vpd_state_dict(state_dict, unet.config, vae.config)
+
+    # 2. Compare with the model.
+    own = model.state_dict()
+    report = LoadReport(layout=layout)
+    matched, mismatched = {}, []
+    for key, value in state_dict.items():
+        if key not in own:
+            (report.ignored if key.startswith(_UNUSED_UNET_HEAD) else unexpected).append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            matched[key] = value
+    if mismatched:
+        shown = "; ".join(mismatched[:20]) + (f"; ... and {len(mismatched) - 20} more" if len(mismatched) > 20 else "")
+        raise CheckpointMismatchError(
+            f"{len(mismatched)} checkpoint tensors have other shapes than the model (saved with another --model "
+            f"or --token_length?): {shown}"
+        )
+    if not any(key.startswith("backbone.unet.") for key in matched):
+        raise CheckpointMismatchError("no UNet weight of the checkpoint matches the model; refusing to load it")
+
+    # 3. Load and report.
+    frozen_prefixes = tuple(f"{name}." for name in getattr(model, "frozen_module_names", ()))
+    for key in sorted(own):
+        if key not in matched:
+            (report.frozen_kept if key.startswith(frozen_prefixes) else report.missing).append(key)
+    report.unexpected = sorted(unexpected)
+    report.loaded = sorted(matched)
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointMismatchError(f"strict load failed: {report}")
+    model.load_state_dict(matched, strict=False)
+    return report

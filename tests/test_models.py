@@ -1,0 +1,244 @@
+"""Model-layer tests on the `tiny` preset (CPU, seconds)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from models import (
+    AttentionMapStore,
+    MapRecordingAttnProcessor,
+    build_model,
+    build_model_on_meta,
+    create_segmenter,
+    install_attention_map_processors,
+)
+from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
+
+TOKEN_LENGTH = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_segmenter("tiny", token_length=TOKEN_LENGTH).eval()
+
+
+def _inputs(batch: int, height: int, width: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, height, width, generator=generator) * 2 - 1
+    input_ids = torch.randint(0, 49408, (batch, TOKEN_LENGTH), generator=generator)
+    return images, input_ids
+
+
+@pytest.mark.parametrize("size", [(64, 64), (128, 96), (80, 48)])
+def test_output_shape(model, size):
+    images, input_ids = _inputs(2, *size)
+    with torch.no_grad():
+        logits = model(input_ids, images=images)
+    assert logits.shape == (2, 2, *size)
+    assert torch.isfinite(logits).all()
+
+
+def test_decoder_in_channels(model):
+    c1, c2, c3, c4 = model.backbone.feature_channels
+    assert (c1, c2, c3, c4) == tuple(TINY_UNET_CONFIG["block_out_channels"])
+    assert list(model.decoder.in_channels) == [c1, c2 + TOKEN_LENGTH, c3 + TOKEN_LENGTH, c4]
+    assert model.token_length == TOKEN_LENGTH
+    # The features really have those channels and halve in size from c1 to c4.
+    images, input_ids = _inputs(1, 64, 96)
+    with torch.no_grad():
+        features, maps = model.backbone(model.encode_images(images), model.encode_text(input_ids))
+    latent = (64 // model.vae_scale_factor, 96 // model.vae_scale_factor)
+    for k, (feature, channels) in enumerate(zip(features, (c1, c2, c3, c4))):
+        assert feature.shape == (1, channels, latent[0] // 2**k, latent[1] // 2**k)
+    assert set(maps) == {"c2", "c3"}
+
+
+def test_vae_scale_factor_from_config(model):
+    assert model.vae_scale_factor == 2 ** (len(TINY_VAE_CONFIG["block_out_channels"]) - 1) == 4
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 64), (80, 48)])
+def test_attention_maps_are_distributions(model, size):
+    images, input_ids = _inputs(2, *size)
+    with torch.no_grad():
+        features, maps = model.backbone(model.encode_images(images), model.encode_text(input_ids))
+    for name, index in (("c2", 1), ("c3", 2)):
+        attention = maps[name]
+        assert attention.shape == (2, TOKEN_LENGTH, *features[index].shape[-2:])
+        torch.testing.assert_close(attention.sum(dim=1), torch.ones_like(attention[:, 0]))
+        assert not attention.requires_grad
+    assert not model.backbone.attention_store.is_recording  # cleared after each call
+
+
+def test_only_down_and_up_cross_attention_at_c2_c3_records(model):
+    names = model.backbone.recording_attention_layers
+    assert names and all(n.endswith("attn2") and not n.startswith("mid_block") for n in names)
+    # tiny: down_blocks 1-2 (2 layers each) and up_blocks 1-2 (3 layers each), as VPD's 16/32 maps.
+    assert {n.split(".attentions")[0] for n in names} == {"down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2"}
+    assert len(names) == 10
+
+
+def test_unet_output_matches_default_processor():
+    unet, _, _ = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 24, 16, generator=generator)
+    context = torch.randn(2, 7, TINY_UNET_CONFIG["cross_attention_dim"], generator=generator)
+    with torch.no_grad():
+        unet.set_attn_processor(AttnProcessor2_0())
+        reference = unet(latents, 1, encoder_hidden_states=context).sample
+        store = AttentionMapStore(strides=(2, 4))
+        install_attention_map_processors(unet, store)
+        with store.recording(latents.shape[-2:]):
+            ours = unet(latents, 1, encoder_hidden_states=context).sample
+            maps = store.collect()
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    assert maps[2].shape == (2, 7, 12, 8) and maps[4].shape == (2, 7, 6, 4)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_processor_matches_default_on_4d_input(cross):
+    # group_norm, residual connection and output rescaling, as diffusers' VAE-style attention uses.
+    torch.manual_seed(0)
+    layer = Attention(
+        query_dim=16,
+        cross_attention_dim=12 if cross else None,
+        heads=2,
+        dim_head=8,
+        norm_num_groups=4,
+        residual_connection=True,
+        rescale_output_factor=2.0,
+    ).eval()
+    hidden = torch.randn(2, 16, 6, 5)
+    context = torch.randn(2, 3, 12) if cross else None
+    store = AttentionMapStore(strides=(2,))
+    with torch.no_grad():
+        layer.set_processor(AttnProcessor2_0())
+        reference = layer(hidden, encoder_hidden_states=context)
+        layer.set_processor(MapRecordingAttnProcessor(store, record_stride=2 if cross else None))
+        with store.recording((12, 10)):  # stride 2 -> 6 x 5 = the layer's query grid
+            ours = layer(hidden, encoder_hidden_states=context)
+            recorded = store.collect() if cross else None
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    if cross:
+        assert recorded[2].shape == (2, 3, 6, 5)
+        torch.testing.assert_close(recorded[2].sum(1), torch.ones(2, 6, 5))
+
+
+def test_frozen_parts_get_no_gradient_everything_else_does():
+    model = create_segmenter("tiny", token_length=TOKEN_LENGTH).train()
+    images, input_ids = _inputs(2, 64, 64)
+    masks = torch.randint(0, 2, (2, 64, 64))
+    model.loss(model(input_ids, images=images), masks).backward()
+    frozen = ("backbone.vae.", "text_encoder.")
+    for name, param in model.named_parameters():
+        if name.startswith(frozen):
+            assert param.grad is None and not param.requires_grad, name
+        else:
+            assert param.grad is not None, f"{name} got no gradient"
+    assert model.backbone.vae.training is False and model.text_encoder.clip.training is False
+    assert model.decoder.training and model.backbone.unet.training
+
+
+def test_attn_grad_flag_lets_maps_carry_gradient():
+    model = create_segmenter("tiny", token_length=TOKEN_LENGTH, attn_grad=True).train()
+    images, input_ids = _inputs(1, 64, 64)
+    _, maps = model.backbone(model.encode_images(images), model.encode_text(input_ids))
+    assert maps["c2"].requires_grad and maps["c3"].requires_grad
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    images, input_ids = _inputs(2, 64, 64)
+    masks = torch.randint(0, 2, (2, 64, 64))
+    grads = []
+    for checkpointing in (False, True):
+        model = create_segmenter("tiny", token_length=TOKEN_LENGTH).train()
+        if checkpointing:
+            model.backbone.enable_gradient_checkpointing()
+        loss = model.loss(model(input_ids, images=images), masks)
+        loss.backward()
+        grads.append((loss.detach(), model.backbone.unet.conv_in.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_same_input_same_output(model):
+    images, input_ids = _inputs(2, 64, 96)
+    with torch.no_grad():
+        first = model(input_ids, images=images)
+        second = model(input_ids, images=images)
+    assert torch.equal(first, second)
+
+
+def test_tiny_build_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = create_segmenter("tiny", token_length=TOKEN_LENGTH).state_dict()
+    after = torch.rand(1)
+    b = create_segmenter("tiny", token_length=TOKEN_LENGTH).state_dict()
+    assert torch.equal(before, after)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_index_equals_repeated_images(model):
+    images, _ = _inputs(2, 64, 64)
+    _, input_ids = _inputs(3, 64, 64, seed=1)
+    image_index = torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        indexed = model(input_ids, images=images, image_index=image_index)
+        repeated = model(input_ids, images=images[image_index])
+    torch.testing.assert_close(indexed, repeated, rtol=1e-4, atol=1e-5)
+
+
+def test_latents_path_equals_images_path(model):
+    images, input_ids = _inputs(2, 96, 64)
+    with torch.no_grad():
+        from_images = model(input_ids, images=images)
+        from_latents = model(input_ids, latents=model.encode_images(images))
+    assert from_latents.shape == (2, 2, 96, 64)
+    torch.testing.assert_close(from_images, from_latents)
+
+
+def test_forward_argument_errors(model):
+    images, input_ids = _inputs(2, 64, 64)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(input_ids)
+    with pytest.raises(ValueError, match="image_index"):
+        model(input_ids[:1], images=images)
+    with pytest.raises(ValueError, match=r"\(N, 10\)"):
+        model(input_ids[:, :5], images=images)
+
+
+def test_loss_uses_registered_class_weights(model):
+    assert "class_weights" not in model.state_dict()
+    assert model.class_weights.tolist() == pytest.approx([0.9, 1.1])
+    logits = torch.randn(2, 2, 8, 8)
+    masks = torch.randint(0, 2, (2, 8, 8))
+    expected = F.cross_entropy(logits, masks, weight=torch.tensor([0.9, 1.1]))
+    torch.testing.assert_close(model.loss(logits, masks), expected)
+
+
+def test_build_model_from_args_and_unknown_name():
+    args = SimpleNamespace(model="tiny", sd_path=None, token_length=TOKEN_LENGTH)
+    assert build_model(args).token_length == TOKEN_LENGTH
+    with pytest.raises(ValueError, match="known models: tiny, vpd"):
+        build_model(SimpleNamespace(model="huge", sd_path=None, token_length=TOKEN_LENGTH))
+
+
+def test_vpd_preset_on_meta_has_real_sizes():
+    model = build_model_on_meta("vpd", token_length=40)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert next(model.parameters()).device.type == "meta"
+    assert count(model.backbone.unet) == pytest.approx(859.5e6, rel=0.01)
+    assert count(model.text_encoder) == pytest.approx(123.0e6, rel=0.01)
+    assert count(model.backbone.vae.encoder) == pytest.approx(34.2e6, rel=0.01)
+    assert list(model.decoder.in_channels) == [320, 680, 1320, 1280]  # VPD's neck_dim for L = 40
+    assert model.vae_scale_factor == 8 and model.backbone.feature_strides == {"c1": 1, "c2": 2, "c3": 4, "c4": 8}
