@@ -53,13 +53,16 @@ class ImageMaskTransform:
         self.img_size = img_size
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
         if mask.shape != (image.height, image.width):
             raise ValueError(f"mask shape {mask.shape} does not match image size "
                              f"{image.height}x{image.width} (height x width)")
-        size = (self.img_size, self.img_size)  # PIL takes (width, height)
-        image = image.resize(size, Image.BILINEAR)
+        return self.image_to_tensor(image), self.mask_to_tensor(mask)
+
+    def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """float32 (3, S, S) in [-1, 1]."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image = image.resize((self.img_size, self.img_size), Image.BILINEAR)
         # ToTensor + Normalize(0.5, 0.5) == x / 127.5 - 1. Done in numpy on purpose: per-item
         # torch ops run on the intra-op thread pool, which stalls badly in the main process
         # (workers=0) when the CPUs are shared.
@@ -67,12 +70,13 @@ class ImageMaskTransform:
         image_array = np.empty(pixels.shape, dtype=np.float32)
         np.divide(pixels, 127.5, out=image_array)
         image_array -= 1.0
-        image_tensor = torch.from_numpy(image_array)
+        return torch.from_numpy(image_array)
 
+    def mask_to_tensor(self, mask: np.ndarray) -> torch.Tensor:
+        """int64 (S, S) in {0, 1}, resized with nearest so it stays binary."""
         mask_image = Image.fromarray((mask > 0).astype(np.uint8))
-        mask_image = mask_image.resize(size, Image.NEAREST)
-        mask_tensor = torch.from_numpy(np.asarray(mask_image, dtype=np.int64).copy())
-        return image_tensor, mask_tensor
+        mask_image = mask_image.resize((self.img_size, self.img_size), Image.NEAREST)
+        return torch.from_numpy(np.asarray(mask_image, dtype=np.int64).copy())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(img_size={self.img_size})"

@@ -160,15 +160,18 @@ def build_model(args) -> VPDSegmenter:
 
     Reads `args.model` ('vpd' | 'tiny'), `args.token_length`, `args.sd_path` (vpd only: a diffusers
     folder or an LDM checkpoint file; None = random init), and optionally `args.clip_path` (default:
-    the text encoder inside sd_path) and `args.attn_grad` (default False).
+    the text encoder inside sd_path), `args.attn_grad` and `args.grad_checkpoint` (default False).
     """
-    return create_segmenter(
+    model = create_segmenter(
         args.model,
         token_length=args.token_length,
         attn_grad=getattr(args, "attn_grad", False),
         sd_path=args.sd_path,
         clip_path=getattr(args, "clip_path", None),
     )
+    if getattr(args, "grad_checkpoint", False):
+        model.backbone.enable_gradient_checkpointing()
+    return model
 
 
 def build_model_on_meta(name: str = "vpd", token_length: int = 40) -> VPDSegmenter:

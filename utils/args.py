@@ -115,6 +115,16 @@ def _add_eval_flags(parser):
                        help="test.py: how many panels --vis_dir gets (default: 20)")
 
 
+def _add_demo_flags(parser):
+    group = parser.add_argument_group("demo")
+    group.add_argument("--image", default=None, help="demo.py: the image to segment")
+    group.add_argument("--text", action="append", default=None,
+                       help="demo.py: a referring expression; give it several times to draw "
+                            "several masks, one colour each")
+    group.add_argument("--out", default="overlay.png",
+                       help="demo.py: where the image with the blended masks is written")
+
+
 def _add_speed_flags(parser):
     group = parser.add_argument_group("speed and memory")
     group.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -125,8 +135,10 @@ def _add_speed_flags(parser):
     group.add_argument("--channels_last", action="store_true",
                        help="channels_last memory format for the convolutional parts")
     group.add_argument("--cache_latents", default=None,
-                       help="folder caching the frozen VAE's latents (fp16, on disk); the first "
-                            "epoch fills it and later epochs and runs skip the VAE")
+                       help="folder caching the frozen VAE's latents (fp16, one file per image); "
+                            "missing images are encoded before training/evaluation starts, then "
+                            "items read latents instead of images (test.py ignores it with "
+                            "--vis_dir)")
     group.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
                        help="torch.distributed backend; auto = nccl with GPUs, gloo without")
 
@@ -147,6 +159,7 @@ def get_parser(description="VPD referring image segmentation"):
     _add_model_flags(parser)
     _add_train_flags(parser)
     _add_eval_flags(parser)
+    _add_demo_flags(parser)
     _add_speed_flags(parser)
     return parser
 

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, safe loads, and the last/best naming of a run."""
+import argparse
 import os
 import tempfile
 
@@ -52,10 +53,14 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # VPD's released checkpoints store their args as an argparse.Namespace: allow that type.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a bad file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    if isinstance(state.get("args") if isinstance(state, dict) else None, argparse.Namespace):
+        state["args"] = vars(state["args"])
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict with a "
                               f"'model' state dict")
