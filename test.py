@@ -9,14 +9,16 @@ import sys
 
 import torch
 
+from data.latent_cache import LatentCache
 from data.loaders import build_dataset, build_loader
 from models import build_model, load_segmenter_state
+from models.fingerprint import vae_fingerprint
 from refer.refer import evaluation_splits
 from utils.args import parse_args
 from utils.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
                               model_state_from_checkpoint)
 from utils.dist import cleanup, init_distributed
-from utils.engine import evaluate, resolve_precision
+from utils.engine import evaluate, fill_latent_cache, resolve_precision
 from utils.logging import format_results_table, setup_logging
 from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
 
@@ -65,9 +67,18 @@ def main(argv=None):
     writer = PredictionWriter(args.save_masks, args.vis_dir if dist_info.is_main else None,
                               args.vis_num)
     show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
+    cache = None
+    if args.cache_latents and args.vis_dir:
+        logger.info("--vis_dir draws the images: --cache_latents is not used")
+    elif args.cache_latents:
+        cache = LatentCache(args.cache_latents, vae_fingerprint(model.backbone.vae), args.img_size)
     results_by_split = {}
     for split in splits:
         dataset = build_dataset(args, split, eval_mode=True)
+        if cache is not None:  # encode each image once; the dataset then reads latents
+            fill_latent_cache(model, dataset, cache, device, dtype, args.eval_batch_size,
+                              show_progress, workers=args.workers)
+            dataset.use_latent_cache(cache)
         loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
                               seed=args.seed, drop_last=False, eval_mode=True)
         results_by_split[split] = evaluate(model, loader, device, dtype, on_predictions=writer,

@@ -11,16 +11,18 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data.latent_cache import LatentCache
 from data.loaders import build_dataset, build_loader, set_loader_epoch
 from models import build_model, load_segmenter_state
+from models.fingerprint import vae_fingerprint
 from utils.args import parse_args
 from utils.checkpoint import (CheckpointError, best_checkpoint_path, check_compatible,
                               last_checkpoint_path,
                               load_checkpoint, model_state_from_checkpoint, rng_state,
                               save_checkpoint, set_rng_state, trainable_state_dict)
 from utils.dist import cleanup, init_distributed
-from utils.engine import (NonFiniteLossError, StopRequest, evaluate, resolve_precision,
-                          train_one_epoch, unwrap)
+from utils.engine import (NonFiniteLossError, StopRequest, evaluate, fill_latent_cache,
+                          resolve_precision, train_one_epoch, unwrap)
 from utils.logging import format_results_table, setup_logging
 from utils.optim import build_optimizer, build_scheduler
 
@@ -73,6 +75,13 @@ def main(argv=None):
 
     train_set = build_dataset(args, "train", eval_mode=False)
     val_set = build_dataset(args, args.split, eval_mode=True)
+    show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
+    if args.cache_latents:  # encode each image once; the datasets then read latents, not images
+        cache = LatentCache(args.cache_latents, vae_fingerprint(model.backbone.vae), args.img_size)
+        for dataset in (train_set, val_set):
+            fill_latent_cache(model, dataset, cache, device, dtype, args.eval_batch_size,
+                              show_progress, workers=args.workers)
+            dataset.use_latent_cache(cache)
     train_loader = build_loader(train_set, args.batch_size, args.workers, shuffle=True,
                                 seed=args.seed, drop_last=True, eval_mode=False)
     val_loader = build_loader(val_set, args.eval_batch_size, args.workers, shuffle=False,
@@ -113,7 +122,6 @@ def main(argv=None):
         unwrap(model).backbone.unet.compile()
 
     stop = StopRequest().install()
-    show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
     for epoch in range(start_epoch, args.epochs):
         set_loader_epoch(train_loader, epoch, seed=args.seed, skip_batches=start_iteration)
         try:

@@ -2,7 +2,9 @@
 
 Builds ~COCO-sized JPEGs (640x480 by default) in a temporary folder with tests/refer_fixtures.py,
 then times one pass of the training loader (decode, resize, normalise, mask decode, tokens)
-after one warm-up batch, so worker start-up is not counted.
+after one warm-up batch, so worker start-up is not counted. The same pass is then timed reading
+latents from a --cache_latents folder instead of images (fp16 (4, S/8, S/8) files as the SD VAE
+gives; their values do not matter here, so no model is run).
 
     python bench/bench_loader.py --num-images 200 --img-size 512 --workers 0 2
 """
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data import ReferDataset, build_loader  # noqa: E402
+from data.latent_cache import LatentCache  # noqa: E402
 from tests.refer_fixtures import make_refer_dataset  # noqa: E402
 
 
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads of the main process (default: torch's); "
                              "workers=0 collates on them and stalls when CPUs are shared")
+    parser.add_argument("--no-latents", action="store_true",
+                        help="skip the pass that reads cached latents instead of images")
     return parser.parse_args(argv)
 
 
@@ -45,7 +50,7 @@ def time_one_pass(dataset, batch_size: int, workers: int) -> tuple[int, float]:
     next(batches)  # warm-up: worker start-up, first decodes
     items, start = 0, time.perf_counter()
     for batch in batches:
-        items += batch["image"].shape[0]
+        items += batch["mask"].shape[0]
     return items, time.perf_counter() - start
 
 
@@ -68,10 +73,21 @@ def main(argv=None) -> None:
               f"{args.img_size}x{args.img_size}, batch {args.batch_size}, "
               f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
               f"(data generated in {generated:.1f}s, dataset built in {built:.2f}s)")
-        print(f"{'workers':>7}  {'items':>5}  {'seconds':>7}  {'items/s':>7}")
+        print(f"{'input':>14}  {'workers':>7}  {'items':>5}  {'seconds':>7}  {'items/s':>7}")
         for workers in args.workers:
             items, seconds = time_one_pass(dataset, args.batch_size, workers)
-            print(f"{workers:>7}  {items:>5}  {seconds:>7.2f}  {items / seconds:>7.1f}")
+            print(f"{'images':>14}  {workers:>7}  {items:>5}  {seconds:>7.2f}  "
+                  f"{items / seconds:>7.1f}")
+        if not args.no_latents:
+            cache = LatentCache(os.path.join(root, "latents"), "bench", args.img_size)
+            latent_side = max(args.img_size // 8, 1)
+            for key, _ in dataset.unique_images():
+                cache.put(key, torch.randn(4, latent_side, latent_side))
+            dataset.use_latent_cache(cache)
+            for workers in args.workers:
+                items, seconds = time_one_pass(dataset, args.batch_size, workers)
+                print(f"{'cached latents':>14}  {workers:>7}  {items:>5}  {seconds:>7.2f}  "
+                      f"{items / seconds:>7.1f}")
 
 
 if __name__ == "__main__":

@@ -113,10 +113,12 @@ def collate_eval(batch: list[dict]) -> dict:
 
     Sentences of all images are concatenated along dim 0; ``image_index[k]`` says which image of
     the batch sentence ``k`` belongs to (so ``image[image_index]`` pairs images with sentences).
+    Items read from a latent cache carry ``latents`` instead of ``image``; the batch does too.
     """
     counts = torch.tensor([item["input_ids"].shape[0] for item in batch], dtype=torch.long)
+    pixels_key = "latents" if "latents" in batch[0] else "image"
     return {
-        "image": torch.stack([item["image"] for item in batch]),
+        pixels_key: torch.stack([item[pixels_key] for item in batch]),
         "mask": torch.stack([item["mask"] for item in batch]),
         "input_ids": torch.cat([item["input_ids"] for item in batch]),
         "attention_mask": torch.cat([item["attention_mask"] for item in batch]),

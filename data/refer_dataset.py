@@ -7,8 +7,8 @@ DataLoader workers and does not keep the full COCO annotation file alive.
 """
 from __future__ import annotations
 
+import os
 import random
-
 import warnings
 
 import numpy as np
@@ -43,6 +43,8 @@ class ReferDataset(Dataset):
     {0,1}, ``input_ids`` / ``attention_mask`` int64 [L], ``ref_id``, ``image_id``, ``sent_id``.
     Items (``eval_mode=True``): ``input_ids`` / ``attention_mask`` int64 [N,L] for the ref's N
     sentences, ``sent_ids`` and ``sentences`` lists, plus image, mask, ref_id, image_id.
+    With a latent cache (``use_latent_cache``) items carry ``latents`` float32 [C,h,w] (the VAE
+    latent of the image) instead of ``image``, and the image file is never opened.
     """
 
     def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
@@ -55,6 +57,7 @@ class ReferDataset(Dataset):
         self.token_length = token_length
         self.eval_mode = eval_mode
         self.sentence_seed = None  # see set_sentence_seed
+        self.latent_cache = None  # see use_latent_cache
         self.transform = ImageMaskTransform(img_size)
 
         refer = REFER(data_root, dataset, splitBy)
@@ -139,6 +142,29 @@ class ReferDataset(Dataset):
     def image_path(self, index: int) -> str:
         return self._image_paths[index]
 
+    def image_key(self, index: int) -> str:
+        """The image's file name without extension: its key in a latent cache."""
+        return os.path.splitext(os.path.basename(self._image_paths[index]))[0]
+
+    def unique_images(self) -> list[tuple[str, str]]:
+        """``(key, path)`` of every distinct image of the split, in order of first use."""
+        images: dict[str, str] = {}
+        for index, path in enumerate(self._image_paths):
+            key = self.image_key(index)
+            if images.setdefault(key, path) != path:
+                raise ValueError(f"two images of {self.dataset}({self.splitBy}) share the cache "
+                                 f"key {key!r}: {images[key]} and {path}")
+        return list(images.items())
+
+    def use_latent_cache(self, cache) -> None:
+        """Read each image's latent from ``cache`` (a ``data.latent_cache.LatentCache`` already
+        filled for every image, see ``utils.engine.fill_latent_cache``) instead of decoding the
+        image; ``None`` goes back to images. Items then carry ``latents`` instead of ``image``."""
+        if cache is not None and cache.img_size != self.img_size:
+            raise ValueError(f"latent cache of {cache.img_size}px images for a dataset of "
+                             f"img_size={self.img_size}")
+        self.latent_cache = cache
+
     def sentences(self, index: int) -> list[str]:
         return [sentence["sent"] for sentence in self.refs[index]["sentences"]]
 
@@ -154,10 +180,23 @@ class ReferDataset(Dataset):
         mask = decode_rle(self._rles[index])
         return self.transform(image, mask)
 
+    def _latents_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self.image_key(index)
+        latents = self.latent_cache.get(key)
+        if latents is None:
+            raise LookupError(f"no cached latent for image {key} (ref_id "
+                              f"{self.refs[index]['ref_id']}) in {self.latent_cache.directory}; "
+                              f"fill the cache first (utils.engine.fill_latent_cache)")
+        mask = self.transform.mask_to_tensor(decode_rle(self._rles[index]))
+        return latents.float(), mask
+
     def __getitem__(self, index: int) -> dict:
         ref = self.refs[index]
-        image, mask = self._image_and_mask(index)
-        item = {"image": image, "mask": mask, "ref_id": int(ref["ref_id"]),
+        if self.latent_cache is not None:
+            pixels_key, (pixels, mask) = "latents", self._latents_and_mask(index)
+        else:
+            pixels_key, (pixels, mask) = "image", self._image_and_mask(index)
+        item = {pixels_key: pixels, "mask": mask, "ref_id": int(ref["ref_id"]),
                 "image_id": int(ref["image_id"])}
         first, last = int(self._sent_offsets[index]), int(self._sent_offsets[index + 1])
         if self.eval_mode:

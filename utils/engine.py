@@ -5,9 +5,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dist import all_reduce_sum, is_distributed
+from data.latent_cache import ImagesToEncode
+from utils.dist import all_reduce_sum, barrier, is_distributed
 from utils.logging import get_logger
 from utils.metrics import RISMetric, intersection_and_union
 
@@ -165,3 +168,55 @@ def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=Tr
     results["refs"] = int(all_reduce_sum(refs).item())
     results["seconds"] = time.perf_counter() - start_time
     return results
+
+
+@torch.no_grad()
+def fill_latent_cache(model, dataset, cache, device, dtype, batch_size=8, show_progress=True,
+                      workers=0):
+    """Encode every image of `dataset` that `cache` lacks with the model's frozen VAE.
+
+    Collective: every rank calls it. All ranks list the missing images first (a barrier keeps
+    any rank from writing before the others have looked), rank r encodes every world-th of them,
+    and a second barrier waits for all. A rank then encodes whatever is still missing itself (the
+    cache folder is not shared between nodes), so on return this rank sees a complete cache.
+    Images go through the dataset's own transform and `dtype` autocast, as on the uncached path.
+
+    Returns the number of images this process encoded.
+    """
+    segmenter = unwrap(model)
+    if cache.img_size != dataset.img_size:
+        raise ValueError(f"latent cache of {cache.img_size}px images for a dataset of "
+                         f"img_size={dataset.img_size}")
+    images = dataset.unique_images()
+    missing = [(key, path) for key, path in images if not cache.has(key)]
+    barrier()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    if missing:
+        get_logger().info(f"latent cache {cache.directory}: encoding {len(missing)} of "
+                          f"{len(images)} images of {dataset.split} over {world} process(es)")
+    encoded = _encode_into_cache(segmenter, missing[rank::world], cache, device, dtype,
+                                 batch_size, show_progress, workers)
+    barrier()
+    left = [(key, path) for key, path in missing if not cache.has(key)]
+    if left:
+        get_logger().warning(f"{len(left)} latents written by other processes are not visible "
+                             f"in {cache.directory} (a folder per node?): encoding them here")
+        encoded += _encode_into_cache(segmenter, left, cache, device, dtype, batch_size,
+                                      show_progress, workers)
+    return encoded
+
+
+def _encode_into_cache(segmenter, images, cache, device, dtype, batch_size, show_progress,
+                       workers):
+    if not images:
+        return 0
+    loader = DataLoader(ImagesToEncode(images, cache.img_size), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # leaves the global RNG stream alone
+    for batch in tqdm(loader, desc="caching latents", disable=not show_progress,
+                      dynamic_ncols=True):
+        with autocast(device, dtype):
+            latents = segmenter.encode_images(batch["image"].to(device, non_blocking=True))
+        for key, latent in zip(batch["key"], latents.float().cpu()):
+            cache.put(key, latent)
+    return len(images)

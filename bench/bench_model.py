@@ -1,0 +1,488 @@
+"""Model speed and memory per variant: training and evaluation throughput, peak memory, achieved
+TFLOP/s, and each variant's outputs checked against fp32 eager. Prints a Markdown table.
+
+A variant is one setting or several joined by '+' (settings not named keep the fp32 eager
+default): fp32, bf16, fp16 (autocast; fp16 with a GradScaler), channels_last, compile
+(torch.compile of the UNet, as train.py --compile), grad_checkpoint, cached_latents (the VAE is
+skipped: latents rounded to fp16 as the on-disk cache stores them are passed in), fused_adamw.
+
+    python bench/bench_model.py --model tiny --img_size 64 --batch 8 --steps 5           # CPU
+    python bench/bench_model.py --model vpd --img_size 512 --batch 4 --estimate_refcoco  # GPU
+    python bench/bench_model.py --variants fp32 bf16+channels_last+compile+fused_adamw
+
+`--model vpd` builds SD 1.5's sizes with random weights (speed does not depend on the values), so
+no weights are needed. Every variant starts from the same seeded weights and inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+# Scripts only: make the repository root importable (library code never does this).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from models import create_segmenter  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLAGS = ("channels_last", "compile", "grad_checkpoint", "cached_latents", "fused_adamw")
+CPU_VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "grad_checkpoint", "cached_latents")
+# compile takes minutes on a CPU and fused AdamW is a CUDA kernel: GPU-only unless asked for.
+CUDA_VARIANTS = CPU_VARIANTS + ("compile", "fused_adamw",
+                                "bf16+channels_last+compile+fused_adamw",
+                                "bf16+channels_last+compile+fused_adamw+cached_latents")
+
+# The RefCOCO (unc) protocol the estimate is for (VPD: 40 epochs, val after every epoch).
+REFCOCO_TRAIN_REFS = 42_404
+REFCOCO_VAL_REFS = 3_811
+REFCOCO_VAL_SENTENCES = 10_834
+REFCOCO_EPOCHS = 40
+LEARNING_RATE = 5e-5  # VPD's; small, so a few timed steps leave the weights sane
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpoint: bool = False
+    cached_latents: bool = False
+    fused_adamw: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        settings = {"name": name}
+        for part in name.split("+"):
+            if part in PRECISIONS:
+                if "precision" in settings:
+                    raise ValueError(f"variant {name!r} names two precisions")
+                settings["precision"] = part
+            elif part in FLAGS:
+                settings[part] = True
+            else:
+                raise ValueError(f"unknown setting {part!r} in variant {name!r}; known: "
+                                 f"{', '.join(list(PRECISIONS) + list(FLAGS))}")
+        return cls(**settings)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+
+@dataclass
+class Row:
+    variant: Variant
+    train_images_per_s: float | None = None
+    step_ms: float | None = None
+    eval_images_per_s: float | None = None
+    train_peak: str = "n/a"
+    eval_peak: str = "n/a"
+    tflops: float | None = None
+    max_abs_diff: float | None = None
+    agreement: float | None = None
+    error: str | None = None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="vpd", choices=("vpd", "tiny"),
+                        help="preset; vpd = SD 1.5 sizes with random weights")
+    parser.add_argument("--img_size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4, help="images per step (VPD: 4 per GPU)")
+    parser.add_argument("--token_length", type=int, default=40, help="RefCOCO: 40")
+    parser.add_argument("--steps", type=int, default=10, help="timed iterations per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help=f"variants to run, fp32 eager first (default on CPU: "
+                             f"{' '.join(CPU_VARIANTS)}; on CUDA also: "
+                             f"{' '.join(CUDA_VARIANTS[len(CPU_VARIANTS):])})")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--peak_tflops", type=float, default=790.0,
+                        help="GPU dense bf16 peak the achieved rate is compared to (H200, measured)")
+    parser.add_argument("--estimate_refcoco", action="store_true",
+                        help="also estimate a 40-epoch RefCOCO run from the measured rates")
+    parser.add_argument("--devices", type=int, default=8,
+                        help="devices the RefCOCO estimate assumes (VPD: 8 GPUs), ideal scaling")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("img_size", "batch", "token_length", "steps", "devices"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    return args
+
+
+# --------------------------------------------------------------------------------- environment
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({usable} cores usable)"
+
+
+def library_versions() -> str:
+    import diffusers
+    import transformers
+    versions = f"torch {torch.__version__}, diffusers {diffusers.__version__}, " \
+               f"transformers {transformers.__version__}, python {platform.python_version()}"
+    if torch.cuda.is_available():
+        versions += f", CUDA {torch.version.cuda}"
+    return versions
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peak on GPU; on CPU the process's peak resident set
+    during the phase and its growth over the phase's start (Linux: VmHWM, reset through
+    /proc/self/clear_refs), or n/a. Memory the allocator freed earlier and reuses does not show
+    as growth."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_rss = None
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise OSError(f"{field} not in /proc/self/status")
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # resets VmHWM to the current RSS
+            self.start_rss = self._status_kib("VmRSS")
+        except OSError:
+            self.start_rss = None
+
+    def stop(self) -> str:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        if self.start_rss is None:
+            return "n/a"
+        try:
+            peak = self._status_kib("VmHWM")
+        except OSError:
+            return "n/a"
+        return f"{peak / 1024:.0f} MiB RSS (+{(peak - self.start_rss) / 1024:.0f})"
+
+
+# ------------------------------------------------------------------------------------ the model
+def build(args, variant: Variant, device: torch.device):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random initialisation.*")
+        model = create_segmenter(args.model, token_length=args.token_length, sd_path=None)
+    model.to(device)
+    if variant.grad_checkpoint:
+        model.backbone.enable_gradient_checkpointing()
+    if variant.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if variant.compile:
+        model.backbone.unet.compile()
+    return model
+
+
+def make_inputs(args, device: torch.device) -> dict:
+    """Seeded images in [-1, 1], CLIP-like token rows (start, words, end padding) and masks."""
+    generator = torch.Generator().manual_seed(args.seed)
+    batch, size, length = args.batch, args.img_size, args.token_length
+    images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    input_ids = torch.full((batch, length), 49407, dtype=torch.long)
+    for row in range(batch):
+        words = int(torch.randint(1, max(length - 1, 2), (), generator=generator))
+        input_ids[row, 0] = 49406
+        input_ids[row, 1:1 + words] = torch.randint(0, 49406, (words,), generator=generator)
+    masks = torch.zeros(batch, size, size, dtype=torch.long)
+    for row in range(batch):
+        top, left = torch.randint(0, size // 2 + 1, (2,), generator=generator).tolist()
+        masks[row, top:top + size // 2, left:left + size // 2] = 1
+    return {"images": images.to(device), "input_ids": input_ids.to(device),
+            "masks": masks.to(device)}
+
+
+def model_inputs(model, variant: Variant, data: dict) -> dict:
+    """The forward's arguments; cached_latents: the VAE's latents rounded to fp16 as cached."""
+    if variant.cached_latents:
+        latents = model.encode_images(data["images"]).to(torch.float16).float()
+        return {"input_ids": data["input_ids"], "latents": latents}
+    return {"input_ids": data["input_ids"], "images": data["images"]}
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_training_flops(model, inputs: dict, masks: torch.Tensor) -> int:
+    """FLOPs of one training step's forward and backward (the optimizer's few are not counted)."""
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model.loss(model(**inputs).float(), masks).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------- measurement
+def timed(function, iterations: int, warmup: int, device: torch.device) -> float:
+    """Seconds per iteration after `warmup` untimed ones."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def run_variant(args, variant: Variant, device: torch.device, data: dict,
+                reference_logits: torch.Tensor, flops: dict) -> Row:
+    row = Row(variant)
+    model = build(args, variant, device)
+    inputs = model_inputs(model, variant, data)
+    memory = PeakMemory(device)
+
+    # 1. Outputs against fp32 eager (eval mode, initial weights, same inputs).
+    model.eval()
+    with torch.no_grad(), autocast(device, variant.dtype):
+        logits = model(**inputs).float()
+    row.max_abs_diff = (logits - reference_logits).abs().max().item()
+    row.agreement = 100.0 * (logits.argmax(1) == reference_logits.argmax(1)).float().mean().item()
+    del logits
+
+    # 2. Evaluation: no-grad forward.
+    def eval_step():
+        with torch.no_grad(), autocast(device, variant.dtype):
+            model(**inputs)
+
+    memory.start()
+    seconds = timed(eval_step, args.steps, args.warmup, device)
+    row.eval_peak = memory.stop()
+    row.eval_images_per_s = args.batch / seconds
+
+    # 3. Training: forward, loss, backward, optimizer step (the loop of utils/engine.py).
+    model.train()
+    optimizer = build_optimizer(model, LEARNING_RATE, 1e-2, fused=variant.fused_adamw)
+    scaler = torch.amp.GradScaler(device.type) if variant.dtype == torch.float16 else None
+    masks = data["masks"]
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, variant.dtype):
+            logits = model(**inputs)
+        loss = model.loss(logits.float(), masks)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    memory.start()
+    seconds = timed(train_step, args.steps, args.warmup, device)
+    row.train_peak = memory.stop()
+    row.step_ms = 1000 * seconds
+    row.train_images_per_s = args.batch / seconds
+    row.tflops = flops["latents" if variant.cached_latents else "images"] / seconds / 1e12
+
+    del model, optimizer, inputs
+    return row
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()
+    except Exception:  # dynamo may be unavailable; nothing to reset then
+        pass
+
+
+# ----------------------------------------------------------------------------------- reporting
+def _number(value, digits=1, suffix=""):
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def format_table(rows: list[Row], device: torch.device, peak_tflops: float) -> str:
+    baseline = next((r.train_images_per_s for r in rows
+                     if r.variant.name == "fp32" and r.train_images_per_s), None)
+    columns = ["variant", "train img/s", "vs fp32", "step ms", "eval img/s", "train peak mem",
+               "eval peak mem", "TFLOP/s"]
+    if device.type == "cuda":
+        columns.append(f"% of {peak_tflops:g}")
+    columns += ["max abs Δ logits", "argmax agree %"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        if row.error:
+            cells = [row.variant.name, f"error: {row.error}"] + [""] * (len(columns) - 2)
+        else:
+            speedup = (f"{row.train_images_per_s / baseline:.2f}x"
+                       if baseline and row.train_images_per_s else "n/a")
+            tflops_digits = 2 if (row.tflops or 0) >= 0.1 else 4
+            cells = [row.variant.name, _number(row.train_images_per_s, 2), speedup,
+                     _number(row.step_ms, 1), _number(row.eval_images_per_s, 2), row.train_peak,
+                     row.eval_peak, _number(row.tflops, tflops_digits)]
+            if device.type == "cuda":
+                cells.append(_number(None if row.tflops is None
+                                     else 100 * row.tflops / peak_tflops, 1, "%"))
+            cells += [f"{row.max_abs_diff:.2e}", f"{row.agreement:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def format_refcoco_estimate(rows: list[Row], devices: int) -> str:
+    lines = [
+        f"RefCOCO (unc) estimate: {REFCOCO_EPOCHS} epochs of {REFCOCO_TRAIN_REFS:,} train refs "
+        f"(one image + one sentence each), plus the val split ({REFCOCO_VAL_REFS:,} refs, "
+        f"{REFCOCO_VAL_SENTENCES:,} sentences) evaluated after every epoch; at the measured "
+        f"rates, on 1 device and on {devices} (ideal linear scaling).",
+        "",
+        f"| variant | train / epoch (1 dev) | val / epoch (1 dev) | {REFCOCO_EPOCHS} epochs "
+        f"(1 dev) | {REFCOCO_EPOCHS} epochs ({devices} dev) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.error or not row.train_images_per_s or not row.eval_images_per_s:
+            continue
+        train = REFCOCO_TRAIN_REFS / row.train_images_per_s
+        val = REFCOCO_VAL_SENTENCES / row.eval_images_per_s
+        total = REFCOCO_EPOCHS * (train + val)
+        lines.append(f"| {row.variant.name} | {_duration(train)} | {_duration(val)} | "
+                     f"{_duration(total)} | {_duration(total / devices)} |")
+    lines += [
+        "",
+        "Not counted: data loading, the one-off latent caching pass, checkpoint writes, start-up, "
+        "and communication (scaling to several devices is assumed perfect). The val rate is per "
+        "sentence with one sentence per image; real evaluation encodes each image once for its "
+        "~2.8 sentences, so the VAE share is slightly overestimated. For scale: VPD reports about "
+        "83 h on 8 V100s (validation included).",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = args.variants or list(CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS)
+    try:
+        variants = [Variant.parse(name) for name in names]
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if device.type == "cpu" and any(v.compile for v in variants):
+        print("note: torch.compile on a CPU takes minutes per variant", file=sys.stderr)
+
+    # Thread settings change CPU figures: they are part of the command.
+    environment = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+                   if name in os.environ]
+    command = " ".join(shlex.quote(part) for part in
+                       environment + ["python", os.path.relpath(os.path.abspath(__file__))]
+                       + sys.argv[1:])
+    torch.manual_seed(args.seed)
+    data = make_inputs(args, device)
+
+    # Reference: fp32 eager logits, and the FLOPs of one training step per input kind.
+    reference_variant = Variant.parse("fp32")
+    model = build(args, reference_variant, device)
+    model.eval()
+    with torch.no_grad():
+        reference_logits = model(data["input_ids"], images=data["images"]).float()
+    flops = {"images": count_training_flops(model, model_inputs(model, reference_variant, data),
+                                            data["masks"])}
+    if any(v.cached_latents for v in variants):
+        flops["latents"] = count_training_flops(
+            model, model_inputs(model, Variant.parse("cached_latents"), data), data["masks"])
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    del model
+    release(device)
+
+    rows = []
+    for variant in variants:
+        print(f"running {variant.name} ...", file=sys.stderr, flush=True)
+        try:
+            rows.append(run_variant(args, variant, device, data, reference_logits, flops))
+        except Exception as error:  # report the variant as failed, keep measuring the others
+            traceback.print_exc(file=sys.stderr)
+            rows.append(Row(variant, error=f"{type(error).__name__}: "
+                                           f"{str(error).splitlines()[0][:120] if str(error) else ''}"))
+        release(device)
+
+    flop_text = ", ".join(f"{kind} {count / 1e9:.2f} GFLOP" for kind, count in flops.items())
+    print(f"## bench_model: `{args.model}` preset, {args.img_size} px, batch {args.batch}, "
+          f"{args.token_length} tokens\n")
+    print(f"- command: `{command}`")
+    print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"- device: {device} = {device_name(device)}; torch threads {torch.get_num_threads()}")
+    print(f"- versions: {library_versions()}")
+    print(f"- model: {parameters / 1e6:.1f} M parameters, {trainable / 1e6:.1f} M trainable "
+          f"(random weights)")
+    print(f"- FLOPs per training step (forward + backward, FlopCounterMode): {flop_text}")
+    print(f"- timing: {args.warmup} warm-up + {args.steps} timed iterations per measurement"
+          f"{'; CUDA synchronised' if device.type == 'cuda' else ''}\n")
+    print(format_table(rows, device, args.peak_tflops))
+    print("\nColumns: train = forward + loss + backward + AdamW step; eval = no-grad forward "
+          "(one sentence per image); peak memory = CUDA allocator peak on GPU; on CPU the "
+          "process's peak RSS during the phase (+ growth over its start; memory the allocator "
+          "reuses does not count as growth); TFLOP/s = counted model FLOPs / measured step time "
+          "(gradient checkpointing's recomputation not counted)"
+          f"{f'; % of the {args.peak_tflops:g} TFLOP/s dense bf16 peak' if device.type == 'cuda' else ''}"
+          ". Δ logits and argmax agreement: eval-mode outputs against fp32 eager on the same "
+          "weights and inputs (cached_latents: latents rounded to fp16 as stored on disk).")
+    if args.estimate_refcoco:
+        print("\n" + format_refcoco_estimate(rows, args.devices))
+    return 1 if all(row.error for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

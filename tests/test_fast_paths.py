@@ -1,0 +1,342 @@
+"""Speed and memory paths give the same answers as the plain fp32 path (tiny preset, CPU, seconds).
+
+bf16 autocast, channels_last, gradient checkpointing and cached latents each against fp32 eager
+on the same seeded inputs; the on-disk latent cache (layout, atomic writes, fingerprint); and
+ReferDataset / fill_latent_cache reading latents instead of images.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import utils.engine as engine
+from data import build_loader, collate_eval
+from data.latent_cache import LatentCache, LatentCacheError
+from data.refer_dataset import ReferDataset
+from models import create_segmenter
+from models.fingerprint import vae_fingerprint
+from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
+from tests.refer_fixtures import make_refer_dataset
+
+TOKEN_LENGTH = 12  # the fixture's sentences have at most 10 tokens
+SIZE = 64  # tiny VAE: latents at SIZE / 4
+CPU = torch.device("cpu")
+
+
+def _model(train: bool = False, **kwargs):
+    """A fresh tiny segmenter; every build has the same weights (create_segmenter is seeded)."""
+    model = create_segmenter("tiny", token_length=TOKEN_LENGTH, **kwargs)
+    return model.train(train)
+
+
+def _inputs(batch: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, SIZE, SIZE, generator=generator) * 2 - 1
+    input_ids = torch.randint(0, 49406, (batch, TOKEN_LENGTH), generator=generator)
+    masks = (torch.rand(batch, SIZE, SIZE, generator=generator) > 0.5).long()
+    return images, input_ids, masks
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """fp32 eager eval logits of the tiny model on the seeded inputs."""
+    model = _model()
+    images, input_ids, _ = _inputs()
+    with torch.no_grad():
+        return model(input_ids, images=images)
+
+
+def _agreement(logits, reference):
+    return (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+
+
+# ------------------------------------------------------------------------- numerical variants
+def test_bf16_autocast_close_to_fp32(reference):
+    model = _model()
+    images, input_ids, _ = _inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids, images=images)
+    assert logits.dtype == torch.bfloat16  # autocast really ran the decoder in bf16
+    scale = reference.abs().max().item()
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4 %); allow that, compounded over layers.
+    assert (logits.float() - reference).abs().max().item() <= 0.05 * scale
+    assert _agreement(logits.float(), reference) >= 0.95
+
+
+def test_channels_last_equals_fp32(reference):
+    model = _model().to(memory_format=torch.channels_last)
+    weight = model.backbone.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    images, input_ids, _ = _inputs()
+    with torch.no_grad():
+        logits = model(input_ids, images=images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_checkpoint_same_loss_and_gradients():
+    images, input_ids, masks = _inputs()
+    results = []
+    for checkpointing in (False, True):
+        model = _model(train=True)
+        if checkpointing:
+            model.backbone.enable_gradient_checkpointing()
+            assert model.backbone.unet.is_gradient_checkpointing
+        loss = model.loss(model(input_ids, images=images), masks)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=1e-6, atol=1e-7)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    assert any(name.startswith("backbone.unet.") for name in grads_plain)  # the UNet trains
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-7,
+                                   msg=name)
+
+
+def test_cached_latents_close_to_image_path(reference, tmp_path):
+    model = _model()
+    images, input_ids, _ = _inputs()
+    cache = LatentCache(str(tmp_path), vae_fingerprint(model.backbone.vae), SIZE)
+    for index, latent in enumerate(model.encode_images(images)):
+        cache.put(f"image_{index}", latent)
+    latents = torch.stack([cache.get(f"image_{index}") for index in range(len(images))])
+    assert latents.dtype == torch.float16
+    with torch.no_grad():
+        logits = model(input_ids, latents=latents.float())
+    assert logits.shape == reference.shape  # latent size x vae_scale_factor
+    # fp16 storage rounds each latent by at most 2^-11 relative.
+    scale = reference.abs().max().item()
+    assert (logits - reference).abs().max().item() <= 2e-3 * scale
+    assert _agreement(logits, reference) >= 0.99
+
+
+# ------------------------------------------------------------------------------- LatentCache
+def test_latent_cache_round_trip_and_layout(tmp_path):
+    cache = LatentCache(str(tmp_path), "abc123", 96)
+    latent = torch.randn(4, 24, 24)
+    assert not cache.has("COCO_train2014_000000000042") and cache.get("COCO_train2014_000000000042") is None
+    cache.put("COCO_train2014_000000000042", latent)
+    path = tmp_path / "abc123" / "96" / "COCO_train2014_000000000042.npy"
+    assert path.is_file() and cache.has("COCO_train2014_000000000042") and len(cache) == 1
+    stored = cache.get("COCO_train2014_000000000042")
+    assert stored.dtype == torch.float16 and stored.shape == (4, 24, 24)
+    assert torch.equal(stored, latent.half())
+    # Another process (another LatentCache object) reads the same file.
+    assert torch.equal(LatentCache(str(tmp_path), "abc123", 96).get("COCO_train2014_000000000042"),
+                       stored)
+    # Other VAE or other size: other folders, nothing shared.
+    assert LatentCache(str(tmp_path), "def456", 96).get("COCO_train2014_000000000042") is None
+    assert LatentCache(str(tmp_path), "abc123", 64).get("COCO_train2014_000000000042") is None
+    for bad_key in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError, match="key"):
+            cache.put(bad_key, latent)
+    with pytest.raises(ValueError, match="shape"):
+        cache.put("batched", torch.zeros(2, 4, 8, 8))
+
+
+def test_latent_cache_writes_are_atomic(tmp_path, monkeypatch):
+    cache = LatentCache(str(tmp_path), "fp", 32)
+    for index in range(5):
+        cache.put(f"img{index}", torch.randn(4, 8, 8))
+    assert sorted(os.listdir(cache.directory)) == [f"img{index}.npy" for index in range(5)]
+
+    # A write that dies half-way (disk full, killed) keeps the old file and leaves no temp file.
+    old = cache.get("img0")
+
+    def failing_save(handle, array, allow_pickle):
+        handle.write(b"\x93NUMPY partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        cache.put("img0", torch.zeros(4, 8, 8))
+    with pytest.raises(OSError, match="disk full"):
+        cache.put("new", torch.zeros(4, 8, 8))
+    monkeypatch.undo()
+    assert sorted(os.listdir(cache.directory)) == [f"img{index}.npy" for index in range(5)]
+    assert torch.equal(cache.get("img0"), old) and not cache.has("new")
+
+    # A torn file can only come from outside; it is reported with its path, not misread.
+    with open(os.path.join(cache.directory, "img1.npy"), "wb") as handle:
+        handle.write(b"garbage")
+    with pytest.raises(LatentCacheError, match="img1.npy"):
+        cache.get("img1")
+
+
+def test_vae_fingerprint_tracks_the_weights():
+    _, vae, _ = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
+    _, same_vae, _ = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
+    _, other_vae, _ = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG, seed=1)
+    fingerprint = vae_fingerprint(vae)
+    assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
+    assert vae_fingerprint(same_vae) == fingerprint
+    assert vae_fingerprint(other_vae) != fingerprint
+    with torch.no_grad():
+        same_vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3  # one weight of the first conv
+    assert vae_fingerprint(same_vae) != fingerprint
+    # The decoder does not produce latents: it does not count.
+    with torch.no_grad():
+        for parameter in vae.decoder.parameters():
+            parameter.add_(1.0)
+    assert vae_fingerprint(vae) == fingerprint
+
+
+# ------------------------------------------------------------- ReferDataset and filling the cache
+@pytest.fixture()
+def refer_data(tmp_path):
+    return make_refer_dataset(str(tmp_path / "data"), "refcoco", "unc", num_images=6,
+                              refs_per_image=2, splits=("train", "val"))
+
+
+def _dataset(info, split, eval_mode=False):
+    return ReferDataset(info.data_root, info.dataset, info.splitBy, split=split, img_size=SIZE,
+                        token_length=TOKEN_LENGTH, eval_mode=eval_mode)
+
+
+def test_dataset_reads_latents_without_opening_images(refer_data, tmp_path):
+    model = _model()
+    train_set, val_set = _dataset(refer_data, "train"), _dataset(refer_data, "val", eval_mode=True)
+    uncached = [train_set[index] for index in range(len(train_set))]
+    cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
+    for dataset in (train_set, val_set):
+        engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=2,
+                                 show_progress=False)
+        dataset.use_latent_cache(cache)
+    shutil.rmtree(refer_data.image_dir)  # from now on an image read would fail
+
+    for index, expected in enumerate(uncached):
+        item = train_set[index]
+        assert "image" not in item and item["latents"].dtype == torch.float32
+        assert item["latents"].shape == (4, SIZE // 4, SIZE // 4)
+        assert torch.equal(item["mask"], expected["mask"])
+        latent = model.encode_images(expected["image"][None])[0]
+        # The cache encoded in batches of 2: one fp16 step of difference at most.
+        torch.testing.assert_close(item["latents"], latent.half().float(), rtol=1e-3, atol=1e-3)
+        assert item["ref_id"] == expected["ref_id"]
+
+    batch = next(iter(build_loader(train_set, batch_size=3, workers=0, shuffle=True)))
+    assert "image" not in batch and batch["latents"].shape == (3, 4, SIZE // 4, SIZE // 4)
+    inputs = engine.model_inputs(batch, CPU)
+    assert "latents" in inputs and "images" not in inputs
+
+    eval_batch = next(iter(build_loader(val_set, batch_size=2, workers=0, eval_mode=True)))
+    assert eval_batch["latents"].shape == (2, 4, SIZE // 4, SIZE // 4)
+    with torch.no_grad():
+        logits = model(**engine.model_inputs(eval_batch, CPU))
+    assert logits.shape == (len(eval_batch["sent_ids"]), 2, SIZE, SIZE)
+
+    # Without the cache the images are needed again, and their absence is reported.
+    train_set.use_latent_cache(None)
+    with pytest.raises(FileNotFoundError):
+        train_set[0]
+    with pytest.raises(ValueError, match="img_size"):
+        train_set.use_latent_cache(LatentCache(str(tmp_path / "cache"), cache.fingerprint, 32))
+
+
+def test_missing_latent_is_reported(refer_data, tmp_path):
+    dataset = _dataset(refer_data, "train")
+    dataset.use_latent_cache(LatentCache(str(tmp_path / "empty"), "fp", SIZE))
+    with pytest.raises(LookupError, match="fill the cache"):
+        dataset[0]
+
+
+def test_fill_latent_cache_encodes_exactly_the_missing_images(refer_data, tmp_path, monkeypatch):
+    model = _model()
+    dataset = _dataset(refer_data, "train")
+    keys = [key for key, _ in dataset.unique_images()]
+    assert len(keys) == len(set(keys)) == 3  # 6 images, split round robin over train/val
+    assert len(dataset) == 6  # 2 refs per image: each image is encoded once, not per ref
+    cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
+    sentinel = torch.full((4, SIZE // 4, SIZE // 4), 7.0)
+    cache.put(keys[1], sentinel)
+
+    written = []
+    put = cache.put
+    monkeypatch.setattr(cache, "put", lambda key, latent: (written.append(key), put(key, latent)))
+    assert engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=2,
+                                    show_progress=False) == 2
+    assert written == [keys[0], keys[2]]
+    assert torch.equal(cache.get(keys[1]), sentinel.half())  # an existing latent is kept
+    assert all(cache.has(key) for key in keys)
+    assert engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=2,
+                                    show_progress=False) == 0
+    assert written == [keys[0], keys[2]]
+
+
+def test_fill_latent_cache_shards_over_ranks(refer_data, tmp_path, monkeypatch):
+    """Rank 0 of 2 encodes every second missing image; what rank 1 should have written but this
+    process cannot see (a cache folder per node) it then encodes itself."""
+    model = _model()
+    dataset = _dataset(refer_data, "train")
+    keys = [key for key, _ in dataset.unique_images()]
+    cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
+    barriers = []
+    monkeypatch.setattr(engine, "is_distributed", lambda: True)
+    monkeypatch.setattr(engine, "barrier", lambda: barriers.append(len(written)))
+    monkeypatch.setattr(engine.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(engine.dist, "get_world_size", lambda: 2)
+    written = []
+    put = cache.put
+    monkeypatch.setattr(cache, "put", lambda key, latent: (written.append(key), put(key, latent)))
+    assert engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=1,
+                                    show_progress=False) == 3
+    # Listed before any write, then rank 0's shard (keys 0 and 2), then the top-up (key 1).
+    assert barriers == [0, 2] and written == [keys[0], keys[2], keys[1]]
+
+
+def test_collate_eval_stacks_latents():
+    def item(n, ref_id):
+        return {"latents": torch.full((4, 2, 2), float(ref_id)), "mask": torch.zeros(8, 8).long(),
+                "input_ids": torch.full((n, 5), ref_id), "attention_mask": torch.ones(n, 5).long(),
+                "sent_ids": list(range(n)), "sentences": ["s"] * n, "ref_id": ref_id,
+                "image_id": ref_id}
+    batch = collate_eval([item(2, 1), item(1, 2)])
+    assert "image" not in batch and batch["latents"].shape == (2, 4, 2, 2)
+    assert batch["latents"][batch["image_index"]][:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0]
+
+
+# ----------------------------------------------------------------------- train.py / test.py
+def test_train_and_test_scripts_with_cache_latents(tmp_path):
+    """train.py fills the cache for train and val before its first epoch; test.py then evaluates
+    val from the cache alone (the images are gone)."""
+    import json
+    import subprocess
+    import sys
+
+    from data.toy import ensure_toy_dataset
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_root, cache_root = str(tmp_path / "data"), str(tmp_path / "cache")
+    ensure_toy_dataset(data_root, num_train_images=8, num_eval_images=4, image_size=64)
+    common = ["--dataset", "toy", "--refer_data_root", data_root, "--img_size", "32",
+              "--workers", "0", "--cache_latents", cache_root]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = subprocess.run([sys.executable, "train.py", *common, "--epochs", "1", "--batch-size",
+                            "4", "--output-dir", str(tmp_path / "ckpt")],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    assert "encoding" in train.stdout and "epoch 1/1" in train.stdout
+    (fingerprint,) = os.listdir(cache_root)
+    assert fingerprint == vae_fingerprint(_model().backbone.vae)
+    folder = os.path.join(cache_root, fingerprint, "32")
+    num_cached = len(os.listdir(folder))
+    assert all(name.endswith(".npy") for name in os.listdir(folder))
+
+    image_dir = os.path.join(data_root, "toy", "images")
+    for name in os.listdir(image_dir):  # REFER wants the folder, the cache not its files
+        os.remove(os.path.join(image_dir, name))
+    results_json = tmp_path / "results.json"
+    test = subprocess.run([sys.executable, "test.py", *common, "--split", "val", "--checkpoint",
+                           str(tmp_path / "ckpt" / "model_best_toy.pth"),
+                           "--results_json", str(results_json)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert test.returncode == 0, test.stdout[-2000:] + test.stderr[-2000:]
+    assert "encoding" not in test.stdout  # everything was cached by train.py
+    assert len(os.listdir(folder)) == num_cached
+    results = json.loads(results_json.read_text())["results"]["val"]
+    assert results["sentences"] > 0
