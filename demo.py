@@ -6,8 +6,6 @@
 The model preset, token length and image size are read from the checkpoint unless given as
 flags; the vpd preset also needs --sd_path (the frozen VAE and CLIP are not in our checkpoints).
 """
-import sys
-
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +13,8 @@ from data.tokenizer import CLIPTokenizer
 from data.transforms import ImageMaskTransform, load_rgb
 from models import build_model, load_segmenter_state
 from utils.args import get_parser, resolve_defaults
-from utils.checkpoint import CheckpointError, load_checkpoint, model_state_from_checkpoint
+from utils.checkpoint import load_checkpoint, model_state_from_checkpoint
+from utils.logging import run_cli
 from utils.visualize import PALETTE, draw_caption, overlay_masks
 
 # Flags a checkpoint remembers from its training run and that the demo must match.
@@ -65,8 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

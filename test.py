@@ -5,21 +5,16 @@ set) the refs are sharded and the counts reduced, so the numbers do not depend o
 """
 import json
 import os
-import sys
 
-import torch
-
-from data.latent_cache import LatentCache
 from data.loaders import build_dataset, build_loader
 from models import build_model, load_segmenter_state
-from models.fingerprint import vae_fingerprint
 from refer.refer import evaluation_splits
 from utils.args import parse_args
-from utils.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
+from utils.checkpoint import (check_compatible, load_checkpoint,
                               model_state_from_checkpoint)
 from utils.dist import cleanup, init_distributed
-from utils.engine import evaluate, fill_latent_cache, resolve_precision
-from utils.logging import format_results_table, setup_logging
+from utils.engine import attach_latent_cache, evaluate, resolve_precision
+from utils.logging import format_results_table, progress_enabled, run_cli, setup_logging
 from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
 
 
@@ -66,25 +61,28 @@ def main(argv=None):
     # Panels only from rank 0, so --vis_num is the total; masks from every rank (disjoint refs).
     writer = PredictionWriter(args.save_masks, args.vis_dir if dist_info.is_main else None,
                               args.vis_num)
-    show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
-    cache = None
+    show_progress = progress_enabled(dist_info.is_main)
+    use_cache = bool(args.cache_latents) and not args.vis_dir
     if args.cache_latents and args.vis_dir:
         logger.info("--vis_dir draws the images: --cache_latents is not used")
-    elif args.cache_latents:
-        cache = LatentCache(args.cache_latents, vae_fingerprint(model.backbone.vae), args.img_size)
     results_by_split = {}
     for split in splits:
         dataset = build_dataset(args, split, eval_mode=True)
-        if cache is not None:  # encode each image once; the dataset then reads latents
-            fill_latent_cache(model, dataset, cache, device, dtype, args.eval_batch_size,
-                              show_progress, workers=args.workers)
-            dataset.use_latent_cache(cache)
+        if args.swap_text:
+            swapped = dataset.swap_text_within_images()
+            logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
+                        f"another object's sentences")
+        if use_cache:  # encode each image once; the dataset then reads latents
+            attach_latent_cache(model, [dataset], args.cache_latents, device, dtype,
+                                args.eval_batch_size, show_progress, workers=args.workers)
         loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
                               seed=args.seed, drop_last=False, eval_mode=True)
         results_by_split[split] = evaluate(model, loader, device, dtype, on_predictions=writer,
                                            show_progress=show_progress, desc=split)
     if dist_info.is_main:
         title = f"{args.dataset} ({args.splitBy}), {os.path.basename(args.checkpoint)}"
+        if args.swap_text:
+            title += ", sentences swapped between objects of the same image (--swap_text)"
         print(f"\n{title}\n{format_results_table(results_by_split)}\n", flush=True)
         if args.results_json:
             os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
@@ -97,8 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

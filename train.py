@@ -5,25 +5,21 @@ After every epoch the val split is evaluated (all sentences, sharded over the pr
 val oIoU improves. Rerunning the same command resumes from the last checkpoint.
 """
 import os
-import sys
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.latent_cache import LatentCache
 from data.loaders import build_dataset, build_loader, set_loader_epoch
 from models import build_model, load_segmenter_state
-from models.fingerprint import vae_fingerprint
 from utils.args import parse_args
-from utils.checkpoint import (CheckpointError, best_checkpoint_path, check_compatible,
+from utils.checkpoint import (best_checkpoint_path, check_compatible,
                               last_checkpoint_path,
                               load_checkpoint, model_state_from_checkpoint, rng_state,
                               save_checkpoint, set_rng_state, trainable_state_dict)
 from utils.dist import cleanup, init_distributed
-from utils.engine import (NonFiniteLossError, StopRequest, evaluate, fill_latent_cache,
+from utils.engine import (NonFiniteLossError, StopRequest, attach_latent_cache, evaluate,
                           resolve_precision, train_one_epoch, unwrap)
-from utils.logging import format_results_table, setup_logging
+from utils.logging import progress_enabled, run_cli, setup_logging
 from utils.optim import build_optimizer, build_scheduler
 
 
@@ -75,13 +71,10 @@ def main(argv=None):
 
     train_set = build_dataset(args, "train", eval_mode=False)
     val_set = build_dataset(args, args.split, eval_mode=True)
-    show_progress = dist_info.is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
+    show_progress = progress_enabled(dist_info.is_main)
     if args.cache_latents:  # encode each image once; the datasets then read latents, not images
-        cache = LatentCache(args.cache_latents, vae_fingerprint(model.backbone.vae), args.img_size)
-        for dataset in (train_set, val_set):
-            fill_latent_cache(model, dataset, cache, device, dtype, args.eval_batch_size,
-                              show_progress, workers=args.workers)
-            dataset.use_latent_cache(cache)
+        attach_latent_cache(model, [train_set, val_set], args.cache_latents, device, dtype,
+                            args.eval_batch_size, show_progress, workers=args.workers)
     train_loader = build_loader(train_set, args.batch_size, args.workers, shuffle=True,
                                 seed=args.seed, drop_last=True, eval_mode=False)
     val_loader = build_loader(val_set, args.eval_batch_size, args.workers, shuffle=False,
@@ -172,9 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
-        # Bad input (paths, checkpoints, configurations): one line, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -58,6 +58,7 @@ class ReferDataset(Dataset):
         self.eval_mode = eval_mode
         self.sentence_seed = None  # see set_sentence_seed
         self.latent_cache = None  # see use_latent_cache
+        self.text_source = None  # see swap_text_within_images
         self.transform = ImageMaskTransform(img_size)
 
         refer = REFER(data_root, dataset, splitBy)
@@ -198,18 +199,35 @@ class ReferDataset(Dataset):
             pixels_key, (pixels, mask) = "image", self._image_and_mask(index)
         item = {pixels_key: pixels, "mask": mask, "ref_id": int(ref["ref_id"]),
                 "image_id": int(ref["image_id"])}
-        first, last = int(self._sent_offsets[index]), int(self._sent_offsets[index + 1])
+        text_index = index if self.text_source is None else self.text_source[index]
+        first, last = int(self._sent_offsets[text_index]), int(self._sent_offsets[text_index + 1])
         if self.eval_mode:
             tokens = [self._tokens(row) for row in range(first, last)]
             item["input_ids"] = torch.stack([ids for ids, _ in tokens])
             item["attention_mask"] = torch.stack([attn for _, attn in tokens])
-            item["sent_ids"] = list(self.sent_ids[index])
-            item["sentences"] = self.sentences(index)
+            item["sent_ids"] = list(self.sent_ids[text_index])
+            item["sentences"] = self.sentences(text_index)
         else:
             choice = self._sentence_choice(index, last - first)
             item["input_ids"], item["attention_mask"] = self._tokens(first + choice)
             item["sent_id"] = int(self.sent_ids[index][choice])
         return item
+
+    def swap_text_within_images(self) -> int:
+        """Pair each ref's mask with the sentences of the next ref of the same image (cyclically).
+
+        A control for text grounding: a model that reads the sentence must score far lower than
+        on the true pairs; a text-blind one scores about the same. Refs alone in their image
+        (in this split) keep their own sentences. Returns how many refs were swapped.
+        """
+        refs_by_image: dict[int, list[int]] = {}
+        for index, ref in enumerate(self.refs):
+            refs_by_image.setdefault(ref["image_id"], []).append(index)
+        self.text_source = list(range(len(self.refs)))
+        for indices in refs_by_image.values():
+            for position, index in enumerate(indices):
+                self.text_source[index] = indices[(position + 1) % len(indices)]
+        return sum(source != index for index, source in enumerate(self.text_source))
 
     def set_sentence_seed(self, seed: int | None) -> None:
         """Draw training sentences as a function of (seed, ref index) instead of an RNG stream.

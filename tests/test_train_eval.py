@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from data.toy import ensure_toy_dataset
 from refer.refer import REFER
@@ -124,10 +125,11 @@ def test_test_sh_same_metrics_on_one_and_two_processes(toy_root, tmp_path):
     tables = []
     for nproc in ("1", "2"):
         results_json = tmp_path / f"results_{nproc}.json"
+        panels = ["--vis_dir", str(tmp_path / "vis"), "--vis_num", "3"] if nproc == "1" else []
         result = run(["bash", "test.sh", "toy", checkpoint, "--refer_data_root", toy_root,
                       "--img_size", "32", "--workers", "0", "--split", "all",
                       "--results_json", str(results_json),
-                      "--save_masks", str(tmp_path / f"masks_{nproc}")], NPROC=nproc)
+                      "--save_masks", str(tmp_path / f"masks_{nproc}"), *panels], NPROC=nproc)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "| split | P@0.5" in result.stdout and "| testA |" in result.stdout
         tables.append(json.loads(results_json.read_text())["results"])
@@ -137,3 +139,31 @@ def test_test_sh_same_metrics_on_one_and_two_processes(toy_root, tmp_path):
     masks_one = sorted(os.listdir(tmp_path / "masks_1"))
     assert masks_one == sorted(os.listdir(tmp_path / "masks_2"))
     assert len(masks_one) == sum(tables[0][split]["sentences"] for split in tables[0])
+
+    panels = sorted(os.listdir(tmp_path / "vis"))
+    assert len(panels) == 3
+    with Image.open(tmp_path / "vis" / panels[0]) as panel:
+        assert panel.width == 3 * 32 and panel.height > 32  # image | truth | prediction + caption
+
+    # demo.py reads the preset, token length and image size from the checkpoint.
+    image_path = os.path.join(toy_root, "toy", "images", "toy_000001.jpg")
+    out_path = tmp_path / "overlay.png"
+    result = run([sys.executable, "demo.py", "--checkpoint", checkpoint, "--image", image_path,
+                  "--text", "the red shape", "--text", "the circle", "--out", str(out_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Image.open(image_path) as image, Image.open(out_path) as overlay:
+        assert overlay.width == image.width and overlay.height > image.height
+    assert "the red shape" in result.stdout and "the circle" in result.stdout
+
+
+def test_bad_input_is_one_line_error(toy_root, tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    result = run(["bash", "test.sh", "toy", str(junk), "--refer_data_root", toy_root])
+    assert result.returncode == 2 and "junk.pth is not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run([sys.executable, "train.py", "--dataset", "toy", "--dist_backend", "nccl"])
+    assert result.returncode == 2 and "needs CUDA GPUs" in result.stderr
+    result = run([sys.executable, "train.py", "--dataset", "refcoco", "--model", "tiny",
+                  "--refer_data_root", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path)])
+    assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr

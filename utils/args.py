@@ -20,13 +20,14 @@ PAPER_DEFAULTS = dict(
     epochs=40,
     lr=5e-5,
     workers=4,
+    attn_grad=False,
 )
 
 # Per-dataset overrides of PAPER_DEFAULTS. `toy` is sized so the README's first command trains
 # on two CPU cores in minutes (tiny randomly initialised model, no weights to download).
 DATASET_DEFAULTS = {
-    "toy": dict(model="tiny", img_size=96, token_length=16, batch_size=16,
-                epochs=12, lr=1e-3, workers=1),
+    "toy": dict(model="tiny", img_size=32, token_length=16, batch_size=8, epochs=12, lr=2e-3,
+                workers=1, attn_grad=True),
 }
 
 DEFAULT_SD_PATH = os.path.join(REPO_ROOT, "stable-diffusion-v1-5")
@@ -66,9 +67,9 @@ def _add_model_flags(parser):
     group.add_argument("--clip_path", default=None,
                        help="CLIP ViT-L/14 text model folder (transformers layout); "
                             "default: the text encoder inside --sd_path")
-    group.add_argument("--attn_grad", action="store_true",
+    group.add_argument("--attn_grad", action="store_true", default=None,
                        help="let the cross-attention maps fed to the decoder carry gradient "
-                            "(off in VPD)")
+                            "(off in VPD; on for toy, where it grounds the text faster)")
 
 
 def _add_train_flags(parser):
@@ -113,6 +114,9 @@ def _add_eval_flags(parser):
                        help="test.py: write image | ground truth | prediction panels here")
     group.add_argument("--vis_num", type=int, default=20,
                        help="test.py: how many panels --vis_dir gets (default: 20)")
+    group.add_argument("--swap_text", action="store_true",
+                       help="test.py: a text-grounding control: score each mask against the "
+                            "sentences of another object of the same image (oIoU must drop)")
 
 
 def _add_demo_flags(parser):

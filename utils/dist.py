@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 
 
+class DistributedSetupError(ValueError):
+    """The launch asks for something this machine cannot give (NCCL without GPUs, ...)."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -39,10 +43,10 @@ def init_distributed(backend="auto"):
     if backend == "auto":
         backend = "nccl" if num_gpus > 0 else "gloo"
     if backend == "nccl" and num_gpus == 0:
-        raise RuntimeError("--dist_backend nccl needs CUDA GPUs and none is visible; "
+        raise DistributedSetupError("--dist_backend nccl needs CUDA GPUs and none is visible; "
                            "use --dist_backend gloo (or auto) to run on CPU")
     if num_gpus > 0 and local_world_size > num_gpus:
-        raise RuntimeError(f"{local_world_size} processes per node were launched but only "
+        raise DistributedSetupError(f"{local_world_size} processes per node were launched but only "
                            f"{num_gpus} GPU(s) are visible: pass NPROC <= {num_gpus}")
 
     if num_gpus > 0:

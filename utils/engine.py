@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.latent_cache import ImagesToEncode
+from data.latent_cache import ImagesToEncode, LatentCache
+from models.fingerprint import vae_fingerprint
 from utils.dist import all_reduce_sum, barrier, is_distributed
 from utils.logging import get_logger
 from utils.metrics import RISMetric, intersection_and_union
@@ -168,6 +169,20 @@ def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=Tr
     results["refs"] = int(all_reduce_sum(refs).item())
     results["seconds"] = time.perf_counter() - start_time
     return results
+
+
+def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, show_progress,
+                        workers=0):
+    """--cache_latents: fill the cache for every image of `datasets` (once, on first use), then
+    have the datasets serve latents instead of images."""
+    segmenter = unwrap(model)
+    img_size = datasets[0].img_size
+    cache = LatentCache(cache_dir, vae_fingerprint(segmenter.backbone.vae), img_size)
+    for dataset in datasets:
+        fill_latent_cache(segmenter, dataset, cache, device, dtype, batch_size, show_progress,
+                          workers=workers)
+        dataset.use_latent_cache(cache)
+    return cache
 
 
 @torch.no_grad()

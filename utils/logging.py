@@ -1,5 +1,6 @@
 """Console logging (rank 0 speaks, other ranks only warn) and the results table."""
 import logging
+import os
 import sys
 
 from utils.metrics import PRECISION_THRESHOLDS
@@ -20,6 +21,29 @@ def setup_logging(is_main=True):
 
 def get_logger():
     return logging.getLogger(LOGGER_NAME)
+
+
+def progress_enabled(is_main):
+    """Progress bars on rank 0 when they reach a terminal (train.sh/test.sh set RIS_PROGRESS=1
+    when theirs is one, since their output goes through tee)."""
+    return is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
+
+
+# Errors that mean bad input (paths, files, flags, checkpoints) rather than a bug: the entry
+# points print them as one line. Each layer's own errors derive from these.
+USER_ERRORS = (OSError, ValueError)
+
+
+def run_cli(main):
+    """Run an entry point's main(); bad input exits with status 2 and a one-line message
+    (RIS_DEBUG=1 shows the traceback instead)."""
+    try:
+        sys.exit(main())
+    except USER_ERRORS as error:
+        if os.environ.get("RIS_DEBUG") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def format_results_table(results_by_split, thresholds=PRECISION_THRESHOLDS):

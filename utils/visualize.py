@@ -50,11 +50,22 @@ def draw_caption(image, lines, colours=None):
     return result
 
 
+# Panel colours chosen away from the toy dataset's object colours.
+TRUTH_COLOUR, PREDICTION_COLOUR = (0, 220, 255), (255, 140, 0)
+MIN_PANEL_WIDTH = 160  # small evaluated images are enlarged so the caption fits
+
+
 def comparison_panel(image, target, prediction, sentence, iou):
     """image | ground truth | prediction, with the sentence and the IoU written underneath."""
+    scale = max(1, -(-MIN_PANEL_WIDTH // image.width))
+    if scale > 1:  # nearest, so the masks' pixels stay visible as evaluated
+        size = (image.width * scale, image.height * scale)
+        image = image.resize(size, Image.NEAREST)
+        target, prediction = (np.asarray(mask_to_image(m).resize(size, Image.NEAREST)) > 0
+                              for m in (target, prediction))
     width, height = image.size
     panel = Image.new("RGB", (3 * width, height), (255, 255, 255))
     panel.paste(image, (0, 0))
-    panel.paste(overlay_masks(image, [target], colours=[(60, 180, 75)]), (width, 0))
-    panel.paste(overlay_masks(image, [prediction], colours=[(230, 25, 75)]), (2 * width, 0))
+    panel.paste(overlay_masks(image, [target], colours=[TRUTH_COLOUR]), (width, 0))
+    panel.paste(overlay_masks(image, [prediction], colours=[PREDICTION_COLOUR]), (2 * width, 0))
     return draw_caption(panel, [f'"{sentence}"', f"ground truth | prediction  IoU {iou:.2f}"])
