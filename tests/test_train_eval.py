@@ -143,7 +143,8 @@ def test_test_sh_same_metrics_on_one_and_two_processes(toy_root, tmp_path):
     panels = sorted(os.listdir(tmp_path / "vis"))
     assert len(panels) == 3
     with Image.open(tmp_path / "vis" / panels[0]) as panel:
-        assert panel.width == 3 * 32 and panel.height > 32  # image | truth | prediction + caption
+        # image | truth | prediction, each enlarged from 32 px to 160 px, plus the caption
+        assert panel.width == 3 * 160 and panel.height > 160
 
     # demo.py reads the preset, token length and image size from the checkpoint.
     image_path = os.path.join(toy_root, "toy", "images", "toy_000001.jpg")
