@@ -25,7 +25,6 @@ import sys
 import time
 import traceback
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 # Scripts only: make the repository root importable (library code never does this).
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models import create_segmenter  # noqa: E402
+from utils.engine import autocast, training_step  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -241,8 +241,6 @@ def model_inputs(model, variant: Variant, data: dict) -> dict:
     return {"input_ids": data["input_ids"], "images": data["images"]}
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -304,17 +302,7 @@ def run_variant(args, variant: Variant, device: torch.device, data: dict,
     masks = data["masks"]
 
     def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, variant.dtype):
-            logits = model(**inputs)
-        loss = model.loss(logits.float(), masks)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        training_step(model, inputs, masks, optimizer, device, variant.dtype, scaler)
 
     memory.start()
     seconds = timed(train_step, args.steps, args.warmup, device)

@@ -80,6 +80,25 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
+    """Forward under autocast, the segmenter's loss in fp32, backward, optimizer step.
+
+    `scaler` is a GradScaler for fp16 (None otherwise). Returns the loss tensor.
+    """
+    with autocast(device, dtype):
+        logits = model(**inputs)
+    loss = unwrap(model).loss(logits.float(), masks)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
                     start_iteration=0, stop=None, show_progress=True, log_interval=60.0):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
@@ -91,7 +110,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     (counting the skipped ones), and whether a stop was requested.
     """
     model.train()
-    segmenter = unwrap(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_images = 0
     iteration = start_iteration
@@ -101,18 +119,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
                     initial=start_iteration, total=total)
     for batch in progress:
         masks = batch["mask"].to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = model(**model_inputs(batch, device))
-        loss = segmenter.loss(logits.float(), masks)
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = training_step(model, model_inputs(batch, device), masks, optimizer, device, dtype,
+                             scaler)
         scheduler.step()
 
         loss_value = loss.item()  # one sync per step: cheap next to the step, and names the step
