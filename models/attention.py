@@ -209,7 +209,11 @@ class MapRecordingAttnProcessor:
     ) -> torch.Tensor:
         # Scores and softmax in float32 even under autocast: the maps are features too. Cheap, as
         # only cross-attention (L text tokens) at 1/2 and 1/4 of the latent takes this path.
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        device_type = query.device.type
+        # (The meta device, used to count FLOPs without weights, has no autocast to switch off.)
+        no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                       if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+        with no_autocast:
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
             if attention_mask is not None:
                 if attention_mask.dtype == torch.bool:

@@ -1,0 +1,53 @@
+"""Count the model's FLOPs per image without weights or a GPU (the model is built on the meta device).
+
+    python bench/count_flops.py --model vpd --img_size 512 --token_length 40
+
+Prints forward (evaluation) and forward + backward (training) FLOPs, with images and with cached
+latents (the VAE skipped), as counted by torch.utils.flop_counter.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from models import build_model_on_meta  # noqa: E402
+
+
+def count(model, inputs, masks=None):
+    with FlopCounterMode(display=False) as counter:
+        logits = model(**inputs)
+        if masks is not None:
+            model.loss(logits.float(), masks).backward()
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vpd", help="model preset (default: vpd)")
+    parser.add_argument("--img_size", type=int, default=512, help="image side (default: 512)")
+    parser.add_argument("--token_length", type=int, default=40, help="text tokens (default: 40)")
+    args = parser.parse_args()
+
+    model = build_model_on_meta(args.model, token_length=args.token_length)
+    scale = model.vae_scale_factor
+    with torch.device("meta"):
+        images = torch.randn(1, 3, args.img_size, args.img_size)
+        latents = torch.randn(1, model.backbone.latent_channels, args.img_size // scale,
+                              args.img_size // scale)
+        input_ids = torch.zeros(1, args.token_length, dtype=torch.long)
+        masks = torch.zeros(1, args.img_size, args.img_size, dtype=torch.long)
+    print(f"{args.model} at {args.img_size} px, {args.token_length} tokens: TFLOP per image")
+    print("| pass | with images | with cached latents |")
+    print("|---|---|---|")
+    for name, target in (("evaluation (forward)", None), ("training (forward + backward)", masks)):
+        with_images = count(model, {"input_ids": input_ids, "images": images}, target)
+        with_latents = count(model, {"input_ids": input_ids, "latents": latents}, target)
+        print(f"| {name} | {with_images / 1e12:.3f} | {with_latents / 1e12:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
