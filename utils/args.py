@@ -67,9 +67,9 @@ def _add_model_flags(parser):
     group.add_argument("--clip_path", default=None,
                        help="CLIP ViT-L/14 text model folder (transformers layout); "
                             "default: the text encoder inside --sd_path")
-    group.add_argument("--attn_grad", action="store_true", default=None,
+    group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
                        help="let the cross-attention maps fed to the decoder carry gradient "
-                            "(off in VPD; on for toy, where it grounds the text faster)")
+                            "(default: off, as in VPD; on for toy; --no-attn_grad turns it off)")
 
 
 def _add_train_flags(parser):
