@@ -26,7 +26,7 @@ PAPER_DEFAULTS = dict(
 # Per-dataset overrides of PAPER_DEFAULTS. `toy` is sized so the README's first command trains
 # on two CPU cores in minutes (tiny randomly initialised model, no weights to download).
 DATASET_DEFAULTS = {
-    "toy": dict(model="tiny", img_size=32, token_length=16, batch_size=8, epochs=12, lr=2e-3,
+    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=8, epochs=7, lr=2e-3,
                 workers=1, attn_grad=True),
 }
 
