@@ -5,6 +5,7 @@ After every epoch the val split is evaluated (all sentences, sharded over the pr
 val oIoU improves. Rerunning the same command resumes from the last checkpoint.
 """
 import os
+import random
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,7 +25,6 @@ from utils.optim import build_optimizer, build_scheduler
 
 
 def seed_everything(seed):
-    import random
     random.seed(seed)
     torch.manual_seed(seed)
 

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, safe loads, and the last/best naming of a run."""
 import argparse
 import os
+import random
 import tempfile
 
 import torch
@@ -94,7 +95,6 @@ def trainable_state_dict(model, frozen_prefixes=()):
 
 
 def rng_state():
-    import random
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -102,7 +102,6 @@ def rng_state():
 
 
 def set_rng_state(state):
-    import random
     if not state:
         return
     random.setstate(_to_tuple(state["python"]))
