@@ -86,7 +86,7 @@ __all__ = [
 
 TOY_DATASET_NAME = "toy"
 # Bump whenever the generator's output changes, so cached datasets are rebuilt.
-TOY_GENERATOR_VERSION = 1
+TOY_GENERATOR_VERSION = 2
 
 # Well separated colours (RGB).  Order matters for determinism.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -106,7 +106,7 @@ SPLITS = ("train", "val", "testA", "testB")
 
 # Object areas, as fractions of min(W, H)^2: a geometric ladder (ratio ~1.55).
 # Objects of one image use distinct rungs, so sizes are always clearly different.
-_AREA_LADDER = (0.016, 0.025, 0.039, 0.060, 0.092)
+_AREA_LADDER = (0.03, 0.045, 0.068, 0.10, 0.15)
 _AREA_JITTER = 0.04          # +-4 % multiplicative jitter on the rung
 _SIZE_RATIO = 1.3            # min area ratio for "the largest/smallest ..."
 _POS_GAP = 0.12              # min centre gap (fraction of min(W, H)) for "leftmost ..."

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .adapter import TextAdapter
@@ -28,10 +29,12 @@ __all__ = [
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
     "TINY_CLIP_CONFIG",
+    "TINY_VAE_DIR",
     "build_model",
     "build_model_on_meta",
     "create_segmenter",
     "random_components",
+    "random_tiny_vae",
 ]
 
 # Random initialisation is seeded with this inside a forked RNG scope: the frozen random parts of
@@ -39,20 +42,25 @@ __all__ = [
 # caller's global RNG stream is left untouched.
 INIT_SEED = 0
 
-# SD v1.5's UNet block structure at toy width.
+# SD v1.5's UNet at toy size, shaped for speed on a CPU: one layer per block, and cross-attention
+# only where VPD records its maps (strides 2 and 4 of the latent, which feed c2 and c3), so the
+# 16x16 self-attention of the first level is gone; ~4x the images/s of SD's full block layout at
+# this width, with the same classes and the same read-out.
 TINY_UNET_CONFIG = dict(
-    sample_size=32,
+    sample_size=16,
     in_channels=4,
     out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     block_out_channels=(32, 64, 64, 64),
-    layers_per_block=2,
+    layers_per_block=1,
     attention_head_dim=4,  # diffusers' SD naming: this is the number of heads
     norm_num_groups=8,
     cross_attention_dim=32,  # = TINY_CLIP_CONFIG["hidden_size"]
 )
-# Three blocks: latents at 1/4 of the image (not 1/8), so a 96-128 px toy image keeps a 24-32 px latent.
+# Three blocks: latents at 1/4 of the image (not 1/8), so a 64 px toy image keeps a 16 px latent.
+# `tiny` does not use a random VAE: like SD's, its VAE is trained once (tools/pretrain_tiny_vae.py,
+# on toy images) and shipped in TINY_VAE_DIR; this config is what that script starts from.
 TINY_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -78,6 +86,14 @@ TINY_CLIP_CONFIG = dict(
     pad_token_id=49407,
 )
 
+TINY_VAE_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "vae"
+
+# CLIP's own init puts the token embeddings at std 0.02, far below what its (random) layers add, so
+# a random *frozen* CLIP returns nearly the same vector for every word at a position (mean cosine
+# 0.88 between different words). Unit-scale embeddings keep each word recognisable where it stands
+# (mean cosine 0.09), which is what the UNet's cross-attention needs from a text encoder.
+TINY_CLIP_TOKEN_EMBEDDING_STD = 1.0
+
 Components = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
 
 
@@ -101,6 +117,21 @@ def random_components(
     return unet, vae, clip
 
 
+def random_tiny_vae(seed: int = INIT_SEED) -> AutoencoderKL:
+    """TINY_VAE_CONFIG, randomly initialised (the starting point of tools/pretrain_tiny_vae.py)."""
+    with _seeded(seed):
+        return AutoencoderKL.from_config(TINY_VAE_CONFIG)
+
+
+def _load_tiny_vae() -> AutoencoderKL:
+    if not (TINY_VAE_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the tiny preset's pretrained VAE is missing: expected a diffusers AutoencoderKL folder "
+            f"(config.json + diffusion_pytorch_model.safetensors) at {TINY_VAE_DIR}; it ships with the "
+            f"repository, and `python tools/pretrain_tiny_vae.py` rebuilds it")
+    return AutoencoderKL.from_pretrained(TINY_VAE_DIR, local_files_only=True)
+
+
 def _vpd_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
     """SD v1.5 from `sd_path`; with sd_path=None a random init of the real sizes (size tests, benchmarks)."""
     if sd_path is None:
@@ -115,8 +146,16 @@ def _vpd_components(sd_path: str | Path | None, clip_path: str | Path | None) ->
 
 
 def _tiny_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
-    """Small random components; there are no pretrained weights, so paths are ignored."""
-    return random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
+    """Random UNet and CLIP (unit-scale word embeddings), the shipped pretrained tiny VAE.
+
+    There are no other weights to load: sd_path / clip_path are ignored.
+    """
+    unet, _, clip = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
+    with _seeded(INIT_SEED), torch.no_grad():
+        nn.init.normal_(clip.get_input_embeddings().weight, std=TINY_CLIP_TOKEN_EMBEDDING_STD)
+    if torch.get_default_device().type == "meta":
+        return unet, random_tiny_vae(), clip
+    return unet, _load_tiny_vae(), clip
 
 
 @dataclass(frozen=True)

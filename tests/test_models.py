@@ -78,9 +78,9 @@ def test_attention_maps_are_distributions(model, size):
 def test_only_down_and_up_cross_attention_at_c2_c3_records(model):
     names = model.backbone.recording_attention_layers
     assert names and all(n.endswith("attn2") and not n.startswith("mid_block") for n in names)
-    # tiny: down_blocks 1-2 (2 layers each) and up_blocks 1-2 (3 layers each), as VPD's 16/32 maps.
+    # tiny: down_blocks 1-2 (1 layer each) and up_blocks 1-2 (2 layers each), as VPD's 16/32 maps.
     assert {n.split(".attentions")[0] for n in names} == {"down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2"}
-    assert len(names) == 10
+    assert len(names) == 6
 
 
 def test_unet_output_matches_default_processor():
@@ -242,3 +242,46 @@ def test_vpd_preset_on_meta_has_real_sizes():
     assert count(model.backbone.vae.encoder) == pytest.approx(34.2e6, rel=0.01)
     assert list(model.decoder.in_channels) == [320, 680, 1320, 1280]  # VPD's neck_dim for L = 40
     assert model.vae_scale_factor == 8 and model.backbone.feature_strides == {"c1": 1, "c2": 2, "c3": 4, "c4": 8}
+
+
+def test_tiny_vae_is_the_shipped_pretrained_one(tmp_path):
+    """The tiny preset's frozen VAE reconstructs toy images (it was trained on them, as SD's VAE
+    was on photos); a random VAE of the same config does not. Checked on held-out toy images."""
+    from data.toy import ensure_toy_dataset
+    from data.transforms import ImageMaskTransform, load_rgb
+    from models.presets import TINY_VAE_DIR, random_tiny_vae
+
+    assert (TINY_VAE_DIR / "config.json").is_file()
+    root = ensure_toy_dataset(str(tmp_path), seed=7, num_train_images=1, num_eval_images=4)
+    transform = ImageMaskTransform(64)
+    paths = sorted((tmp_path / "toy" / "images").glob("*.jpg"))
+    images = torch.stack([transform.image_to_tensor(load_rgb(str(p))) for p in paths])
+
+    def psnr(vae):
+        with torch.no_grad():
+            reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        return 10 * torch.log10(4.0 / F.mse_loss(reconstruction, images)).item()
+
+    from diffusers import AutoencoderKL
+
+    shipped = AutoencoderKL.from_pretrained(TINY_VAE_DIR, local_files_only=True).eval()
+    assert psnr(shipped) > 18.0 > psnr(random_tiny_vae()) + 5.0, (root, psnr(shipped))
+    model = create_segmenter("tiny", token_length=TOKEN_LENGTH)
+    for name, tensor in shipped.encoder.state_dict().items():
+        assert torch.equal(model.backbone.vae.encoder.state_dict()[name], tensor), name
+
+
+def test_tiny_frozen_text_encoder_keeps_words_apart():
+    """Different words at the same position give clearly different CLIP outputs (a random CLIP with
+    its own 0.02-std embeddings maps them all to nearly one vector)."""
+    from data.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(TOKEN_LENGTH)
+    words = ["red", "blue", "green", "circle", "square", "star", "left", "largest"]
+    input_ids = torch.stack([tokenizer(f"the {word} thing")[0] for word in words])
+    model = create_segmenter("tiny", token_length=TOKEN_LENGTH)
+    with torch.no_grad():
+        word_vectors = F.normalize(model.text_encoder(input_ids)[:, 2], dim=-1)
+    cosine = word_vectors @ word_vectors.T
+    off_diagonal = cosine[~torch.eye(len(words), dtype=torch.bool)]
+    assert off_diagonal.mean() < 0.3 and off_diagonal.max() < 0.7, off_diagonal

@@ -24,9 +24,11 @@ PAPER_DEFAULTS = dict(
 )
 
 # Per-dataset overrides of PAPER_DEFAULTS. `toy` is sized so the README's first command trains
-# on two CPU cores in minutes (tiny randomly initialised model, no weights to download).
+# on two CPU cores in under ten minutes (tiny model: random UNet and text encoder, the small VAE
+# that ships with the repository; nothing to download). Chosen from measured CPU runs
+# (bench/RESULTS.md): batch 32 uses the cores better than 8, and lr 1e-3 beat 2e-3 and 4e-3.
 DATASET_DEFAULTS = {
-    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=8, epochs=7, lr=2e-3,
+    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
                 workers=1, attn_grad=True),
 }
 

@@ -1,0 +1,92 @@
+"""Pre-train the `tiny` preset's VAE on toy images and write it where the preset loads it from.
+
+Stable Diffusion's VAE is trained once, on images, and then frozen in VPD. The `tiny` preset
+mirrors that: its VAE (same diffusers `AutoencoderKL` class, TINY_VAE_CONFIG) is trained here once
+to reconstruct toy images and shipped in `models/configs/tiny/vae/` (diffusers layout). A random
+frozen VAE is no stand-in: its 4 latent channels keep too little of the image (a linear probe on
+an object's mean latent tells the five toy colours apart 45% of the time, 70-80% after this
+training), so the segmenter could not learn colour words (bench/RESULTS.md, toy run).
+
+    python tools/pretrain_tiny_vae.py                  # ~7 min on 2 CPU cores, rewrites the shipped VAE
+    python tools/pretrain_tiny_vae.py --out /tmp/vae   # somewhere else
+
+Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents near unit scale
+(the segmenter reads the posterior mode unscaled, like VPD).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.toy import ensure_toy_dataset  # noqa: E402
+from data.transforms import ImageMaskTransform, load_rgb  # noqa: E402
+from models.presets import TINY_VAE_DIR, random_tiny_vae  # noqa: E402
+from refer.refer import REFER  # noqa: E402
+
+
+def load_split_images(data_root, split, img_size):
+    refer = REFER(data_root, "toy", "unc")
+    image_ids = sorted({refer.Refs[ref_id]["image_id"] for ref_id in refer.getRefIds(split=split)})
+    transform = ImageMaskTransform(img_size)
+    return torch.stack([transform.image_to_tensor(load_rgb(refer.image_path(refer.Imgs[i])))
+                        for i in image_ids])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_root", default="refer/data", help="where the toy dataset is (or is written)")
+    parser.add_argument("--out", default=str(TINY_VAE_DIR), help="diffusers folder to write (config.json + weights)")
+    parser.add_argument("--img_size", type=int, default=64, help="training image size (the toy default)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine decay)")
+    parser.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the KL term")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    ensure_toy_dataset(args.data_root)
+    train_images = load_split_images(args.data_root, "train", args.img_size)
+    val_images = load_split_images(args.data_root, "val", args.img_size)
+    vae = random_tiny_vae(seed=args.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, foreach=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch = train_images[torch.randint(len(train_images), (args.batch_size,), generator=generator)]
+        # Flips: the toy world has no preferred orientation, and they double the image variety.
+        if step % 2:
+            batch = batch.flip(-1)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = (F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
+                + args.kl_weight * posterior.kl().mean())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 100 == 0 or step == args.steps:
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
+                  flush=True)
+
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(val_images[i:i + 64]).latent_dist.mode()
+                             for i in range(0, len(val_images), 64)])
+        reconstruction = torch.cat([vae.decode(latents[i:i + 64]).sample for i in range(0, len(latents), 64)])
+    mse = F.mse_loss(reconstruction.clamp(-1, 1), val_images).item()
+    psnr = 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # images span [-1, 1]: peak-to-peak 2
+    print(f"val reconstruction PSNR {psnr:.1f} dB; latent mean {latents.mean():.3f} std {latents.std():.3f}")
+    vae.save_pretrained(args.out, safe_serialization=True)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
