@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     print(f"- device: {device} = {device_name(device)}; torch threads {torch.get_num_threads()}")
     print(f"- versions: {library_versions()}")
     print(f"- model: {parameters / 1e6:.1f} M parameters, {trainable / 1e6:.1f} M trainable "
-          f"(random weights)")
+          f"({'random UNet and CLIP, shipped tiny VAE' if args.model == 'tiny' else 'random weights'})")
     print(f"- FLOPs per training step (forward + backward, FlopCounterMode): {flop_text}")
     print(f"- timing: {args.warmup} warm-up + {args.steps} timed iterations per measurement"
           f"{'; CUDA synchronised' if device.type == 'cuda' else ''}\n")

@@ -37,14 +37,19 @@ def overlay_masks(image, masks, colours=None, alpha=0.5):
 
 
 def draw_caption(image, lines, colours=None):
-    """Write text lines in a band under the image (colour-coded when several expressions)."""
+    """Write text lines in a band under the image (colour-coded when several expressions).
+
+    The picture widens (white on the right) when a line is longer than the image is wide.
+    """
     line_height = 14
-    band = Image.new("RGB", (image.width, line_height * len(lines) + 4), (255, 255, 255))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([image.width] + [int(measure.textlength(line)) + 6 for line in lines])
+    band = Image.new("RGB", (width, line_height * len(lines) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(band)
     for index, line in enumerate(lines):
         colour = colours[index % len(colours)] if colours else (0, 0, 0)
         draw.text((3, 2 + index * line_height), line, fill=colour)
-    result = Image.new("RGB", (image.width, image.height + band.height), (255, 255, 255))
+    result = Image.new("RGB", (width, image.height + band.height), (255, 255, 255))
     result.paste(image, (0, 0))
     result.paste(band, (0, image.height))
     return result
