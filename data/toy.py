@@ -104,7 +104,8 @@ CATEGORY_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 
 SPLITS = ("train", "val", "testA", "testB")
 
-# Object areas, as fractions of min(W, H)^2: a geometric ladder (ratio ~1.55).
+# Object areas, as fractions of min(W, H)^2: a geometric ladder (ratio ~1.5). At the toy's
+# default 64 px the smallest is ~11 px across (3 latent cells), enough to tell shapes apart.
 # Objects of one image use distinct rungs, so sizes are always clearly different.
 _AREA_LADDER = (0.03, 0.045, 0.068, 0.10, 0.15)
 _AREA_JITTER = 0.04          # +-4 % multiplicative jitter on the rung

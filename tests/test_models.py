@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from models import (
@@ -17,7 +18,17 @@ from models import (
     create_segmenter,
     install_attention_map_processors,
 )
-from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
+from data.tokenizer import CLIPTokenizer
+from data.toy import ensure_toy_dataset
+from data.transforms import ImageMaskTransform, load_rgb
+from models.presets import (
+    TINY_CLIP_CONFIG,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+    TINY_VAE_DIR,
+    random_components,
+    random_tiny_vae,
+)
 
 TOKEN_LENGTH = 10
 
@@ -247,12 +258,8 @@ def test_vpd_preset_on_meta_has_real_sizes():
 def test_tiny_vae_is_the_shipped_pretrained_one(tmp_path):
     """The tiny preset's frozen VAE reconstructs toy images (it was trained on them, as SD's VAE
     was on photos); a random VAE of the same config does not. Checked on held-out toy images."""
-    from data.toy import ensure_toy_dataset
-    from data.transforms import ImageMaskTransform, load_rgb
-    from models.presets import TINY_VAE_DIR, random_tiny_vae
-
     assert (TINY_VAE_DIR / "config.json").is_file()
-    root = ensure_toy_dataset(str(tmp_path), seed=7, num_train_images=1, num_eval_images=4)
+    ensure_toy_dataset(str(tmp_path), seed=7, num_train_images=1, num_eval_images=4)
     transform = ImageMaskTransform(64)
     paths = sorted((tmp_path / "toy" / "images").glob("*.jpg"))
     images = torch.stack([transform.image_to_tensor(load_rgb(str(p))) for p in paths])
@@ -262,10 +269,8 @@ def test_tiny_vae_is_the_shipped_pretrained_one(tmp_path):
             reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
         return 10 * torch.log10(4.0 / F.mse_loss(reconstruction, images)).item()
 
-    from diffusers import AutoencoderKL
-
     shipped = AutoencoderKL.from_pretrained(TINY_VAE_DIR, local_files_only=True).eval()
-    assert psnr(shipped) > 18.0 > psnr(random_tiny_vae()) + 5.0, (root, psnr(shipped))
+    assert psnr(shipped) > 18.0 > psnr(random_tiny_vae()) + 5.0, psnr(shipped)
     model = create_segmenter("tiny", token_length=TOKEN_LENGTH)
     for name, tensor in shipped.encoder.state_dict().items():
         assert torch.equal(model.backbone.vae.encoder.state_dict()[name], tensor), name
@@ -274,8 +279,6 @@ def test_tiny_vae_is_the_shipped_pretrained_one(tmp_path):
 def test_tiny_frozen_text_encoder_keeps_words_apart():
     """Different words at the same position give clearly different CLIP outputs (a random CLIP with
     its own 0.02-std embeddings maps them all to nearly one vector)."""
-    from data.tokenizer import CLIPTokenizer
-
     tokenizer = CLIPTokenizer(TOKEN_LENGTH)
     words = ["red", "blue", "green", "circle", "square", "star", "left", "largest"]
     input_ids = torch.stack([tokenizer(f"the {word} thing")[0] for word in words])
