@@ -23,18 +23,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.refer_dataset import ReferDataset  # noqa: E402
 from data.toy import ensure_toy_dataset  # noqa: E402
-from data.transforms import ImageMaskTransform, load_rgb  # noqa: E402
+from data.transforms import load_rgb  # noqa: E402
 from models.presets import TINY_VAE_DIR, random_tiny_vae  # noqa: E402
-from refer.refer import REFER  # noqa: E402
 
 
 def load_split_images(data_root, split, img_size):
-    refer = REFER(data_root, "toy", "unc")
-    image_ids = sorted({refer.Refs[ref_id]["image_id"] for ref_id in refer.getRefIds(split=split)})
-    transform = ImageMaskTransform(img_size)
-    return torch.stack([transform.image_to_tensor(load_rgb(refer.image_path(refer.Imgs[i])))
-                        for i in image_ids])
+    """Every distinct image of a toy split, as the segmenter's input transform gives it."""
+    dataset = ReferDataset(data_root, "toy", "unc", split, img_size=img_size)
+    return torch.stack([dataset.transform.image_to_tensor(load_rgb(path))
+                        for _, path in dataset.unique_images()])
 
 
 def main():
