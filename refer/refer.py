@@ -118,6 +118,18 @@ def _as_list(value) -> list:
     return [value]
 
 
+def _filter_by_image_and_category(items: list[dict], by_image: dict, image_ids: list,
+                                  cat_ids: list) -> list[dict]:
+    """The refs (or annotations) of the given images (all items when none are given), then those
+    of the given categories (all when none are given)."""
+    if image_ids:
+        items = [item for image_id in image_ids for item in by_image.get(image_id, [])]
+    if cat_ids:
+        wanted_cats = set(cat_ids)
+        items = [item for item in items if item["category_id"] in wanted_cats]
+    return items
+
+
 def split_matches(query: str, ref_split: str) -> bool:
     """Whether a ref stored with split ``ref_split`` belongs to the queried split."""
     if query in ("testA", "testB", "testC"):
@@ -231,13 +243,7 @@ class REFER:
             raise UnknownSplitError(
                 f"unknown split {split!r} for {self.dataset}({self.splitBy}); expected one of "
                 f"{', '.join(QUERY_SPLITS)} (this refs file holds {', '.join(self.splits())})")
-        if image_ids:
-            refs = [ref for image_id in image_ids for ref in self.imgToRefs.get(image_id, [])]
-        else:
-            refs = self.data["refs"]
-        if cat_ids:
-            wanted_cats = set(cat_ids)
-            refs = [ref for ref in refs if ref["category_id"] in wanted_cats]
+        refs = _filter_by_image_and_category(self.data["refs"], self.imgToRefs, image_ids, cat_ids)
         if ref_ids:
             wanted_refs = set(ref_ids)
             refs = [ref for ref in refs if ref["ref_id"] in wanted_refs]
@@ -248,13 +254,7 @@ class REFER:
     def getAnnIds(self, image_ids=[], cat_ids=[], ref_ids=[]) -> list[int]:
         """Ids of annotations matching all given filters (the original ignored ``ref_ids``)."""
         image_ids, cat_ids, ref_ids = _as_list(image_ids), _as_list(cat_ids), _as_list(ref_ids)
-        if image_ids:
-            anns = [ann for image_id in image_ids for ann in self.imgToAnns.get(image_id, [])]
-        else:
-            anns = self.data["annotations"]
-        if cat_ids:
-            wanted_cats = set(cat_ids)
-            anns = [ann for ann in anns if ann["category_id"] in wanted_cats]
+        anns = _filter_by_image_and_category(self.data["annotations"], self.imgToAnns, image_ids, cat_ids)
         if ref_ids:
             wanted_anns = {self.Refs[ref_id]["ann_id"] for ref_id in ref_ids}
             anns = [ann for ann in anns if ann["id"] in wanted_anns]
