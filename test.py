@@ -13,7 +13,9 @@ from utils.args import parse_args
 from utils.checkpoint import (check_compatible, load_checkpoint,
                               model_state_from_checkpoint)
 from utils.dist import cleanup, init_distributed
-from utils.engine import attach_latent_cache, evaluate, resolve_precision
+from engine.evaluation import evaluate
+from engine.latents import attach_latent_cache
+from engine.precision import resolve_precision
 from utils.logging import format_results_table, progress_enabled, run_cli, setup_logging
 from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
 

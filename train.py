@@ -18,8 +18,12 @@ from utils.checkpoint import (best_checkpoint_path, check_compatible,
                               load_checkpoint, model_state_from_checkpoint, rng_state,
                               save_checkpoint, set_rng_state, trainable_state_dict)
 from utils.dist import cleanup, init_distributed
-from utils.engine import (NonFiniteLossError, StopRequest, attach_latent_cache, evaluate,
-                          resolve_precision, train_one_epoch, unwrap)
+from engine.evaluation import evaluate
+from engine.latents import attach_latent_cache
+from engine.precision import resolve_precision
+from engine.signals import StopRequest
+from engine.training import NonFiniteLossError, train_one_epoch
+from utils.dist import unwrap
 from utils.logging import progress_enabled, run_cli, setup_logging
 from utils.optim import build_optimizer, build_scheduler
 

@@ -1,6 +1,6 @@
 """Training-loader throughput (items/s) on a synthetic REFER dataset, per number of workers.
 
-Builds ~COCO-sized JPEGs (640x480 by default) in a temporary folder with tests/refer_fixtures.py,
+Builds ~COCO-sized JPEGs (640x480 by default) in a temporary folder with refer/synthetic.py,
 then times one pass of the training loader (decode, resize, normalise, mask decode, tokens)
 after one warm-up batch, so worker start-up is not counted. The same pass is then timed reading
 latents from a --cache_latents folder instead of images (fp16 (4, S/8, S/8) files as the SD VAE
@@ -10,18 +10,14 @@ gives; their values do not matter here, so no model is run).
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-# Scripts only: make the repository root importable (library code never does this).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from data import ReferDataset, build_loader  # noqa: E402
-from data.latent_cache import LatentCache  # noqa: E402
-from tests.refer_fixtures import make_refer_dataset  # noqa: E402
+from data import ReferDataset, build_loader
+from data.latent_cache import LatentCache
+from refer.synthetic import make_refer_dataset
 
 
 def parse_args(argv=None):

@@ -27,15 +27,13 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
-# Scripts only: make the repository root importable (library code never does this).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from models import create_segmenter  # noqa: E402
-from utils.engine import autocast, training_step  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
+from models import create_segmenter
+from engine.precision import autocast
+from engine.training import training_step
+from utils.optim import build_optimizer
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLAGS = ("channels_last", "compile", "grad_checkpoint", "cached_latents", "fused_adamw")

@@ -6,15 +6,11 @@ Prints forward (evaluation) and forward + backward (training) FLOPs, with images
 latents (the VAE skipped), as counted by torch.utils.flop_counter.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from models import build_model_on_meta  # noqa: E402
+from models import build_model_on_meta
 
 
 def count(model, inputs, masks=None):

@@ -2,7 +2,7 @@
 
 The VAE never trains and the image transform is fixed (resize, scale to [-1, 1], no
 augmentation), so an image's latent is the same in every epoch and every run: it is computed once
-(``utils.engine.fill_latent_cache``) and read back by ``ReferDataset`` instead of the JPEG.
+(``fill_latent_cache``) and read back by ``ReferDataset`` instead of the JPEG.
 
 Layout: ``{root}/{fingerprint}/{img_size}/{key}.npy`` where ``fingerprint`` identifies the VAE
 weights (``models.fingerprint.vae_fingerprint``) and ``key`` is the image file name without its
@@ -10,27 +10,32 @@ extension (``COCO_train2014_000000581857``). RefCOCO, RefCOCO+ and RefCOCOg name
 images alike and so share their latents; a root must not be shared by two image collections that
 reuse file names for different pictures.
 
-Writes go to a temporary file in the same folder, then ``os.replace``: several processes filling
-the cache, or a run killed mid-write, never leave a torn file behind (at worst an orphaned
-``*.tmp*`` file, which is ignored).
+Writes go through ``utils.io.atomic_write`` (a temporary file beside the target, then a rename):
+several processes filling the cache, or a run killed mid-write, never leave a torn file behind (at
+worst an orphaned ``.tmp_*`` file, which is ignored).
 """
 from __future__ import annotations
 
 import os
-import uuid
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils.dist import barrier, rank_and_world_size
+from utils.errors import InputError
+from utils.io import atomic_write
+from utils.logging import get_logger
 
 from .transforms import ImageMaskTransform, load_rgb
 
-__all__ = ["LatentCache", "LatentCacheError", "ImagesToEncode"]
+__all__ = ["LatentCache", "LatentCacheError", "ImagesToEncode", "fill_latent_cache"]
 
 _SUFFIX = ".npy"
 
 
-class LatentCacheError(OSError):
+class LatentCacheError(InputError, OSError):
     """A cache file is missing when it must exist, or cannot be read."""
 
 
@@ -79,16 +84,9 @@ class LatentCache:
         if latent.ndim != 3:
             raise ValueError(f"expected one latent (C, h, w), got shape {tuple(latent.shape)}")
         array = latent.detach().to("cpu", torch.float16).numpy()
-        path = self.path(key)
-        temporary = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        try:
-            with open(temporary, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        # No fsync: a latent lost in a crash is only encoded again.
+        with atomic_write(self.path(key), fsync=False) as handle:
+            np.save(handle, array, allow_pickle=False)
 
     def __len__(self) -> int:
         return sum(name.endswith(_SUFFIX) for name in os.listdir(self.directory))
@@ -111,3 +109,53 @@ class ImagesToEncode(Dataset):
     def __getitem__(self, index: int) -> dict:
         key, path = self.images[index]
         return {"key": key, "image": self.transform.image_to_tensor(load_rgb(path))}
+
+
+@torch.no_grad()
+def fill_latent_cache(encode, dataset, cache, batch_size=8, show_progress=True, workers=0,
+                      pin_memory=False):
+    """Encode every image of ``dataset`` that ``cache`` lacks with ``encode`` (images in [-1, 1],
+    (B, 3, S, S) -> latents), e.g. a model's frozen VAE under the run's autocast.
+
+    Collective: every rank calls it. All ranks list the missing images first (a barrier keeps
+    any rank from writing before the others have looked), rank r encodes every world-th of them,
+    and a second barrier waits for all. A rank then encodes whatever is still missing itself (the
+    cache folder is not shared between nodes), so on return this rank sees a complete cache.
+    Images go through the dataset's own transform.
+
+    Returns the number of images this process encoded.
+    """
+    if cache.img_size != dataset.img_size:
+        raise ValueError(f"latent cache of {cache.img_size}px images for a dataset of "
+                         f"img_size={dataset.img_size}")
+    images = dataset.unique_images()
+    missing = [(key, path) for key, path in images if not cache.has(key)]
+    barrier()
+    rank, world = rank_and_world_size()
+    if missing:
+        get_logger().info(f"latent cache {cache.directory}: encoding {len(missing)} of "
+                          f"{len(images)} images of {dataset.split} over {world} process(es)")
+    encoded = _encode_into_cache(encode, missing[rank::world], cache, batch_size, show_progress,
+                                 workers, pin_memory)
+    barrier()
+    left = [(key, path) for key, path in missing if not cache.has(key)]
+    if left:
+        get_logger().warning(f"{len(left)} latents written by other processes are not visible "
+                             f"in {cache.directory} (a folder per node?): encoding them here")
+        encoded += _encode_into_cache(encode, left, cache, batch_size, show_progress, workers,
+                                      pin_memory)
+    return encoded
+
+
+def _encode_into_cache(encode, images, cache, batch_size, show_progress, workers, pin_memory):
+    if not images:
+        return 0
+    loader = DataLoader(ImagesToEncode(images, cache.img_size), batch_size=batch_size,
+                        num_workers=workers, pin_memory=pin_memory,
+                        generator=torch.Generator())  # leaves the global RNG stream alone
+    for batch in tqdm(loader, desc="caching latents", disable=not show_progress,
+                      dynamic_ncols=True):
+        latents = encode(batch["image"])
+        for key, latent in zip(batch["key"], latents.float().cpu()):
+            cache.put(key, latent)
+    return len(images)

@@ -12,8 +12,9 @@ import os
 import signal
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from utils.dist import is_distributed, rank_and_world_size
 
 from .refer_dataset import ReferDataset
 
@@ -42,10 +43,9 @@ class ShardedEvalSampler(Sampler[int]):
                  rank: int | None = None):
         self.length = (dataset_or_length if isinstance(dataset_or_length, int)
                        else len(dataset_or_length))
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_initialized() else 0
+        default_rank, default_world = rank_and_world_size()
+        num_replicas = default_world if num_replicas is None else num_replicas
+        rank = default_rank if rank is None else rank
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank={rank} is outside [0, num_replicas={num_replicas})")
         self.num_replicas = num_replicas
@@ -68,10 +68,9 @@ class ResumableTrainSampler(DistributedSampler):
 
     def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0,
                  drop_last=False):
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_initialized() else 0
+        default_rank, default_world = rank_and_world_size()
+        num_replicas = default_world if num_replicas is None else num_replicas
+        rank = default_rank if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                          seed=seed, drop_last=drop_last)
         self.skip_samples = 0
@@ -142,22 +141,20 @@ def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: b
     if eval_mode is None:
         eval_mode = getattr(dataset, "eval_mode", False)
     if distributed is None:
-        distributed = dist.is_initialized()
-    elif distributed and not dist.is_initialized():
+        distributed = is_distributed()
+    elif distributed and not is_distributed():
         raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be "
                            "initialised first (init_process_group)")
     if eval_mode and drop_last:
         raise ValueError("drop_last=True would leave sentences unscored in evaluation; "
                          "expected drop_last=False with eval_mode=True")
-    rank = dist.get_rank() if distributed else 0
+    rank, world_size = rank_and_world_size() if distributed else (0, 1)
 
     if eval_mode:
-        sampler = ShardedEvalSampler(dataset, num_replicas=None if distributed else 1,
-                                     rank=None if distributed else 0)
+        sampler = ShardedEvalSampler(dataset, num_replicas=world_size, rank=rank)
     else:
-        sampler = ResumableTrainSampler(dataset, num_replicas=None if distributed else 1,
-                                        rank=None if distributed else 0, shuffle=shuffle,
-                                        seed=seed, drop_last=drop_last)
+        sampler = ResumableTrainSampler(dataset, num_replicas=world_size, rank=rank,
+                                        shuffle=shuffle, seed=seed, drop_last=drop_last)
 
     # Distinct per rank so that ranks do not draw identical sentence streams.
     generator = torch.Generator()

@@ -28,7 +28,6 @@ def test_kill_during_write_keeps_old_checkpoint(tmp_path):
     # A child process is SIGKILLed right after the new bytes are written, before the rename.
     child = textwrap.dedent(f"""
         import os, signal, sys, torch
-        sys.path.insert(0, {REPO_ROOT!r})
         from utils import checkpoint
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
         checkpoint.save_checkpoint({{"model": {{"w": torch.ones(1000, 1000)}}, "epoch": 2}},

@@ -1,4 +1,4 @@
-"""ReferDataset, transforms and loaders on synthetic REFER data (tests/refer_fixtures.py)."""
+"""ReferDataset, transforms and loaders on synthetic REFER data (refer/synthetic.py)."""
 import os
 import pickle
 import re
@@ -13,7 +13,7 @@ from data import (CLIPTokenizer, EmptySentenceError, ImageFileNotFoundError, Ima
                   ImageReadError, ReferDataset, ShardedEvalSampler, build_dataset, build_loader,
                   collate_eval, load_rgb)
 from refer import EmptySplitError, UnknownSplitError
-from tests.refer_fixtures import make_refer_dataset
+from refer.synthetic import make_refer_dataset
 
 SIZE, LENGTH = 32, 24
 
@@ -38,7 +38,7 @@ def _dataset(info, split="train", eval_mode=False, **kwargs):
 
 def _expected_mask(info, ref_id, size=SIZE):
     """The ref's mask resized with PIL nearest, from the fixture's own ground truth."""
-    from tests.refer_fixtures import rasterise_polygons
+    from refer.synthetic import rasterise_polygons
     image = info.images[info.refs[ref_id]["image_id"]]
     if ref_id in info.rle_masks:
         mask = info.rle_masks[ref_id]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from utils.engine import NonFiniteLossError, StopRequest, train_one_epoch
+from engine.signals import StopRequest
+from engine.training import NonFiniteLossError, train_one_epoch
 from utils.optim import build_optimizer, build_scheduler, parameter_groups, poly_lr_lambda
 
 

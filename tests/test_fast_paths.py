@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-import utils.engine as engine
 from data import build_loader, collate_eval
-from data.latent_cache import LatentCache, LatentCacheError
+import data.latent_cache as latent_cache
+from data.latent_cache import LatentCache, LatentCacheError, fill_latent_cache
+from engine.training import model_inputs
 from data.refer_dataset import ReferDataset
 from models import create_segmenter
 from models.fingerprint import vae_fingerprint
 from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
-from tests.refer_fixtures import make_refer_dataset
+from refer.synthetic import make_refer_dataset
 
 TOKEN_LENGTH = 12  # the fixture's sentences have at most 10 tokens
 SIZE = 64  # tiny VAE: latents at SIZE / 4
@@ -204,8 +205,7 @@ def test_dataset_reads_latents_without_opening_images(refer_data, tmp_path):
     uncached = [train_set[index] for index in range(len(train_set))]
     cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
     for dataset in (train_set, val_set):
-        engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=2,
-                                 show_progress=False)
+        fill_latent_cache(model.encode_images, dataset, cache, batch_size=2, show_progress=False)
         dataset.use_latent_cache(cache)
     shutil.rmtree(refer_data.image_dir)  # from now on an image read would fail
 
@@ -221,13 +221,13 @@ def test_dataset_reads_latents_without_opening_images(refer_data, tmp_path):
 
     batch = next(iter(build_loader(train_set, batch_size=3, workers=0, shuffle=True)))
     assert "image" not in batch and batch["latents"].shape == (3, 4, SIZE // 4, SIZE // 4)
-    inputs = engine.model_inputs(batch, CPU)
+    inputs = model_inputs(batch, CPU)
     assert "latents" in inputs and "images" not in inputs
 
     eval_batch = next(iter(build_loader(val_set, batch_size=2, workers=0, eval_mode=True)))
     assert eval_batch["latents"].shape == (2, 4, SIZE // 4, SIZE // 4)
     with torch.no_grad():
-        logits = model(**engine.model_inputs(eval_batch, CPU))
+        logits = model(**model_inputs(eval_batch, CPU))
     assert logits.shape == (len(eval_batch["sent_ids"]), 2, SIZE, SIZE)
 
     # Without the cache the images are needed again, and their absence is reported.
@@ -258,13 +258,13 @@ def test_fill_latent_cache_encodes_exactly_the_missing_images(refer_data, tmp_pa
     written = []
     put = cache.put
     monkeypatch.setattr(cache, "put", lambda key, latent: (written.append(key), put(key, latent)))
-    assert engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=2,
-                                    show_progress=False) == 2
+    assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
+                             show_progress=False) == 2
     assert written == [keys[0], keys[2]]
     assert torch.equal(cache.get(keys[1]), sentinel.half())  # an existing latent is kept
     assert all(cache.has(key) for key in keys)
-    assert engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=2,
-                                    show_progress=False) == 0
+    assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
+                             show_progress=False) == 0
     assert written == [keys[0], keys[2]]
 
 
@@ -276,15 +276,13 @@ def test_fill_latent_cache_shards_over_ranks(refer_data, tmp_path, monkeypatch):
     keys = [key for key, _ in dataset.unique_images()]
     cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
     barriers = []
-    monkeypatch.setattr(engine, "is_distributed", lambda: True)
-    monkeypatch.setattr(engine, "barrier", lambda: barriers.append(len(written)))
-    monkeypatch.setattr(engine.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(engine.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(latent_cache, "barrier", lambda: barriers.append(len(written)))
+    monkeypatch.setattr(latent_cache, "rank_and_world_size", lambda: (0, 2))
     written = []
     put = cache.put
     monkeypatch.setattr(cache, "put", lambda key, latent: (written.append(key), put(key, latent)))
-    assert engine.fill_latent_cache(model, dataset, cache, CPU, torch.float32, batch_size=1,
-                                    show_progress=False) == 3
+    assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=1,
+                             show_progress=False) == 3
     # Listed before any write, then rank 0's shard (keys 0 and 2), then the top-up (key 1).
     assert barriers == [0, 2] and written == [keys[0], keys[2], keys[1]]
 

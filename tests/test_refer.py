@@ -1,4 +1,4 @@
-"""REFER API against synthetic data whose answers are known (tests/refer_fixtures.py)."""
+"""REFER API against synthetic data whose answers are known (refer/synthetic.py)."""
 import os
 import pickle
 
@@ -7,7 +7,7 @@ import pytest
 
 from refer import (DATASETS, REFER, EmptySplitError, ReferFileNotFoundError, ReferValueError,
                    UnknownSplitError, segmentation_to_mask)
-from tests.refer_fixtures import make_refer_dataset, polygon_outline, rasterise_polygons
+from refer.synthetic import make_refer_dataset, polygon_outline, rasterise_polygons
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from data.loaders import build_loader, set_loader_epoch
 from data.refer_dataset import ReferDataset
 from data.toy import ensure_toy_dataset
 from models import create_segmenter
-from utils.engine import evaluate, train_one_epoch
+from engine.evaluation import evaluate
+from engine.training import train_one_epoch
 from utils.optim import build_optimizer, build_scheduler
 
 IMG_SIZE, TOKEN_LENGTH = 32, 16

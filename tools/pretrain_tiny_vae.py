@@ -14,19 +14,15 @@ Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents n
 (the segmenter reads the posterior mode unscaled, like VPD).
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.refer_dataset import ReferDataset  # noqa: E402
-from data.toy import ensure_toy_dataset  # noqa: E402
-from data.transforms import load_rgb  # noqa: E402
-from models.presets import TINY_VAE_DIR, random_tiny_vae  # noqa: E402
+from data.refer_dataset import ReferDataset
+from data.toy import ensure_toy_dataset
+from data.transforms import load_rgb
+from models.presets import TINY_VAE_DIR, random_tiny_vae
 
 
 def load_split_images(data_root, split, img_size):

@@ -2,13 +2,19 @@
 import argparse
 import os
 import random
-import tempfile
 
 import torch
 
+from .errors import InputError
+from .io import atomic_write
 
-class CheckpointError(ValueError):
+
+class CheckpointError(InputError, ValueError):
     """A file that is not one of our checkpoints, or does not fit the model."""
+
+
+class CheckpointWriteError(InputError, OSError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous file is intact."""
 
 
 def last_checkpoint_path(output_dir, model_id):
@@ -20,29 +26,43 @@ def best_checkpoint_path(output_dir, model_id):
 
 
 def save_checkpoint(state, path):
-    """Write `state` to `path` so that a kill at any moment leaves either the old or the new file.
+    """Write `state` to `path` so that a kill at any moment leaves either the old or the new file
+    (`utils.io.atomic_write`: temporary file, fsync, atomic rename, fsync of the folder).
 
-    The bytes go to a temporary file in the same folder, are fsynced, and replace `path` with an
-    atomic rename; the folder is fsynced so the rename itself survives a crash.
+    An OS error (a full disk, a read-only folder) raises CheckpointWriteError naming the path;
+    the previous file at `path`, if any, is left intact.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
+    writer = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with atomic_write(path) as handle:
+            writer = _WriteErrorRecorder(handle)
+            torch.save(state, writer)
+    except (OSError, RuntimeError) as error:
+        # torch.save's C++ writer turns an OSError of the file (full disk, file too large) into a
+        # RuntimeError about stream positions; the recorder kept the OSError itself.
+        cause = writer.error if writer is not None and writer.error is not None else error
+        if not isinstance(cause, OSError):
+            raise
+        reason = cause.strerror or str(cause)
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason}; the previous "
+                                   f"file there, if any, is intact") from error
+
+
+class _WriteErrorRecorder:
+    """A file proxy for torch.save that remembers the OSError a write raised."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.handle.flush()
 
 
 def load_checkpoint(path):

@@ -76,13 +76,17 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def all_gather_objects(obj):
-    """A list with every process's `obj` (a one-element list when single-process)."""
-    if not is_distributed():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+def rank_and_world_size():
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(model):
+    """The bare model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def cleanup():

@@ -1,0 +1,28 @@
+"""--cache_latents: the frozen VAE's latents encoded once per image, then read instead of images."""
+import torch
+
+from data.latent_cache import LatentCache, fill_latent_cache
+from models.fingerprint import vae_fingerprint
+from utils.dist import unwrap
+
+from .precision import autocast
+
+
+def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, show_progress,
+                        workers=0):
+    """Fill the cache for every image of `datasets` (once, on first use) with the model's VAE under
+    `dtype` autocast, as on the uncached path, then have the datasets serve latents instead of
+    images. Collective: every rank calls it."""
+    segmenter = unwrap(model)
+    cache = LatentCache(cache_dir, vae_fingerprint(segmenter.backbone.vae), datasets[0].img_size)
+
+    @torch.no_grad()
+    def encode(images):
+        with autocast(device, dtype):
+            return segmenter.encode_images(images.to(device, non_blocking=True))
+
+    for dataset in datasets:
+        fill_latent_cache(encode, dataset, cache, batch_size, show_progress, workers=workers,
+                          pin_memory=device.type == "cuda")
+        dataset.use_latent_cache(cache)
+    return cache

@@ -1,0 +1,32 @@
+"""Stop requests: SIGTERM / SIGINT become a flag that the loops check at safe points."""
+import signal
+
+import torch
+
+from utils.dist import all_reduce_sum, is_distributed
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT (a scheduler's pre-emption, Ctrl-C) into a flag checked between steps,
+    so the loop can save a checkpoint and exit cleanly instead of dying mid-write."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device):
+        """True on every process once any of them was signalled, so all stop at the same step
+        (a rank leaving the loop alone would leave the others waiting in DDP's all-reduce)."""
+        if not is_distributed():
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        return bool(all_reduce_sum(flag).item())

@@ -1,0 +1,97 @@
+"""One training step and one training epoch (shared by train.py and the benchmarks)."""
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from utils.dist import unwrap
+from utils.logging import get_logger
+
+from .precision import autocast
+
+
+def model_inputs(batch, device):
+    """The segmenter's keyword arguments for a batch: images, or cached latents when present."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+              "attention_mask": batch["attention_mask"].to(device, non_blocking=True)}
+    if "latents" in batch:
+        inputs["latents"] = batch["latents"].to(device, non_blocking=True)
+    else:
+        inputs["images"] = batch["image"].to(device, non_blocking=True)
+    if "image_index" in batch:
+        inputs["image_index"] = batch["image_index"].to(device, non_blocking=True)
+    return inputs
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
+    """Forward under autocast, the segmenter's loss in fp32, backward, optimizer step.
+
+    `scaler` is a GradScaler for fp16 (None otherwise). Returns the loss tensor.
+    """
+    with autocast(device, dtype):
+        logits = model(**inputs)
+    loss = unwrap(model).loss(logits.float(), masks)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
+                    start_iteration=0, stop=None, show_progress=True, log_interval=60.0):
+    """One pass over `loader` (which already skips the first `start_iteration` batches).
+
+    Without a progress bar (a log file, not a terminal) a progress line is logged every
+    `log_interval` seconds instead.
+
+    Returns a dict: mean loss, last lr, images seen, seconds, iterations done in this epoch
+    (counting the skipped ones), and whether a stop was requested.
+    """
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    num_images = 0
+    iteration = start_iteration
+    start_time = last_log_time = time.perf_counter()
+    total = start_iteration + len(loader)
+    progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
+                    initial=start_iteration, total=total)
+    for batch in progress:
+        masks = batch["mask"].to(device, non_blocking=True)
+        loss = training_step(model, model_inputs(batch, device), masks, optimizer, device, dtype,
+                             scaler)
+        scheduler.step()
+
+        loss_value = loss.item()  # one sync per step: cheap next to the step, and names the step
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss became {loss_value} at epoch {epoch}, iteration "
+                                     f"{iteration} (global step {scheduler.last_epoch}); the last "
+                                     f"good checkpoint was kept")
+        loss_sum += loss_value
+        num_images += masks.shape[0]
+        iteration += 1
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if not show_progress and time.perf_counter() - last_log_time > log_interval:
+            last_log_time = time.perf_counter()
+            get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
+                              f"{loss_value:.4f} | {(last_log_time - start_time) / steps_done(iteration, start_iteration):.2f} s/it")
+        if stop is not None and stop.agreed(device):
+            break
+    progress.close()
+    steps = steps_done(iteration, start_iteration)
+    return {"loss": loss_sum.item() / steps, "lr": scheduler.get_last_lr()[0],
+            "images": num_images, "seconds": time.perf_counter() - start_time,
+            "iterations": iteration, "stopped": iteration < total}
+
+
+def steps_done(iteration, start_iteration):
+    return max(iteration - start_iteration, 1)
