@@ -3,63 +3,43 @@
     python demo.py --checkpoint checkpoints/model_best_toy.pth --image scene.jpg \\
         --text "the red circle" --text "the smaller of the two blue shapes" --out overlay.png
 
-The model preset, token length and image size are read from the checkpoint unless given as
-flags; the vpd preset also needs --sd_path (the frozen VAE and CLIP are not in our checkpoints).
+A thin command line over the inference API (engine/inference.py): the model's preset, token length
+and image size come from the checkpoint (or model folder); the vpd preset also needs the Stable
+Diffusion weights its frozen VAE and CLIP come from (--sd_path, or the path the checkpoint records).
 """
-import torch
-import torch.nn.functional as F
+import os
 
-from data.tokenizer import CLIPTokenizer
-from data.transforms import ImageMaskTransform, load_rgb
-from models import build_model, load_segmenter_state
-from utils.args import get_parser, resolve_defaults
-from utils.checkpoint import load_checkpoint, model_state_from_checkpoint
+from PIL import Image
+
+from engine.args import parse_args, reconcile_model_config
+from engine.inference import ReferringSegmenter, to_rgb_image
+from models.pretrained import build_from_source, read_model_source
+from utils.errors import InputError
 from utils.logging import run_cli
-from utils.visualize import PALETTE, draw_caption, overlay_masks
-
-# Flags a checkpoint remembers from its training run and that the demo must match.
-FLAGS_FROM_CHECKPOINT = ("model", "token_length", "img_size")
-
-
-@torch.no_grad()
-def predict_masks(model, image, sentences, img_size, token_length, device):
-    """(H, W) bool masks at the image's own size, one per sentence."""
-    pixels = ImageMaskTransform(img_size).image_to_tensor(image)
-    tokenizer = CLIPTokenizer(token_length)
-    input_ids, attention_mask = map(torch.stack, zip(*(tokenizer(text) for text in sentences)))
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   images=pixels[None].to(device),
-                   image_index=torch.zeros(len(sentences), dtype=torch.long, device=device))
-    # Back to the original resolution: upsample the logits, not the argmax mask.
-    logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear",
-                           align_corners=False)
-    return [mask.cpu().numpy() for mask in logits.argmax(dim=1).bool()]
 
 
 def main(argv=None):
-    args = get_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not (args.checkpoint and args.image and args.text):
-        raise SystemExit("demo.py needs --checkpoint, --image and at least one --text")
-    state = load_checkpoint(args.checkpoint)
-    trained_with = state.get("args") or {}
-    for flag in FLAGS_FROM_CHECKPOINT:
-        if getattr(args, flag) is None and trained_with.get(flag) is not None:
-            setattr(args, flag, trained_with[flag])
-    if args.sd_path is None and args.model == "tiny":
-        args.sd_path = trained_with.get("sd_path")
-    resolve_defaults(args)
+    args = parse_args("demo", argv, description=__doc__.splitlines()[0])
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--image", args.image),
+                                        ("--text", args.text)) if not value]
+    if missing:
+        raise InputError(f"demo.py needs {', '.join(missing)} (see demo.py --help)")
+    if os.path.isdir(args.image):
+        raise InputError(f"--image {args.image} is a folder; expected an image file")
+    extension = os.path.splitext(args.out)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise InputError(f"--out {args.out}: unknown image extension {extension or '(none)'}; use "
+                         f".png or .jpg")
+    image = to_rgb_image(args.image)  # a bad image fails before the model is loaded
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(args)
-    load_segmenter_state(model, model_state_from_checkpoint(state, args.checkpoint))
-    model.to(device).eval()
-
-    image = load_rgb(args.image)
-    masks = predict_masks(model, image, args.text, args.img_size, args.token_length, device)
-    overlay = overlay_masks(image, masks)
-    lines = [f'{text}  ({mask.mean() * 100:.1f}% of the image)' for text, mask in zip(args.text, masks)]
-    draw_caption(overlay, lines, colours=PALETTE).save(args.out)
-    print(f"wrote {args.out}: " + "; ".join(lines))
+    source = read_model_source(args.checkpoint)
+    model, _ = build_from_source(source, reconcile_model_config(source.config, args, args.checkpoint))
+    segmenter = ReferringSegmenter(model, device=args.device, precision=args.precision)
+    masks = segmenter(image, args.text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    segmenter.overlay(image, masks, args.text).save(args.out)
+    print(f"wrote {args.out}: " + "; ".join(f"{text} ({mask.mean() * 100:.1f}% of the image)"
+                                            for text, mask in zip(args.text, masks)))
     return 0
 
 

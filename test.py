@@ -1,21 +1,22 @@
-"""Evaluate a checkpoint (ours or VPD's released) on one or all splits and print the results table.
+"""Evaluate a model (a checkpoint, ours or VPD's released one, or a model folder) on one or all
+held-out splits and print the results table.
 
-Every sentence of every ref is evaluated; with several processes (test.sh DATASET CKPT, NPROC
-set) the refs are sharded and the counts reduced, so the numbers do not depend on NPROC.
+The model's preset, token length and image size come from the checkpoint. Every sentence of every
+ref is evaluated; with several processes (NPROC=4 bash test.sh DATASET CKPT) the refs are sharded
+and the counts reduced, so the numbers do not depend on NPROC.
 """
 import json
 import os
 
 from data.loaders import build_dataset, build_loader
-from models import build_model, load_segmenter_state
-from refer.refer import evaluation_splits
-from utils.args import parse_args
-from utils.checkpoint import (check_compatible, load_checkpoint,
-                              model_state_from_checkpoint)
-from utils.dist import cleanup, init_distributed
+from engine.args import parse_args, reconcile_model_config
 from engine.evaluation import evaluate
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
+from models.pretrained import build_from_source, read_model_source
+from refer.refer import evaluation_splits
+from utils.dist import cleanup, init_distributed
+from utils.errors import InputError
 from utils.logging import format_results_table, progress_enabled, run_cli, setup_logging
 from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
 
@@ -44,19 +45,21 @@ class PredictionWriter:
 
 
 def main(argv=None):
-    args = parse_args(argv, description=__doc__.splitlines()[0])
+    args = parse_args("test", argv, description=__doc__.splitlines()[0])
     if not args.checkpoint:
-        raise SystemExit("test.py needs --checkpoint PATH (test.sh passes its second argument)")
-    dist_info = init_distributed(args.dist_backend)
+        raise InputError("test.py needs the model to evaluate: --checkpoint PATH (or --resume "
+                         "PATH as in VPD's test.sh); test.sh passes its second argument")
+    dist_info = init_distributed(args.dist_backend, args.device, args.local_rank)
     logger = setup_logging(dist_info.is_main)
     device = dist_info.device
     dtype = resolve_precision(args.precision, device)
 
-    model = build_model(args)
-    state = load_checkpoint(args.checkpoint)
-    check_compatible(state, args, args.checkpoint)
-    report = load_segmenter_state(model, model_state_from_checkpoint(state, args.checkpoint))
-    logger.info(f"loaded {args.checkpoint}: {report}")
+    source = read_model_source(args.checkpoint)
+    config = reconcile_model_config(source.config, args, args.checkpoint)
+    model, report = build_from_source(source, config)
+    del source
+    logger.info(f"loaded {args.checkpoint}: {config.preset}, {config.token_length} tokens, "
+                f"{config.img_size} px; {report}")
     model.to(device).eval()
 
     splits = evaluation_splits(args.dataset, args.splitBy) if args.split == "all" else [args.split]
@@ -67,9 +70,12 @@ def main(argv=None):
     use_cache = bool(args.cache_latents) and not args.vis_dir
     if args.cache_latents and args.vis_dir:
         logger.info("--vis_dir draws the images: --cache_latents is not used")
+    if use_cache and config.img_size % model.vae_scale_factor:
+        raise InputError(f"--cache_latents needs the model's image size to be a multiple of the "
+                         f"VAE's downsampling factor {model.vae_scale_factor}; it is {config.img_size}")
     results_by_split = {}
     for split in splits:
-        dataset = build_dataset(args, split, eval_mode=True)
+        dataset = build_dataset(args, split, config, eval_mode=True)
         if args.swap_text:
             swapped = dataset.swap_text_within_images()
             logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
@@ -78,11 +84,11 @@ def main(argv=None):
             attach_latent_cache(model, [dataset], args.cache_latents, device, dtype,
                                 args.eval_batch_size, show_progress, workers=args.workers)
         loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
-                              seed=args.seed, drop_last=False, eval_mode=True)
+                              drop_last=False, eval_mode=True, pin_memory=args.pin_mem)
         results_by_split[split] = evaluate(model, loader, device, dtype, on_predictions=writer,
                                            show_progress=show_progress, desc=split)
     if dist_info.is_main:
-        title = f"{args.dataset} ({args.splitBy}), {os.path.basename(args.checkpoint)}"
+        title = f"{args.dataset} ({args.splitBy}), {os.path.basename(os.path.normpath(args.checkpoint))}"
         if args.swap_text:
             title += ", sentences swapped between objects of the same image (--swap_text)"
         print(f"\n{title}\n{format_results_table(results_by_split)}\n", flush=True)
@@ -90,8 +96,8 @@ def main(argv=None):
             os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
             with open(args.results_json, "w") as handle:
                 json.dump({"dataset": args.dataset, "splitBy": args.splitBy,
-                           "checkpoint": args.checkpoint, "results": results_by_split},
-                          handle, indent=2)
+                           "checkpoint": args.checkpoint, "config": config.to_dict(),
+                           "results": results_by_split}, handle, indent=2)
     cleanup()
     return 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Evaluate CHECKPOINT on DATASET and print the results table.
+# Evaluate CHECKPOINT (a training checkpoint, ours or VPD's, or a model folder) on DATASET and print
+# the results table. The model's settings come from the checkpoint.
 #   bash test.sh DATASET CHECKPOINT [test.py flags...]
-# e.g. bash test.sh refcoco ./checkpoints/model_best_refcoco.pth --token_length 40 --split all
+# e.g. bash test.sh refcoco ./checkpoints/model_best_refcoco.pth --split all
 # NPROC=4 bash test.sh ... shards the refs over 4 processes (GPUs, or CPU processes); the
 # numbers are the same whatever NPROC.
 set -euo pipefail
@@ -13,11 +14,10 @@ DATASET=$1; CHECKPOINT=$2; shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-1}
-if [ -t 2 ]; then export RIS_PROGRESS=1; fi
 if [ "$NPROC" -eq 1 ]; then
     exec "$PYTHON" "$HERE/test.py" --dataset "$DATASET" --checkpoint "$CHECKPOINT" "$@"
 fi
 MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "import socket; s=socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" \
+exec "$PYTHON" -m engine.launch --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" \
     "$HERE/test.py" --dataset "$DATASET" --checkpoint "$CHECKPOINT" "$@"

@@ -2,7 +2,8 @@
 
 After every epoch the val split is evaluated (all sentences, sharded over the processes);
 `checkpoint_last_{model_id}.pth` is written every epoch and `model_best_{model_id}.pth` whenever
-val oIoU improves. Rerunning the same command resumes from the last checkpoint.
+val oIoU improves. Rerunning the same command resumes from the last checkpoint; SIGTERM or Ctrl-C
+at any moment ends the run cleanly (mid-epoch: with a checkpoint of that very batch).
 """
 import os
 import random
@@ -11,21 +12,27 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.loaders import build_dataset, build_loader, set_loader_epoch
-from models import build_model, load_segmenter_state
-from utils.args import parse_args
-from utils.checkpoint import (best_checkpoint_path, check_compatible,
-                              last_checkpoint_path,
-                              load_checkpoint, model_state_from_checkpoint, rng_state,
-                              save_checkpoint, set_rng_state, trainable_state_dict)
-from utils.dist import cleanup, init_distributed
+from engine.args import IGNORED_FLAG_NAMES, model_config, parse_args
+from engine.checkpointing import (build_checkpoint, check_resumable, find_resume_state,
+                                  new_run_id)
 from engine.evaluation import evaluate
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
 from engine.signals import StopRequest
 from engine.training import NonFiniteLossError, train_one_epoch
-from utils.dist import unwrap
-from utils.logging import progress_enabled, run_cli, setup_logging
+from models import build_model, load_segmenter_state
+from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
+                              model_state_from_checkpoint, save_checkpoint, set_rng_state)
+from utils.dist import all_gather_objects, cleanup, init_distributed
+from utils.errors import InputError
+from utils.io import remove_stale_temporaries
+from utils.lock import OutputLock, OutputLockedError
+from utils.logging import get_logger, progress_enabled, run_cli, setup_logging
 from utils.optim import build_optimizer, build_scheduler
+
+
+class StoppedDuringSetup(Exception):
+    """A stop request arrived before training started: nothing to save."""
 
 
 def seed_everything(seed):
@@ -33,138 +40,183 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def frozen_prefixes_to_drop(model, args):
-    """Frozen pretrained parts come back from --sd_path, so checkpoints leave them out; a model
-    with no weights path (the random tiny preset) has nowhere to reload them from, so keeps them."""
-    return tuple(model.frozen_module_names) if args.sd_path else ()
-
-
-def build_checkpoint(model, optimizer, scheduler, scaler, args, epoch, iteration, best):
-    segmenter = unwrap(model)
-    return {
-        "model": trainable_state_dict(segmenter, frozen_prefixes_to_drop(segmenter, args)),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,          # the epoch to run next
-        "iteration": iteration,  # steps of `epoch` already done (non-zero after a SIGTERM)
-        "best_oIoU": best["oIoU"],
-        "best_epoch": best["epoch"],
-        "args": vars(args),
-        "rng": rng_state(),
-    }
+def acquire_output_lock(args, dist_info):
+    """Rank 0 takes the output folder's lock (and so checks it is writable); every rank learns
+    the outcome, so a refused run stops on all of them at once."""
+    lock, refusal = None, None
+    if dist_info.is_main:
+        try:
+            lock = OutputLock(args.output_dir, args.model_id).acquire()
+        except InputError as error:
+            refusal = (type(error), str(error))
+    outcome = all_gather_objects(refusal)[0]
+    if outcome is not None:
+        error_type, message = outcome
+        raise (error_type if issubclass(error_type, InputError) else OutputLockedError)(message)
+    return lock
 
 
 def main(argv=None):
-    args = parse_args(argv, description=__doc__.splitlines()[0])
-    dist_info = init_distributed(args.dist_backend)
-    logger = setup_logging(dist_info.is_main)
+    stop = StopRequest().install()  # first: a stop at any moment of set-up ends the run cleanly
+    args = parse_args("train", argv, description=__doc__.splitlines()[0])
+    config = model_config(args)
+    dist_info = init_distributed(args.dist_backend, args.device, args.local_rank)
+    lock = acquire_output_lock(args, dist_info)
+    try:
+        return train(args, config, dist_info, stop)
+    except StoppedDuringSetup:
+        get_logger().info(
+            f"{stop.signal_name}: stopped during set-up, before training started; nothing to save")
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
+        cleanup()
+
+
+def train(args, config, dist_info, stop):
+    log_dir = args.log_dir or os.path.join(args.output_dir, "logs", args.model_id)
+    logger = setup_logging(dist_info.is_main, log_file=os.path.join(log_dir, "log.txt"))
     device = dist_info.device
     dtype = resolve_precision(args.precision, device)
-    logger.info("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    logger.info(f"{dist_info.world_size} process(es) on {device.type}, precision {dtype}")
+    eval_dtype = resolve_precision(args.eval_precision, device)
+    last_path = last_checkpoint_path(args.output_dir, args.model_id)
+    best_path = best_checkpoint_path(args.output_dir, args.model_id)
+    if dist_info.is_main:  # under the lock, temporaries of our checkpoint names are stale ones
+        for path in remove_stale_temporaries(args.output_dir, [os.path.basename(last_path),
+                                                               os.path.basename(best_path)]):
+            logger.info(f"removed {path}, left by a run killed while saving")
+    logger.info("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
+                                         if not (k in IGNORED_FLAG_NAMES and v in (None, False))))
+    logger.info(f"{dist_info.world_size} process(es) on {device.type}, training precision {dtype}, "
+                f"validation precision {eval_dtype}")
 
-    # Every rank builds the same initial weights from the seed; data order differs per rank.
+    def check_stop():
+        if stop.agreed(device):
+            raise StoppedDuringSetup
+
+    # 1. Model: every rank builds the same initial weights; data order differs per rank.
     seed_everything(args.seed)
-    model = build_model(args).to(device)
+    model = build_model(config).to(device)
+    if args.grad_checkpoint:
+        model.backbone.enable_gradient_checkpointing()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist_info.distributed and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     seed_everything(args.seed + dist_info.rank)
+    check_stop()
 
-    train_set = build_dataset(args, "train", eval_mode=False)
-    val_set = build_dataset(args, args.split, eval_mode=True)
+    # 2. Data.
+    train_set = build_dataset(args, "train", config, eval_mode=False)
+    val_set = build_dataset(args, args.split, config, eval_mode=True)
     show_progress = progress_enabled(dist_info.is_main)
     if args.cache_latents:  # encode each image once; the datasets then read latents, not images
+        if config.img_size % model.vae_scale_factor:
+            raise InputError(f"--cache_latents needs --img_size to be a multiple of the VAE's "
+                             f"downsampling factor {model.vae_scale_factor}; got {config.img_size}")
         attach_latent_cache(model, [train_set, val_set], args.cache_latents, device, dtype,
-                            args.eval_batch_size, show_progress, workers=args.workers)
+                            args.eval_batch_size, show_progress, workers=args.workers,
+                            should_stop=lambda: stop.requested)
+    check_stop()
     train_loader = build_loader(train_set, args.batch_size, args.workers, shuffle=True,
-                                seed=args.seed, drop_last=True, eval_mode=False)
+                                seed=args.seed, drop_last=True, eval_mode=False,
+                                pin_memory=args.pin_mem)
     val_loader = build_loader(val_set, args.eval_batch_size, args.workers, shuffle=False,
-                              seed=args.seed, drop_last=False, eval_mode=True)
+                              seed=args.seed, drop_last=False, eval_mode=True,
+                              pin_memory=args.pin_mem)
     iterations_per_epoch = len(train_loader)
     if iterations_per_epoch == 0:
-        raise SystemExit(f"the train split has {len(train_set)} refs, fewer than one batch of "
+        raise InputError(f"the train split has {len(train_set)} refs, fewer than one batch of "
                          f"{args.batch_size} x {dist_info.world_size} processes")
 
-    optimizer = build_optimizer(model, args.lr, args.wd, args.unet_lr_scale)
+    # 3. Optimisation, and where to start from.
+    optimizer = build_optimizer(model, args.lr, args.wd, args.unet_lr_scale, amsgrad=args.amsgrad)
     scheduler = build_scheduler(optimizer, args.epochs * iterations_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
+    schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                "processes": dist_info.world_size, "iterations_per_epoch": iterations_per_epoch}
     start_epoch, start_iteration = 0, 0
-    best = {"oIoU": -1.0, "epoch": -1}
-    last_path = last_checkpoint_path(args.output_dir, args.model_id)
-    resume_path = args.resume or (last_path if os.path.isfile(last_path)
-                                  and not args.no_auto_resume else "")
-    if resume_path:
-        state = load_checkpoint(resume_path)
-        check_compatible(state, args, resume_path, flags=("model", "token_length", "dataset"))
-        load_segmenter_state(model, model_state_from_checkpoint(state, resume_path))
+    best = {"score": -1.0, "epoch": -1, "metric": "oIoU"}
+    run_id = all_gather_objects(new_run_id())[0]
+    state = find_resume_state(args.resume, last_path, auto_resume=not args.no_auto_resume)
+    if state is not None:
+        resume_path = args.resume or last_path
+        check_resumable(state, resume_path, model.config, schedule)
+        load_segmenter_state(model, model_state_from_checkpoint(state, resume_path), strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_iteration = state["epoch"], state.get("iteration", 0)
-        best = {"oIoU": state["best_oIoU"], "epoch": state["best_epoch"]}
+        best = state.get("best") or {"score": state["best_oIoU"], "epoch": state["best_epoch"],
+                                     "metric": "oIoU"}
+        run_id = state.get("run_id") or run_id
         set_rng_state(state.get("rng"))
         logger.info(f"resumed from {resume_path}: epoch {start_epoch}, iteration "
-                    f"{start_iteration}, best val oIoU {best['oIoU']:.2f}")
+                    f"{start_iteration}, best val {best['metric']} {best['score']:.2f}")
+        del state
+    if start_epoch >= args.epochs:
+        logger.info(f"nothing to do: {last_path} has finished all {args.epochs} epochs; best "
+                    f"{best['metric']} {best['score']:.2f} at epoch {best['epoch'] + 1} ({best_path})")
+        return 0
+    check_stop()
 
     trained_model = model
     if dist_info.distributed:
         trained_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        unwrap(model).backbone.unet.compile()
+        model.backbone.unet.compile()
 
-    stop = StopRequest().install()
+    def save(path, epoch, iteration):
+        save_checkpoint(build_checkpoint(model, optimizer, scheduler, scaler, args, schedule,
+                                         run_id, epoch, iteration, best), path)
+
+    # 4. The epochs.
+    logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "
+                f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)), "
+                f"starting at iteration {start_iteration}")
     for epoch in range(start_epoch, args.epochs):
         set_loader_epoch(train_loader, epoch, seed=args.seed, skip_batches=start_iteration)
         try:
             train_stats = train_one_epoch(trained_model, train_loader, optimizer, scheduler, device,
                                           dtype, epoch, scaler=scaler,
                                           start_iteration=start_iteration, stop=stop,
-                                          show_progress=show_progress)
+                                          show_progress=show_progress, print_freq=args.print_freq)
         except NonFiniteLossError as error:
             logger.error(str(error))
-            cleanup()
             return 1
         start_iteration = 0
         if train_stats["stopped"]:
             if dist_info.is_main:
-                save_checkpoint(build_checkpoint(model, optimizer, scheduler, scaler, args, epoch,
-                                                 train_stats["iterations"], best), last_path)
+                save(last_path, epoch, train_stats["iterations"])
             logger.info(f"{stop.signal_name}: saved {last_path} at epoch {epoch}, iteration "
                         f"{train_stats['iterations']}; rerun the same command to resume")
-            cleanup()
             return 0
 
-        results = evaluate(model, val_loader, device, dtype, show_progress=show_progress,
+        results = evaluate(model, val_loader, device, eval_dtype, show_progress=show_progress,
                            desc=f"val {epoch}")
-        improved = results["oIoU"] > best["oIoU"]
+        improved = results["oIoU"] > best["score"]
         if improved:
-            best = {"oIoU": results["oIoU"], "epoch": epoch}
+            best = {"score": results["oIoU"], "epoch": epoch, "metric": "oIoU"}
         if dist_info.is_main:
-            checkpoint = build_checkpoint(model, optimizer, scheduler, scaler, args, epoch + 1, 0,
-                                          best)
             if improved:
-                save_checkpoint(checkpoint, best_checkpoint_path(args.output_dir, args.model_id))
-            save_checkpoint(checkpoint, last_path)
+                save(best_path, epoch + 1, 0)
+            save(last_path, epoch + 1, 0)
         images_per_second = train_stats["images"] * dist_info.world_size / train_stats["seconds"]
         logger.info(f"epoch {epoch + 1}/{args.epochs} | loss {train_stats['loss']:.4f} | "
                     f"lr {train_stats['lr']:.2e} | {args.split} oIoU {results['oIoU']:.2f} "
                     f"mIoU {results['mIoU']:.2f} | train {train_stats['seconds']:.0f}s "
                     f"({images_per_second:.1f} img/s) eval {results['seconds']:.0f}s | best oIoU "
-                    f"{best['oIoU']:.2f} (epoch {best['epoch'] + 1}){' *saved*' if improved else ''}")
+                    f"{best['score']:.2f} (epoch {best['epoch'] + 1}){' *saved*' if improved else ''}")
         if stop.agreed(device):
             logger.info(f"{stop.signal_name}: stopping after epoch {epoch + 1}; {last_path} saved")
-            break
+            return 0
 
-    if dist_info.is_main and best["epoch"] >= 0:
-        logger.info(f"best {args.split} oIoU {best['oIoU']:.2f} at epoch {best['epoch'] + 1}: "
-                    f"{best_checkpoint_path(args.output_dir, args.model_id)}")
-    cleanup()
+    if best["epoch"] >= 0:
+        logger.info(f"best {args.split} oIoU {best['score']:.2f} at epoch {best['epoch'] + 1}: "
+                    f"{best_path}")
     return 0
 
 

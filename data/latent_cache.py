@@ -113,7 +113,7 @@ class ImagesToEncode(Dataset):
 
 @torch.no_grad()
 def fill_latent_cache(encode, dataset, cache, batch_size=8, show_progress=True, workers=0,
-                      pin_memory=False):
+                      pin_memory=False, should_stop=None):
     """Encode every image of ``dataset`` that ``cache`` lacks with ``encode`` (images in [-1, 1],
     (B, 3, S, S) -> latents), e.g. a model's frozen VAE under the run's autocast.
 
@@ -121,7 +121,8 @@ def fill_latent_cache(encode, dataset, cache, batch_size=8, show_progress=True, 
     any rank from writing before the others have looked), rank r encodes every world-th of them,
     and a second barrier waits for all. A rank then encodes whatever is still missing itself (the
     cache folder is not shared between nodes), so on return this rank sees a complete cache.
-    Images go through the dataset's own transform.
+    Images go through the dataset's own transform. ``should_stop()`` true ends the encoding
+    early (what is written stays valid).
 
     Returns the number of images this process encoded.
     """
@@ -136,26 +137,31 @@ def fill_latent_cache(encode, dataset, cache, batch_size=8, show_progress=True, 
         get_logger().info(f"latent cache {cache.directory}: encoding {len(missing)} of "
                           f"{len(images)} images of {dataset.split} over {world} process(es)")
     encoded = _encode_into_cache(encode, missing[rank::world], cache, batch_size, show_progress,
-                                 workers, pin_memory)
+                                 workers, pin_memory, should_stop)
     barrier()
     left = [(key, path) for key, path in missing if not cache.has(key)]
-    if left:
+    if left and not (should_stop is not None and should_stop()):
         get_logger().warning(f"{len(left)} latents written by other processes are not visible "
                              f"in {cache.directory} (a folder per node?): encoding them here")
         encoded += _encode_into_cache(encode, left, cache, batch_size, show_progress, workers,
-                                      pin_memory)
+                                      pin_memory, should_stop)
     return encoded
 
 
-def _encode_into_cache(encode, images, cache, batch_size, show_progress, workers, pin_memory):
+def _encode_into_cache(encode, images, cache, batch_size, show_progress, workers, pin_memory,
+                       should_stop=None):
     if not images:
         return 0
     loader = DataLoader(ImagesToEncode(images, cache.img_size), batch_size=batch_size,
                         num_workers=workers, pin_memory=pin_memory,
                         generator=torch.Generator())  # leaves the global RNG stream alone
+    encoded = 0
     for batch in tqdm(loader, desc="caching latents", disable=not show_progress,
                       dynamic_ncols=True):
+        if should_stop is not None and should_stop():
+            break
         latents = encode(batch["image"])
         for key, latent in zip(batch["key"], latents.float().cpu()):
             cache.put(key, latent)
-    return len(images)
+        encoded += len(batch["key"])
+    return encoded

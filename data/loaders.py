@@ -22,16 +22,17 @@ __all__ = ["build_dataset", "build_loader", "collate_eval", "set_loader_epoch", 
            "ResumableTrainSampler"]
 
 
-def build_dataset(args, split: str, eval_mode: bool) -> ReferDataset:
-    """ReferDataset from the parsed flags ``refer_data_root, dataset, splitBy, img_size,
-    token_length``. The embedded toy dataset is generated on first use."""
+def build_dataset(args, split: str, config, eval_mode: bool) -> ReferDataset:
+    """ReferDataset from the parsed flags ``refer_data_root, dataset, splitBy`` and the model's
+    config (``img_size``, ``token_length``, ``pad_token_id``). The embedded toy dataset is
+    generated on first use."""
     if args.dataset == "toy" and not os.path.isfile(
             os.path.join(args.refer_data_root, "toy", "instances.json")):
         from .toy import ensure_toy_dataset  # lazy: only the toy path needs the generator
         ensure_toy_dataset(args.refer_data_root)
     return ReferDataset(args.refer_data_root, dataset=args.dataset, splitBy=args.splitBy,
-                        split=split, img_size=args.img_size, token_length=args.token_length,
-                        eval_mode=eval_mode)
+                        split=split, img_size=config.img_size, token_length=config.token_length,
+                        eval_mode=eval_mode, pad_token_id=config.pad_token_id)
 
 
 class ShardedEvalSampler(Sampler[int]):
@@ -131,12 +132,12 @@ def collate_eval(batch: list[dict]) -> dict:
 
 def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False,
                  distributed: bool | None = None, seed: int = 0, drop_last: bool = False,
-                 eval_mode: bool | None = None) -> DataLoader:
+                 eval_mode: bool | None = None, pin_memory: bool | None = None) -> DataLoader:
     """DataLoader for training (random sentence per ref) or evaluation (all sentences).
 
     ``distributed=None`` follows ``torch.distributed.is_initialized()``. Training uses
     ResumableTrainSampler (one shard per process): call ``set_loader_epoch`` every epoch.
-    ``eval_mode=None`` follows ``dataset.eval_mode``.
+    ``eval_mode=None`` follows ``dataset.eval_mode``; ``pin_memory=None`` pins when CUDA is available.
     """
     if eval_mode is None:
         eval_mode = getattr(dataset, "eval_mode", False)
@@ -165,7 +166,7 @@ def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: b
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_eval if eval_mode else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         # Training re-creates its workers each epoch so that set_loader_epoch can re-seed them;
         # evaluation keeps them.

@@ -17,15 +17,24 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from refer.refer import REFER, EmptySplitError, ReferValueError, decode_rle, segmentation_to_rle
+from utils.logging import get_logger
 
-from .tokenizer import CLIPTokenizer
+from .tokenizer import EOT_ID, CLIPTokenizer
 from .transforms import ImageMaskTransform, load_rgb
 
-__all__ = ["ReferDataset", "EmptySentenceError"]
+__all__ = ["ReferDataset", "EmptySentenceError", "EmptyMaskError", "ImageSizeMismatchError"]
 
 
 class EmptySentenceError(ReferValueError):
     """A ref's sentence has no text to tokenise."""
+
+
+class EmptyMaskError(ReferValueError):
+    """Every ref of a split has an empty mask: there is nothing to learn or score."""
+
+
+class ImageSizeMismatchError(ReferValueError):
+    """An image file whose size is not the one instances.json records for it."""
 
 
 class ReferDataset(Dataset):
@@ -37,6 +46,7 @@ class ReferDataset(Dataset):
             ``split='test'`` covers every test split (testA, testB, ...), as in REFER.
         img_size: side of the square image and mask.
         token_length: number of text tokens per sentence (truncated / padded).
+        pad_token_id: the id sentences are padded with (the model config's ``pad_token_id``).
         eval_mode: return all sentences of a ref instead of one random sentence.
 
     Items (``eval_mode=False``): ``image`` float32 [3,S,S] in [-1,1], ``mask`` int64 [S,S] in
@@ -49,7 +59,7 @@ class ReferDataset(Dataset):
 
     def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
                  split: str = "train", img_size: int = 512, token_length: int = 77,
-                 eval_mode: bool = False):
+                 eval_mode: bool = False, pad_token_id: int = EOT_ID):
         self.dataset = dataset
         self.splitBy = splitBy
         self.split = split
@@ -73,9 +83,28 @@ class ReferDataset(Dataset):
         images = [refer.Imgs[ref["image_id"]] for ref in self.refs]
         self._image_paths = [refer.image_path(image) for image in images]
         self._rles = [self._compact_rle(refer, ref, image) for ref, image in zip(self.refs, images)]
-        self._index_sentences(CLIPTokenizer(token_length))
+        self.empty_mask_ref_ids = [ref["ref_id"] for ref, rle in zip(self.refs, self._rles)
+                                   if int(mask_utils.area(rle)) == 0]
+        if self.empty_mask_ref_ids:
+            self._warn_empty_masks(refer.instances_path)
+        self._index_sentences(CLIPTokenizer(token_length, pad_id=pad_token_id))
 
     # ----------------------------------------------------------------------------- construction
+    def _warn_empty_masks(self, instances_path: str) -> None:
+        """A referred object whose mask is empty trains on an all-background target and can never
+        be found: say so, naming the refs (the annotation has no segmentation, or only polygons
+        of fewer than three points)."""
+        count, shown = len(self.empty_mask_ref_ids), self.empty_mask_ref_ids[:5]
+        if count == len(self.refs):
+            raise EmptyMaskError(f"every ref of {self.dataset}({self.splitBy}) {self.split} has an "
+                                 f"empty mask (e.g. ref_id {shown[0]}): the segmentations in "
+                                 f"{instances_path} are empty or have fewer than 3 points")
+        get_logger().warning(
+            f"{count} of {len(self.refs)} refs of {self.dataset}({self.splitBy}) {self.split} have "
+            f"an empty mask (ref_id {', '.join(map(str, shown))}{', ...' if count > 5 else ''}): their "
+            f"annotations in {instances_path} have no segmentation or only polygons of fewer than "
+            f"3 points; they count as all-background targets")
+
     @staticmethod
     def _compact_rle(refer: REFER, ref: dict, image: dict) -> dict:
         """The ref's mask as one compressed RLE (a few hundred bytes instead of polygon lists)."""
@@ -176,9 +205,15 @@ class ReferDataset(Dataset):
 
     def _image_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.refs[index]
-        image = load_rgb(self._image_paths[index],
-                         context=f"ref_id {ref['ref_id']} of {self.dataset}({self.splitBy})")
+        context = f"ref_id {ref['ref_id']} of {self.dataset}({self.splitBy})"
+        image = load_rgb(self._image_paths[index], context=context)
         mask = decode_rle(self._rles[index])
+        if mask.shape != (image.height, image.width):
+            raise ImageSizeMismatchError(
+                f"image {self._image_paths[index]} ({context}) is {image.width}x{image.height} "
+                f"pixels, but the annotations give image_id {ref['image_id']} "
+                f"{mask.shape[1]}x{mask.shape[0]}: the image file or instances.json is from "
+                f"another release")
         return self.transform(image, mask)
 
     def _latents_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,18 +18,19 @@ class CLIPTokenizer:
     """Text -> fixed-length ``(input_ids, attention_mask)`` for the CLIP text encoder.
 
     ``[SOT, bpe..., EOT]``, truncated to ``token_length`` with EOT kept as the last token, then
-    padded with ``EOT_ID``. The attention mask is 1 over SOT..EOT and 0 over padding.
+    padded with ``pad_id`` (the model config's ``pad_token_id``; ``EOT_ID`` for CLIP ViT-L/14).
+    The attention mask is 1 over SOT..EOT and 0 over padding.
     """
 
     SOT_ID = SOT_ID
     EOT_ID = EOT_ID
-    PAD_ID = EOT_ID
 
-    def __init__(self, token_length: int = 77):
+    def __init__(self, token_length: int = 77, pad_id: int = EOT_ID):
         if token_length < 2:
             raise ValueError(f"token_length={token_length} is too short; expected >= 2 "
                              "(room for the start and end tokens)")
         self.token_length = token_length
+        self.PAD_ID = pad_id
         # Imported here: open_clip pulls in its whole model zoo (seconds), only tokenising needs it.
         from open_clip.tokenizer import SimpleTokenizer
         self._bpe = SimpleTokenizer()

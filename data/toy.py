@@ -70,6 +70,8 @@ from collections import Counter, defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
+from refer.refer import load_refs_file
+
 __all__ = [
     "TOY_DATASET_NAME",
     "TOY_GENERATOR_VERSION",
@@ -603,8 +605,7 @@ def ensure_toy_dataset(data_root: str | os.PathLike, seed: int = 0, num_train_im
 def _summary(root: str) -> str:
     with open(os.path.join(root, "instances.json")) as f:
         inst = json.load(f)
-    with open(os.path.join(root, "refs(unc).p"), "rb") as f:
-        refs = pickle.load(f)
+    refs = load_refs_file(os.path.join(root, "refs(unc).p"))
     objs_per_img = Counter(a["image_id"] for a in inst["annotations"])
     split_of = {r["image_id"]: r["split"] for r in refs}
     lines = [f"dataset: {root}", f"params: {inst['info']['params']}"]

@@ -12,14 +12,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from utils.errors import InputError
+
 __all__ = ["ImageMaskTransform", "load_rgb", "ImageFileNotFoundError", "ImageReadError"]
 
 
-class ImageFileNotFoundError(FileNotFoundError):
+class ImageFileNotFoundError(InputError, FileNotFoundError):
     """An image file listed by the annotations does not exist."""
 
 
-class ImageReadError(OSError):
+class ImageReadError(InputError, OSError):
     """An image file exists but PIL cannot decode it (truncated, corrupt, not an image)."""
 
 
@@ -30,12 +32,16 @@ def load_rgb(path: str, context: str = "") -> Image.Image:
     back to the annotation that uses it.
     """
     where = f" ({context})" if context else ""
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path} is a folder, not an image file{where}")
     if not os.path.isfile(path):
         raise ImageFileNotFoundError(f"image file not found: {path}{where}")
     try:
         with Image.open(path) as image:
             image.load()  # decode now so corrupt data fails here, inside the try
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"refusing to decode {path}{where}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageReadError(f"cannot read image {path}{where}: {reason}") from error

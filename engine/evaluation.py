@@ -16,8 +16,9 @@ def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=Tr
              desc="eval"):
     """All sentences of this process's shard of refs; metrics reduced over every process.
 
-    on_predictions(batch, predictions, ious), if given, sees each batch's (N, H, W) argmax masks
-    on this process (used to save masks and visualisations). Collective: every rank calls it.
+    on_predictions(batch, predictions, ious), if given, sees each batch's (N, H, W) boolean masks
+    (the segmenter's `predict`) on this process (used to save masks and visualisations).
+    Collective: every rank calls it.
     """
     segmenter = unwrap(model)
     segmenter.eval()
@@ -26,8 +27,7 @@ def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=Tr
     start_time = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
         with autocast(device, dtype):
-            logits = segmenter(**model_inputs(batch, device))
-        predictions = logits.argmax(dim=1)
+            predictions = segmenter.predict(**model_inputs(batch, device))
         targets = batch["mask"].to(device)[batch["image_index"].to(device)]
         intersection, union = intersection_and_union(predictions, targets)
         ious = metric.update(intersection.cpu(), union.cpu())

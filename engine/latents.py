@@ -9,10 +9,11 @@ from .precision import autocast
 
 
 def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, show_progress,
-                        workers=0):
+                        workers=0, should_stop=None):
     """Fill the cache for every image of `datasets` (once, on first use) with the model's VAE under
     `dtype` autocast, as on the uncached path, then have the datasets serve latents instead of
-    images. Collective: every rank calls it."""
+    images. `should_stop()` true ends the filling early (a stop request during set-up); the
+    caller then stops too. Collective: every rank calls it."""
     segmenter = unwrap(model)
     cache = LatentCache(cache_dir, vae_fingerprint(segmenter.backbone.vae), datasets[0].img_size)
 
@@ -23,6 +24,8 @@ def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, s
 
     for dataset in datasets:
         fill_latent_cache(encode, dataset, cache, batch_size, show_progress, workers=workers,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", should_stop=should_stop)
+        if should_stop is not None and should_stop():
+            break
         dataset.use_latent_cache(cache)
     return cache

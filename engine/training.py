@@ -48,11 +48,13 @@ def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
-                    start_iteration=0, stop=None, show_progress=True, log_interval=60.0):
+                    start_iteration=0, stop=None, show_progress=True, log_interval=60.0,
+                    print_freq=0):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
 
-    Without a progress bar (a log file, not a terminal) a progress line is logged every
-    `log_interval` seconds instead.
+    A progress line is logged every `print_freq` iterations (0: never) and, without a progress bar
+    (a log file, not a terminal), every `log_interval` seconds. `stop` (a StopRequest) is checked
+    after every step: the epoch then ends early, to be saved and resumed at that very batch.
 
     Returns a dict: mean loss, last lr, images seen, seconds, iterations done in this epoch
     (counting the skipped ones), and whether a stop was requested.
@@ -80,10 +82,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
         num_images += masks.shape[0]
         iteration += 1
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if not show_progress and time.perf_counter() - last_log_time > log_interval:
-            last_log_time = time.perf_counter()
+        now = time.perf_counter()
+        if ((print_freq and iteration % print_freq == 0)
+                or (not show_progress and now - last_log_time > log_interval)):
+            last_log_time = now
+            seconds_per_step = (now - start_time) / steps_done(iteration, start_iteration)
             get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
-                              f"{loss_value:.4f} | {(last_log_time - start_time) / steps_done(iteration, start_iteration):.2f} s/it")
+                              f"{loss_value:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | "
+                              f"{seconds_per_step:.2f} s/it")
         if stop is not None and stop.agreed(device):
             break
     progress.close()

@@ -3,12 +3,13 @@
 from .adapter import TextAdapter
 from .attention import AttentionMapStore, MapRecordingAttnProcessor, install_attention_map_processors
 from .backbone import DiffusionBackbone
+from .config import ConfigError, SegmenterConfig
 from .decoder import SimpleDecoder
+from .pretrained import is_model_folder, load_pretrained, read_model_source, save_pretrained
 from .presets import PRESETS, build_model, build_model_on_meta, create_segmenter
 from .segmenter import VPDSegmenter, decoder_in_channels
 from .text_encoder import FrozenCLIPTextEncoder
 from .weights import (
-    CheckpointMismatchError,
     LoadReport,
     WeightsFormatError,
     WeightsNotFoundError,
@@ -18,12 +19,13 @@ from .weights import (
 
 __all__ = [
     "AttentionMapStore",
-    "CheckpointMismatchError",
+    "ConfigError",
     "DiffusionBackbone",
     "FrozenCLIPTextEncoder",
     "LoadReport",
     "MapRecordingAttnProcessor",
     "PRESETS",
+    "SegmenterConfig",
     "SimpleDecoder",
     "TextAdapter",
     "VPDSegmenter",
@@ -34,6 +36,10 @@ __all__ = [
     "create_segmenter",
     "decoder_in_channels",
     "install_attention_map_processors",
+    "is_model_folder",
+    "load_pretrained",
     "load_pretrained_components",
     "load_segmenter_state",
+    "read_model_source",
+    "save_pretrained",
 ]

@@ -1,7 +1,7 @@
 """Model presets: `vpd` (SD v1.5 + CLIP ViT-L/14, the paper's model) and `tiny` (same classes, small).
 
 Each preset only says how to obtain its three diffusers/transformers components and its decoder
-width; `create_segmenter` assembles every preset the same way.
+width; `build_model(config)` assembles every preset the same way.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .adapter import TextAdapter
 from .backbone import DiffusionBackbone
+from .config import ConfigError, SegmenterConfig
 from .decoder import SimpleDecoder
 from .segmenter import VPDSegmenter, decoder_in_channels
 from .text_encoder import FrozenCLIPTextEncoder
-from .weights import SD15_CONFIG_DIR, load_pretrained_components
+from .weights import SD15_CONFIG_DIR, Components, load_pretrained_components
 
 __all__ = [
     "PRESETS",
@@ -93,9 +94,6 @@ TINY_VAE_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "vae"
 # 0.88 between different words). Unit-scale embeddings keep each word recognisable where it stands
 # (mean cosine 0.09), which is what the UNet's cross-attention needs from a text encoder.
 TINY_CLIP_TOKEN_EMBEDDING_STD = 1.0
-
-Components = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
-
 
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
@@ -170,50 +168,37 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def create_segmenter(
-    name: str = "vpd",
-    token_length: int = 40,
-    attn_grad: bool = False,
-    sd_path: str | Path | None = None,
-    clip_path: str | Path | None = None,
-) -> VPDSegmenter:
-    """Build a preset. For `vpd`, `sd_path=None` gives a random init (no weights read).
+def build_model(config: SegmenterConfig) -> VPDSegmenter:
+    """Build the segmenter a config describes (its frozen parts from `config.sd_path`).
 
-    Every randomly initialised part (the tiny components, the text adapter, the decoder) is seeded
-    with INIT_SEED, independently of the training seed: two builds are identical.
+    For `vpd`, `sd_path=None` gives a random init of the real sizes (no weights read). Every
+    randomly initialised part (the tiny components, the text adapter, the decoder) is seeded with
+    INIT_SEED, independently of the training seed: two builds are identical.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(PRESETS))}")
-    preset = PRESETS[name]
-    unet, vae, clip = preset.components(sd_path, clip_path)
-    backbone = DiffusionBackbone(unet, vae, attn_grad=attn_grad)
+    if not isinstance(config, SegmenterConfig):
+        raise TypeError(f"build_model takes a SegmenterConfig, got {type(config).__name__}")
+    if config.preset not in PRESETS:
+        raise ConfigError(f"unknown model {config.preset!r}; known models: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[config.preset]
+    unet, vae, clip = preset.components(config.sd_path, config.clip_path)
+    backbone = DiffusionBackbone(unet, vae, attn_grad=config.attn_grad)
     text_encoder = FrozenCLIPTextEncoder(clip)
+    hidden = config.decoder_hidden or preset.decoder_hidden
     with _seeded(INIT_SEED):
         text_adapter = TextAdapter(text_encoder.hidden_size)
-        decoder = SimpleDecoder(decoder_in_channels(backbone.feature_channels, token_length), hidden=preset.decoder_hidden)
-    return VPDSegmenter(backbone, text_encoder, text_adapter, decoder)
+        decoder = SimpleDecoder(decoder_in_channels(backbone.feature_channels, config.token_length), hidden=hidden)
+    return VPDSegmenter(backbone, text_encoder, text_adapter, decoder, config.replace(decoder_hidden=hidden))
 
 
-def build_model(args) -> VPDSegmenter:
-    """Build the model the command line asks for.
-
-    Reads `args.model` ('vpd' | 'tiny'), `args.token_length`, `args.sd_path` (vpd only: a diffusers
-    folder or an LDM checkpoint file; None = random init), and optionally `args.clip_path` (default:
-    the text encoder inside sd_path), `args.attn_grad` and `args.grad_checkpoint` (default False).
-    """
-    model = create_segmenter(
-        args.model,
-        token_length=args.token_length,
-        attn_grad=getattr(args, "attn_grad", False),
-        sd_path=args.sd_path,
-        clip_path=getattr(args, "clip_path", None),
-    )
-    if getattr(args, "grad_checkpoint", False):
-        model.backbone.enable_gradient_checkpointing()
-    return model
+def create_segmenter(name: str = "vpd", **settings) -> VPDSegmenter:
+    """`build_model(SegmenterConfig(preset=name, **settings))`, e.g. `create_segmenter("tiny", token_length=16)`."""
+    return build_model(SegmenterConfig(preset=name, **settings))
 
 
-def build_model_on_meta(name: str = "vpd", token_length: int = 40) -> VPDSegmenter:
-    """The preset's architecture on the meta device: real shapes, no memory, no weights read."""
+def build_model_on_meta(config: SegmenterConfig | str = "vpd", token_length: int = 40) -> VPDSegmenter:
+    """The architecture on the meta device: real shapes, no memory, no weights read. Takes a config,
+    or a preset name and token length."""
+    if isinstance(config, str):
+        config = SegmenterConfig(preset=config, token_length=token_length)
     with torch.device("meta"):
-        return create_segmenter(name, token_length=token_length, sd_path=None)
+        return build_model(config.replace(sd_path=None, clip_path=None))

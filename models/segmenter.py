@@ -10,6 +10,7 @@ from torch import nn
 
 from .adapter import TextAdapter
 from .backbone import ATTENTION_MAP_FEATURES, FEATURE_NAMES, DiffusionBackbone
+from .config import ConfigError, SegmenterConfig
 from .decoder import SimpleDecoder
 from .text_encoder import FrozenCLIPTextEncoder
 
@@ -27,9 +28,11 @@ def decoder_in_channels(feature_channels: Sequence[int], token_length: int) -> l
 class VPDSegmenter(nn.Module):
     """Frozen VAE + CLIP, trainable UNet, text adapter and decoder.
 
-    Attribute names (`backbone.unet`, `backbone.vae`, `text_encoder`, `text_adapter`, `decoder`) are
-    the state-dict prefixes of our checkpoints; `frozen_module_names` lists the sub-modules that
-    never train, so checkpoints may leave them out.
+    `config` (a `SegmenterConfig`) is the model's identity: `models.build_model(config)` rebuilds
+    it, and every checkpoint and model folder stores it. Attribute names (`backbone.unet`,
+    `backbone.vae`, `text_encoder`, `text_adapter`, `decoder`) are the state-dict prefixes of our
+    checkpoints; `frozen_module_names` lists the sub-modules that never train, so checkpoints may
+    leave them out.
     """
 
     frozen_module_names = ("backbone.vae", "text_encoder")
@@ -40,28 +43,34 @@ class VPDSegmenter(nn.Module):
         text_encoder: FrozenCLIPTextEncoder,
         text_adapter: TextAdapter,
         decoder: SimpleDecoder,
+        config: SegmenterConfig,
     ):
         super().__init__()
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.text_adapter = text_adapter
         self.decoder = decoder
+        self.config = config
 
-        # The token length is implied by the decoder's widths; check that everything agrees.
+        # The parts must agree with each other and with the config.
         if text_encoder.hidden_size != backbone.context_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"text encoder width {text_encoder.hidden_size} != UNet cross_attention_dim {backbone.context_dim}"
             )
-        c1, c2, c3, c4 = backbone.feature_channels
-        self.token_length = decoder.in_channels[1] - c2
-        expected = decoder_in_channels(backbone.feature_channels, self.token_length)
-        if self.token_length <= 0 or list(decoder.in_channels) != expected:
-            raise ValueError(
-                f"decoder in_channels {list(decoder.in_channels)} do not match [c1, c2+L, c3+L, c4] for "
-                f"features {list(backbone.feature_channels)}"
+        expected = decoder_in_channels(backbone.feature_channels, config.token_length)
+        if list(decoder.in_channels) != expected:
+            raise ConfigError(
+                f"decoder in_channels {list(decoder.in_channels)} do not match [c1, c2+L, c3+L, c4] = {expected} "
+                f"for features {list(backbone.feature_channels)} and token_length {config.token_length}"
             )
-        if self.token_length > text_encoder.max_length:
-            raise ValueError(f"token_length {self.token_length} > CLIP's {text_encoder.max_length} positions")
+        if config.token_length > text_encoder.max_length:
+            raise ConfigError(
+                f"token_length {config.token_length} > the text encoder's {text_encoder.max_length} positions"
+            )
+        if config.decoder_hidden is not None and config.decoder_hidden != decoder.hidden:
+            raise ConfigError(f"decoder width {decoder.hidden} != config decoder_hidden {config.decoder_hidden}")
+        if backbone.attn_grad != config.attn_grad:
+            raise ConfigError(f"backbone attn_grad {backbone.attn_grad} != config attn_grad {config.attn_grad}")
 
         self.register_buffer("class_weights", torch.tensor(CLASS_WEIGHTS), persistent=False)
         for name in self.frozen_module_names:
@@ -74,8 +83,22 @@ class VPDSegmenter(nn.Module):
         return self
 
     @property
+    def token_length(self) -> int:
+        return self.config.token_length
+
+    @property
     def vae_scale_factor(self) -> int:
         return self.backbone.vae_scale_factor
+
+    def reloadable_module_names(self) -> tuple[str, ...]:
+        """Frozen sub-modules that come back from `config.sd_path`, so saved states leave them out.
+        A model without a weights path (the tiny preset, a random vpd) keeps them."""
+        return self.frozen_module_names if self.config.sd_path else ()
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict a checkpoint or model folder stores: all but the reloadable modules."""
+        prefixes = tuple(f"{name}." for name in self.reloadable_module_names())
+        return {key: value for key, value in self.state_dict().items() if not key.startswith(prefixes)}
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> VAE latents (no gradient); cacheable for evaluation."""
@@ -138,6 +161,42 @@ class VPDSegmenter(nn.Module):
         # 5. Decode and upsample to the image size.
         return self.decoder(features, output_size=output_size)
 
+    @torch.no_grad()
+    def predict(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        output_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Boolean masks (N, H, W) of what each sentence refers to.
+
+        Inputs as `forward`. The masks are the argmax of the logits at the model's output size, or
+        at `output_size` (e.g. an image's own size) after bilinear upsampling of the logits.
+        """
+        logits = self(input_ids, images=images, latents=latents, attention_mask=attention_mask,
+                      image_index=image_index)
+        if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits.float(), size=tuple(output_size), mode="bilinear", align_corners=False)
+        return logits.argmax(dim=1).bool()
+
     def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy; masks (N, H, W) with 0 = background, 1 = object."""
         return F.cross_entropy(logits, masks.long(), weight=self.class_weights.to(logits.dtype))
+
+    # ------------------------------------------------------------------------------ model folders
+    def save_pretrained(self, directory) -> None:
+        """Write `config.json` + `model.safetensors` (see models/pretrained.py)."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path, sd_path=None, clip_path=None) -> VPDSegmenter:
+        """Rebuild a model from a model folder or a training checkpoint (ours or VPD's); `sd_path`
+        / `clip_path` replace the recorded weight sources of the frozen parts."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, sd_path=sd_path, clip_path=clip_path)

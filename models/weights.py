@@ -26,16 +26,19 @@ from diffusers.loaders.single_file_utils import (
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from utils.checkpoint import CheckpointError
+from utils.errors import InputError
+
 __all__ = [
     "SD15_CONFIG_DIR",
     "WeightsNotFoundError",
     "WeightsFormatError",
-    "CheckpointMismatchError",
     "LoadReport",
     "load_pretrained_components",
     "load_clip_text_model",
     "components_from_ldm_state_dict",
     "convert_vpd_state_dict",
+    "detect_layout",
     "load_segmenter_state",
 ]
 
@@ -50,16 +53,12 @@ ACCEPTED_CLIP_LAYOUTS = "a transformers folder of a CLIP (text) model, e.g. clip
 Components = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(InputError, FileNotFoundError):
     """A weights path that does not exist."""
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(InputError, ValueError):
     """A weights path that exists but is not one of the accepted layouts."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A segmenter checkpoint that does not fit the model (another --model or --token_length)."""
 
 
 # ============================================================================ pretrained components
@@ -230,7 +229,7 @@ _VPD_DECODER_KEY = re.compile(r"^classifier\.(conv|bn)([12])_([432])\.(.+)$")
 _VPD_UNET_PREFIX = "unet.unet.diffusion_model."
 _VPD_VAE_PREFIX = "encoder_vq."
 # The UNet output head VPD never runs; the backbone removes it, so its weights are dropped.
-_UNUSED_UNET_HEAD = ("backbone.unet.conv_norm_out.", "backbone.unet.conv_out.")
+UNUSED_UNET_HEAD = ("backbone.unet.conv_norm_out.", "backbone.unet.conv_out.")
 
 
 def convert_vpd_state_dict(
@@ -269,38 +268,30 @@ def convert_vpd_state_dict(
     return converted, leftover
 
 
-def _unwrap(state_dict: Mapping) -> dict[str, torch.Tensor]:
-    """Accept a full training checkpoint ({'model': ...}) and DDP's 'module.' prefix."""
-    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
-        state_dict = state_dict["model"]
-    if state_dict and all(key.startswith("module.") for key in state_dict):
-        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    return dict(state_dict)
-
-
-def _detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     # VPD's names first: both layouts have `text_adapter.*` keys.
     if any(key.startswith((_VPD_UNET_PREFIX, _VPD_VAE_PREFIX, "classifier.")) or key == "gamma" for key in state_dict):
         return "vpd"
     if any(key.startswith(("backbone.", "text_encoder.", "text_adapter.", "decoder.")) for key in state_dict):
         return "ours"
     sample = ", ".join(list(state_dict)[:3])
-    raise CheckpointMismatchError(
+    raise CheckpointError(
         f"unrecognised checkpoint layout (first keys: {sample}); expected our model state or VPD's released RIS checkpoint"
     )
 
 
 def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
-    """Load our checkpoint or VPD's released RIS checkpoint into a `VPDSegmenter`.
+    """Load a model state dict, ours or VPD's released RIS layout, into a `VPDSegmenter`.
 
-    Keys of frozen modules (`model.frozen_module_names`) may be absent: they keep their built
-    (pretrained / seeded) weights. Raises `CheckpointMismatchError` when tensors have other shapes
-    than the model's (a checkpoint of another --model or --token_length) or when no UNet weight
-    matches; with `strict`, also when trainable keys are missing or keys are unexpected.
+    `state_dict` is the model part of a checkpoint (`utils.checkpoint.model_state_from_checkpoint`)
+    or a model folder's weights. Keys of frozen modules (`model.frozen_module_names`) may be absent:
+    they keep their built (pretrained / seeded) weights. Raises `CheckpointError` when tensors have
+    other shapes than the model's (a checkpoint of another preset or token length) or when no UNet
+    weight matches; with `strict`, also when trainable keys are missing or keys are unexpected.
     """
     # 1. Normalise the checkpoint to our key names.
-    state_dict = _unwrap(state_dict)
-    layout = _detect_layout(state_dict)
+    state_dict = dict(state_dict)
+    layout = detect_layout(state_dict)
     unexpected: list[str] = []
     if layout == "vpd":
         unet, vae = model.backbone.unet, model.backbone.vae
@@ -312,19 +303,19 @@ def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = F
     matched, mismatched = {}, []
     for key, value in state_dict.items():
         if key not in own:
-            (report.ignored if key.startswith(_UNUSED_UNET_HEAD) else unexpected).append(key)
+            (report.ignored if key.startswith(UNUSED_UNET_HEAD) else unexpected).append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         else:
             matched[key] = value
     if mismatched:
         shown = "; ".join(mismatched[:20]) + (f"; ... and {len(mismatched) - 20} more" if len(mismatched) > 20 else "")
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"{len(mismatched)} checkpoint tensors have other shapes than the model (saved with another --model "
             f"or --token_length?): {shown}"
         )
     if not any(key.startswith("backbone.unet.") for key in matched):
-        raise CheckpointMismatchError("no UNet weight of the checkpoint matches the model; refusing to load it")
+        raise CheckpointError("no UNet weight of the checkpoint matches the model; refusing to load it")
 
     # 3. Load and report.
     frozen_prefixes = tuple(f"{name}." for name in getattr(model, "frozen_module_names", ()))
@@ -334,6 +325,6 @@ def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = F
     report.unexpected = sorted(unexpected)
     report.loaded = sorted(matched)
     if strict and (report.missing or report.unexpected):
-        raise CheckpointMismatchError(f"strict load failed: {report}")
+        raise CheckpointError(f"strict load failed: {report}")
     model.load_state_dict(matched, strict=False)
     return report

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from utils.errors import InputError
+
 __all__ = [
     "REFER", "DATASETS", "DatasetLayout", "ReferFileNotFoundError", "ReferValueError",
-    "UnknownSplitError", "EmptySplitError", "QUERY_SPLITS", "segmentation_to_mask",
+    "RefsFileError", "UnknownSplitError", "EmptySplitError", "load_refs_file", "QUERY_SPLITS", "segmentation_to_mask",
     "split_matches", "decode_rle", "segmentation_to_rle", "evaluation_splits", "dataset_layout",
 ]
 
@@ -75,11 +77,11 @@ DATASETS: dict[str, DatasetLayout] = {
 QUERY_SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
 
 
-class ReferFileNotFoundError(FileNotFoundError):
+class ReferFileNotFoundError(InputError, FileNotFoundError):
     """A file or folder the REFER layout requires is missing."""
 
 
-class ReferValueError(ValueError):
+class ReferValueError(InputError, ValueError):
     """An argument names something REFER does not know (dataset, splitBy, split, id)."""
 
 
@@ -139,15 +141,71 @@ def split_matches(query: str, ref_split: str) -> bool:
     return ref_split == query
 
 
-def _load_refs_pickle(path: str) -> list[dict]:
-    """Load a refs(*).p file. The released files were pickled by Python 2: their byte strings
-    decode as ASCII, and latin-1 is the fallback for the rare non-ASCII one."""
-    with open(path, "rb") as f:
-        try:
-            return pickle.load(f)
-        except UnicodeDecodeError:
-            f.seek(0)
-            return pickle.load(f, encoding="latin1")
+class RefsFileError(ReferValueError):
+    """A refs file that is not a plain-data list of refs (or would run code when unpickled)."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dicts, lists, tuples, str, bytes, numbers, bools and None, the
+    types a refs file consists of. Anything else a pickle can name (a class, a function such as
+    os.system) is refused before it is looked up, so loading a crafted file runs nothing."""
+
+    def __init__(self, file, path, encoding):
+        super().__init__(file, encoding=encoding)
+        self.path = path
+
+    def find_class(self, module, name):
+        raise RefsFileError(f"{self.path} is not a plain-data refs file: it asks for "
+                            f"{module}.{name}, which refs never contain; refused without running "
+                            f"it (download the file again from the REFER release or a trusted mirror)")
+
+    def persistent_load(self, pid):
+        raise RefsFileError(f"{self.path} uses pickle persistent ids, which refs files never "
+                            f"contain; refused")
+
+
+def load_refs_file(path: str) -> list[dict]:
+    """Read a refs(*).p file with a plain-data unpickler (see _PlainDataUnpickler).
+
+    The released files were pickled by Python 2, whose byte strings are decoded as UTF-8 (so
+    'café' reads as written), and as latin-1 only where they are not valid UTF-8.
+    """
+    for encoding in ("utf-8", "latin1"):
+        with open(path, "rb") as handle:
+            try:
+                refs = _PlainDataUnpickler(handle, path, encoding).load()
+                break
+            except UnicodeDecodeError:
+                continue
+            except RefsFileError:
+                raise
+            except Exception as error:  # truncated or not a pickle at all
+                raise RefsFileError(f"cannot read {path} as a refs pickle ({type(error).__name__}: "
+                                    f"{error}); expected the file of the REFER release") from None
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+        kind = type(refs).__name__ if not isinstance(refs, list) else "list with non-dict items"
+        raise RefsFileError(f"{path} holds a {kind}, expected a list of refs (dicts with ref_id, "
+                            f"ann_id, image_id, split, sentences)")
+    return refs
+
+
+_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+_SENTENCE_KEYS = ("sent", "sent_id")
+
+
+def _check_ref(ref: dict, path: str) -> None:
+    """A ref has the keys the API reads; its sentences are dicts with 'sent' and 'sent_id'."""
+    missing = [key for key in _REF_KEYS if key not in ref]
+    where = f"ref_id {ref['ref_id']}" if "ref_id" in ref else "a ref without ref_id"
+    if missing:
+        raise ReferValueError(f"{path}: {where} has no {', '.join(repr(k) for k in missing)}; "
+                              f"expected the keys {', '.join(_REF_KEYS)}")
+    sentences = ref["sentences"]
+    if not isinstance(sentences, list) or not all(
+            isinstance(sentence, dict) and all(key in sentence for key in _SENTENCE_KEYS)
+            for sentence in sentences):
+        raise ReferValueError(f"{path}: {where} has malformed 'sentences'; expected a list of "
+                              f"dicts with {', '.join(_SENTENCE_KEYS)}")
 
 
 class REFER:
@@ -185,8 +243,15 @@ class REFER:
                 "(see refer/README.md for the layout)")
 
         start = time.perf_counter()
-        with open(self.instances_path, "r") as f:
-            instances = json.load(f)
+        try:
+            with open(self.instances_path, "r", encoding="utf-8") as f:
+                instances = json.load(f)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ReferValueError(f"{self.instances_path} is not valid JSON ({error}); expected the "
+                                  f"COCO-style annotations of {dataset}") from None
+        if not isinstance(instances, dict):
+            raise ReferValueError(f"{self.instances_path} holds a {type(instances).__name__}, "
+                                  f"expected a JSON object with images, annotations, categories")
         for key in ("images", "annotations", "categories"):
             if key not in instances:
                 raise ReferValueError(
@@ -194,7 +259,7 @@ class REFER:
                     "'images', 'annotations' and 'categories'")
         self.data = {
             "dataset": dataset,
-            "refs": _load_refs_pickle(self.refs_path),
+            "refs": load_refs_file(self.refs_path),
             "images": instances["images"],
             "annotations": instances["annotations"],
             "categories": instances["categories"],
@@ -220,6 +285,7 @@ class REFER:
         self.Refs, self.imgToRefs, self.refToAnn, self.annToRef, self.catToRefs = {}, {}, {}, {}, {}
         self.Sents, self.sentToRef, self.sentToTokens = {}, {}, {}
         for ref in self.data["refs"]:
+            _check_ref(ref, self.refs_path)
             ref_id, ann_id = ref["ref_id"], ref["ann_id"]
             if ann_id not in self.Anns:
                 raise ReferValueError(

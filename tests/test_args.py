@@ -1,23 +1,136 @@
-from utils.args import PAPER_DEFAULTS, get_parser, parse_args
+"""The command line (engine/args.py): per-program parsers, defaults, VPD's flags, early checks."""
+import argparse
+
+import pytest
+
+from engine.args import (DATASET_DEFAULTS, GROUPS, PAPER_DEFAULTS, PROGRAM_GROUPS, get_parser,
+                         model_config, parse_args, reconcile_model_config)
+from models import PRESETS, SegmenterConfig
+from refer.refer import DATASETS
 
 
-def test_every_flag_has_help():
-    for action in get_parser()._actions:
-        if action.dest != "help":
-            assert action.help and len(action.help) > 10, action.dest
+def flags_of(program):
+    return {option for action in get_parser(program)._actions for option in action.option_strings}
+
+
+def parse_error(program, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(program, argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1, message  # one line, no usage block
+    return message
+
+
+def test_each_program_lists_only_the_flags_it_reads():
+    train, test, demo = flags_of("train"), flags_of("test"), flags_of("demo")
+    assert {"--epochs", "--lr", "--batch-size", "--output-dir", "--grad_checkpoint"} <= train
+    assert not {"--image", "--text", "--vis_dir", "--results_json", "--checkpoint"} & train
+    assert {"--checkpoint", "--resume", "--vis_dir", "--swap_text", "--split"} <= test
+    assert not {"--epochs", "--lr", "--batch-size", "--output-dir", "--image"} & test
+    assert {"--checkpoint", "--image", "--text", "--out", "--sd_path"} <= demo
+    assert not {"--epochs", "--split", "--dataset", "--vis_dir", "--workers"} & demo
+    help_text = get_parser("demo").format_help()
+    assert "--image" in help_text and "--epochs" not in help_text
+
+
+def test_a_flag_the_program_does_not_read_is_an_error(capsys):
+    message = parse_error("test", ["--checkpoint", "x.pth", "--epochs", "3"], capsys)
+    assert "unrecognized arguments: --epochs 3" in message
+    parse_error("demo", ["--split", "val"], capsys)
+
+
+def test_every_group_is_used_and_defaults_are_shown():
+    used = {group for groups in PROGRAM_GROUPS.values() for group in groups}
+    assert used == set(GROUPS)
+    for program in PROGRAM_GROUPS:
+        parser = get_parser(program)
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
+                assert "default" in formatter._get_help_string(action), (program, action.dest)
+
+
+def test_choices_come_from_the_registries():
+    actions = {action.dest: action for action in get_parser("train")._actions}
+    assert tuple(actions["model"].choices) == tuple(PRESETS)
+    assert tuple(actions["dataset"].choices) == tuple(DATASETS)
 
 
 def test_paper_defaults():
-    args = parse_args([])
+    args = parse_args("train", [])
     assert (args.model, args.img_size, args.batch_size, args.epochs, args.lr, args.wd) == \
         ("vpd", 512, 4, 40, 5e-5, 1e-2)
-    assert args.token_length == 77 and args.model_id == "refcoco" and args.unet_lr_scale == 1.0
+    assert args.model_id == "refcoco" and args.unet_lr_scale == 1.0
     assert args.sd_path.endswith("stable-diffusion-v1-5")
+    assert args.precision == args.eval_precision == "fp32"  # VPD trained and evaluated in fp32
 
 
 def test_dataset_defaults_and_flags_win():
-    toy = parse_args(["--dataset", "toy"])
-    assert toy.model == "tiny" and toy.sd_path is None and toy.img_size != PAPER_DEFAULTS["img_size"]
-    toy = parse_args(["--dataset", "toy", "--img_size", "64", "--lr", "0.5"])
-    assert toy.img_size == 64 and toy.lr == 0.5
-    assert parse_args(["--token_length", "40"]).token_length == 40
+    assert parse_args("train", ["--dataset", "refcoco"]).token_length == 40
+    refcocog = parse_args("train", ["--dataset", "refcocog"])
+    assert refcocog.token_length == 77 and refcocog.splitBy == "umd"
+    toy = parse_args("train", ["--dataset", "toy"])
+    assert toy.model == "tiny" and toy.sd_path is None and toy.img_size == DATASET_DEFAULTS["toy"]["img_size"]
+    toy = parse_args("train", ["--dataset", "toy", "--img_size", "32", "--lr", "0.5"])
+    assert toy.img_size == 32 and toy.lr == 0.5
+    assert parse_args("train", ["--token_length", "20"]).token_length == 20
+    assert PAPER_DEFAULTS["token_length"] == 77
+
+
+def test_test_and_demo_leave_the_model_settings_to_the_checkpoint():
+    args = parse_args("test", ["--dataset", "toy", "--checkpoint", "x.pth"])
+    assert (args.model, args.img_size, args.token_length, args.attn_grad) == (None, None, None, None)
+    assert args.workers == DATASET_DEFAULTS["toy"]["workers"]
+
+
+def test_vpd_command_lines(capsys):
+    # VPD's test.sh: --resume CKPT --workers 4 --ddp_trained_weights --img_size 512 ...
+    args = parse_args("test", ["--dataset", "refcoco", "--split", "val", "--resume", "ckpt.pth",
+                               "-j", "0", "--ddp_trained_weights", "--img_size", "512",
+                               "--device", "cuda:0"])
+    assert (args.checkpoint, args.workers, args.img_size, args.device) == ("ckpt.pth", 0, 512, "cuda:0")
+    assert "--ddp_trained_weights is accepted for VPD's command lines but changes nothing" in capsys.readouterr().err
+    # VPD's train.sh through torch.distributed.launch (torch 2.x passes --local-rank=N).
+    args = parse_args("train", ["-b", "4", "--weight-decay", "0.02", "--local-rank=1", "--pin_mem",
+                                "--print-freq", "10", "--amsgrad"])
+    assert (args.batch_size, args.wd, args.local_rank, args.pin_mem, args.print_freq, args.amsgrad) == \
+        (4, 0.02, 1, True, 10, True)
+    assert parse_args("train", ["--local_rank", "0"]).local_rank == 0
+
+
+@pytest.mark.parametrize("program,argv,expected", [
+    ("test", ["--dataset", "refcoco", "--split", "testC"], "--split: refcoco (unc) has no held-out split 'testC'"),
+    ("train", ["--dataset", "refcoco", "--split", "train"], "--split: refcoco (unc) has no held-out split 'train'"),
+    ("train", ["--dataset", "refcoco", "--splitBy", "umd"], "--splitBy: refcoco has no 'umd' partition"),
+    ("train", ["--dataset", "refcocog", "--splitBy", "unc"], "--splitBy: refcocog has no 'unc' partition"),
+    ("train", ["--eval_batch_size", "0"], "argument --eval_batch_size: must be >= 1, got 0"),
+    ("train", ["--token_length", "0"], "argument --token_length: must be >= 2, got 0"),
+    ("train", ["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    ("train", ["--lr", "-1"], "argument --lr: must be > 0"),
+    ("test", ["--vis_num", "-3"], "argument --vis_num: must be >= 0, got -3"),
+    ("train", ["--img_size", "big"], "argument --img_size: expected an integer, got 'big'"),
+    ("train", ["--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N"),
+])
+def test_bad_values_are_one_line_errors_naming_the_flag(program, argv, expected, capsys):
+    assert expected in parse_error(program, argv, capsys)
+
+
+def test_out_folder_is_refused(tmp_path, capsys):
+    message = parse_error("demo", ["--out", str(tmp_path)], capsys)
+    assert f"--out: {tmp_path} is a folder" in message
+
+
+def test_model_config_from_flags_and_from_a_checkpoint():
+    args = parse_args("train", ["--dataset", "toy", "--token_length", "12"])
+    assert model_config(args) == SegmenterConfig(preset="tiny", token_length=12, img_size=64,
+                                                 attn_grad=True)
+    saved = SegmenterConfig(preset="tiny", token_length=12, img_size=64, sd_path="/weights/sd")
+    test_args = parse_args("test", ["--dataset", "toy", "--checkpoint", "c.pth", "--img_size", "64"])
+    assert reconcile_model_config(saved, test_args, "c.pth") == saved  # agreeing flags are fine
+    test_args = parse_args("test", ["--dataset", "toy", "--checkpoint", "c.pth", "--sd_path", "/elsewhere"])
+    assert reconcile_model_config(saved, test_args, "c.pth").sd_path == "/elsewhere"
+    test_args = parse_args("test", ["--dataset", "toy", "--checkpoint", "c.pth", "--token_length", "40"])
+    with pytest.raises(ValueError, match="--token_length 40 contradicts c.pth, which holds a model "
+                                         "with token_length 12"):
+        reconcile_model_config(saved, test_args, "c.pth")

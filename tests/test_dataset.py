@@ -1,4 +1,5 @@
 """ReferDataset, transforms and loaders on synthetic REFER data (refer/synthetic.py)."""
+import json
 import os
 import pickle
 import re
@@ -9,11 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from data.refer_dataset import EmptyMaskError, ImageSizeMismatchError
 from data import (CLIPTokenizer, EmptySentenceError, ImageFileNotFoundError, ImageMaskTransform,
                   ImageReadError, ReferDataset, ShardedEvalSampler, build_dataset, build_loader,
                   collate_eval, load_rgb)
 from refer import EmptySplitError, UnknownSplitError
+from models.config import SegmenterConfig
 from refer.synthetic import make_refer_dataset
+from utils.logging import get_logger
 
 SIZE, LENGTH = 32, 24
 
@@ -191,12 +195,14 @@ def test_dataset_pickles_small_and_equivalent(fixture_data):
 
 
 # ---------------------------------------------------------------------------- build_dataset
-def test_build_dataset_reads_only_documented_flags(fixture_data):
-    args = SimpleNamespace(refer_data_root=fixture_data.data_root, dataset="refcoco",
-                           splitBy="unc", img_size=16, token_length=17)
-    dataset = build_dataset(args, "val", eval_mode=True)
+def test_build_dataset_reads_documented_flags_and_the_model_config(fixture_data):
+    args = SimpleNamespace(refer_data_root=fixture_data.data_root, dataset="refcoco", splitBy="unc")
+    config = SegmenterConfig(preset="tiny", img_size=16, token_length=17, pad_token_id=3)
+    dataset = build_dataset(args, "val", config, eval_mode=True)
     assert dataset.eval_mode and dataset.split == "val"
-    assert dataset[0]["image"].shape == (3, 16, 16) and dataset[0]["input_ids"].shape[1] == 17
+    item = dataset[0]
+    assert item["image"].shape == (3, 16, 16) and item["input_ids"].shape[1] == 17
+    assert item["input_ids"][0, -1] == 3  # padded with the config's id
 
 
 def test_build_dataset_generates_toy_on_first_use(tmp_path, monkeypatch):
@@ -208,10 +214,10 @@ def test_build_dataset_generates_toy_on_first_use(tmp_path, monkeypatch):
         make_refer_dataset(root, "toy", "unc", num_images=4, special_images=False)
 
     monkeypatch.setattr(data.toy, "ensure_toy_dataset", fake_ensure)
-    args = SimpleNamespace(refer_data_root=str(tmp_path), dataset="toy", splitBy="unc",
-                           img_size=16, token_length=16)
-    assert len(build_dataset(args, "train", eval_mode=False)) > 0
-    assert len(build_dataset(args, "val", eval_mode=True)) > 0
+    args = SimpleNamespace(refer_data_root=str(tmp_path), dataset="toy", splitBy="unc")
+    config = SegmenterConfig(preset="tiny", img_size=16, token_length=16)
+    assert len(build_dataset(args, "train", config, eval_mode=False)) > 0
+    assert len(build_dataset(args, "val", config, eval_mode=True)) > 0
     assert calls == [str(tmp_path)]  # not regenerated once instances.json exists
 
 
@@ -290,6 +296,62 @@ def test_corrupt_image_names_file_and_ref(tmp_path):
         f.write(b"not an image at all")
     with pytest.raises(ImageReadError, match=re.escape(path)):
         load_rgb(path)
+
+
+def test_image_of_another_size_than_annotated_names_file_and_ref(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    ref_id = info.expected_ref_ids("train")[0]
+    path = info.image_path_of_ref(ref_id)
+    with Image.open(path) as image:
+        width, height = image.size
+        image.resize((width + 3, height)).save(path)
+    dataset = _dataset(info, "train")
+    with pytest.raises(ImageSizeMismatchError) as error:
+        dataset[[r["ref_id"] for r in dataset.refs].index(ref_id)]
+    image_id = info.refs[ref_id]["image_id"]
+    assert str(error.value) == (
+        f"image {path} (ref_id {ref_id} of refcoco(unc)) is {width + 3}x{height} pixels, but the "
+        f"annotations give image_id {image_id} {width}x{height}: the image file or instances.json "
+        f"is from another release")
+
+
+def test_decompression_bomb_and_folder_are_refused(tmp_path, monkeypatch):
+    path = str(tmp_path / "huge.png")
+    Image.new("RGB", (300, 200)).save(path)
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS; lower the limit instead of writing 180 MP.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    with pytest.raises(ImageReadError, match=re.escape(f"refusing to decode {path}: Image size (60000 pixels) exceeds limit")):
+        load_rgb(path)
+    with pytest.raises(ImageReadError, match=re.escape(f"{tmp_path} is a folder, not an image file")):
+        load_rgb(str(tmp_path))
+
+
+def test_refs_with_empty_masks_are_named(tmp_path, caplog):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    with open(info.instances_path) as handle:
+        instances = json.load(handle)
+    polygon_refs = [r for r in info.expected_ref_ids("train") if r in info.polygons][:1]
+    ann_ids = {info.refs[r]["ann_id"] for r in polygon_refs}
+    for ann in instances["annotations"]:
+        if ann["id"] in ann_ids:  # two points: pycocotools would read four numbers as a box
+            ann["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
+    with open(info.instances_path, "w") as handle:
+        json.dump(instances, handle)
+    logger = get_logger()  # the project's logger does not propagate: listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        dataset = _dataset(info, "train")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert dataset.empty_mask_ref_ids == polygon_refs
+    assert (f"1 of {len(dataset)} refs of refcoco(unc) train have an empty mask (ref_id "
+            f"{polygon_refs[0]}): their annotations in {info.instances_path} have no segmentation") in caplog.text
+    for ann in instances["annotations"]:
+        ann["segmentation"] = []
+    with open(info.instances_path, "w") as handle:
+        json.dump(instances, handle)
+    with pytest.raises(EmptyMaskError, match="every ref of refcoco\\(unc\\) train has an empty mask"):
+        _dataset(info, "train")
 
 
 def test_empty_sentence_is_reported_at_construction(tmp_path):

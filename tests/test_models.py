@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from models import (
+    SegmenterConfig,
     AttentionMapStore,
     MapRecordingAttnProcessor,
     build_model,
@@ -234,11 +235,11 @@ def test_loss_uses_registered_class_weights(model):
     torch.testing.assert_close(model.loss(logits, masks), expected)
 
 
-def test_build_model_from_args_and_unknown_name():
-    args = SimpleNamespace(model="tiny", sd_path=None, token_length=TOKEN_LENGTH)
-    assert build_model(args).token_length == TOKEN_LENGTH
+def test_build_model_from_config_and_unknown_name():
+    config = SegmenterConfig(preset="tiny", token_length=TOKEN_LENGTH)
+    assert build_model(config).token_length == TOKEN_LENGTH
     with pytest.raises(ValueError, match="known models: tiny, vpd"):
-        build_model(SimpleNamespace(model="huge", sd_path=None, token_length=TOKEN_LENGTH))
+        build_model(SegmenterConfig(preset="huge", token_length=TOKEN_LENGTH))
 
 
 def test_vpd_preset_on_meta_has_real_sizes():

@@ -1,12 +1,13 @@
 """REFER API against synthetic data whose answers are known (refer/synthetic.py)."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
 
-from refer import (DATASETS, REFER, EmptySplitError, ReferFileNotFoundError, ReferValueError,
-                   UnknownSplitError, segmentation_to_mask)
+from refer import (DATASETS, REFER, ReferFileNotFoundError, RefsFileError, ReferValueError,
+                   UnknownSplitError, load_refs_file, segmentation_to_mask)
 from refer.synthetic import make_refer_dataset, polygon_outline, rasterise_polygons
 
 
@@ -206,18 +207,83 @@ def test_dataset_layouts(tmp_path, dataset, split_by, image_folder, splits):
         assert sorted(refer.getRefIds(split=split)) == info.expected_ref_ids(split)
 
 
-def test_python2_style_pickle_with_non_ascii_bytes(tmp_path):
-    """Python 2 pickles store str as bytes; non-ASCII ones need the latin-1 fallback."""
+def _python2_refs_pickle(sentence_bytes: bytes) -> bytes:
+    """What Python 2's cPickle.dump([ref], f, 2) writes for one ref whose sentence is a byte
+    string (a Python 2 str): PROTO 2, dicts as EMPTY_DICT + SETITEMS, str as SHORT_BINSTRING."""
+    def string(value: bytes) -> bytes:
+        return b"U" + bytes([len(value)]) + value
+    sentence = (b"}(" + string(b"sent") + string(sentence_bytes) + string(b"sent_id") + b"K\x07"
+                + string(b"tokens") + b"]" + b"u")
+    ref = (b"}(" + string(b"ref_id") + b"K\x01" + string(b"ann_id") + b"K\x02"
+           + string(b"image_id") + b"K\x03" + string(b"split") + string(b"train")
+           + string(b"sentences") + b"]" + b"(" + sentence + b"e" + b"u")
+    return b"\x80\x02]" + b"(" + ref + b"e."
+
+
+@pytest.mark.parametrize("sentence,expected", [
+    ("café au lait".encode("utf-8"), "café au lait"),  # UTF-8 bytes: read as written
+    (b"caf\xe9", "café"),  # not UTF-8: the latin-1 fallback
+])
+def test_python2_refs_pickle_with_non_ascii_bytes(tmp_path, sentence, expected):
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(_python2_refs_pickle(sentence))
+    (ref,) = load_refs_file(str(path))
+    assert ref["sentences"][0]["sent"] == expected and ref["sentences"][0]["sent_id"] == 7
+
+
+def test_a_refs_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "created_by_the_pickle"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "x": Payload()}], protocol=2))
+    with pytest.raises(RefsFileError) as error:
+        load_refs_file(str(path))
+    assert _one_line(error) == (f"{path} is not a plain-data refs file: it asks for posix.system, "
+                                f"which refs never contain; refused without running it (download "
+                                f"the file again from the REFER release or a trusted mirror)")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"refs": []}, "holds a dict, expected a list of refs"),
+    (None, "holds a NoneType, expected a list of refs"),
+    ([1, 2], "holds a list with non-dict items, expected a list of refs"),
+])
+def test_refs_file_that_is_not_a_list_of_refs(tmp_path, content, message):
     info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
-    with open(info.refs_path, "rb") as f:
-        refs = pickle.load(f)
-    # Hand-made protocol-2 pickle of a Python 2 str: SHORT_BINSTRING opcode with a byte 0xe9.
-    py2_str = b"\x80\x02U\x05caf\xe9!q\x00."
-    with open(tmp_path / "probe.p", "wb") as f:
-        f.write(py2_str)
-    from refer.refer import _load_refs_pickle
-    assert _load_refs_pickle(str(tmp_path / "probe.p")) == "caf\u00e9!"
-    assert len(refs) == len(info.refs)
+    with open(info.refs_path, "wb") as handle:
+        pickle.dump(content, handle)
+    with pytest.raises(RefsFileError, match=message):
+        REFER(str(tmp_path), "refcoco", "unc")
+
+
+def test_truncated_refs_file_and_ref_without_sentences(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    data = open(info.refs_path, "rb").read()
+    with open(info.refs_path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    with pytest.raises(RefsFileError, match=re.escape(f"cannot read {info.refs_path} as a refs pickle")):
+        REFER(str(tmp_path), "refcoco", "unc")
+    refs = list(info.refs.values())
+    del refs[1]["sentences"]
+    with open(info.refs_path, "wb") as handle:
+        pickle.dump(refs, handle)
+    with pytest.raises(ReferValueError) as error:
+        REFER(str(tmp_path), "refcoco", "unc")
+    assert _one_line(error) == (f"{info.refs_path}: ref_id {refs[1]['ref_id']} has no 'sentences'; "
+                                f"expected the keys ref_id, ann_id, image_id, split, sentences")
+
+
+def test_invalid_instances_json_names_the_file(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    with open(info.instances_path, "w") as handle:
+        handle.write('{"images": [')
+    with pytest.raises(ReferValueError, match=re.escape(f"{info.instances_path} is not valid JSON")):
+        REFER(str(tmp_path), "refcoco", "unc")
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -269,10 +335,6 @@ def test_unknown_split(refcoco):
         refer.getRefIds(split="trian")
     message = _one_line(error)
     assert "'trian'" in message and "testA" in message and "train" in message
-
-
-def test_empty_split_error_type_is_value_error():
-    assert issubclass(EmptySplitError, ValueError) and issubclass(UnknownSplitError, ValueError)
 
 
 def test_ref_pointing_to_missing_annotation(tmp_path):

@@ -1,11 +1,10 @@
-"""End-to-end: train.sh / test.sh with the tiny model on a small generated toy dataset.
-
-Each run is a real subprocess (torchrun, gloo on CPU), so these are the slowest tests (~2 min).
-"""
+"""End to end: train.sh / test.sh / demo.py with the tiny model on a small generated toy dataset,
+as real subprocesses (torchrun, gloo on CPU): training, resuming after SIGKILL and SIGTERM, and
+evaluating a checkpoint whose settings the programs read from it."""
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -13,35 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data.toy import ensure_toy_dataset
+from models.pretrained import export_model_folder
 from refer.refer import REFER
+from utils.errors import InputError
+from tests.programs import SMALL_RUN, load_program, run, start, train_command, wait_for
 from utils.checkpoint import load_checkpoint
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Small enough that an epoch takes about a second: 24 train images, 32 px, 2 processes x 4.
-SMALL_RUN = ["--img_size", "32", "--batch-size", "4", "--workers", "0", "--eval_batch_size", "8"]
+pytestmark = pytest.mark.xdist_group("train_eval")
 
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refer_data")
-    ensure_toy_dataset(str(root), num_train_images=24, num_eval_images=8, image_size=64)
-    return str(root)
-
-
-def run(command, **env_extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, **env_extra)
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def train_command(toy_root, output_dir, epochs, extra=()):
-    return [sys.executable, "train.py", "--dataset", "toy", "--refer_data_root", toy_root,
-            "--output-dir", str(output_dir), "--epochs", str(epochs), *SMALL_RUN, *extra]
-
-
-def model_state(path):
-    return load_checkpoint(str(path))["model"]
+EPOCHS = 2
 
 
 def assert_same_weights(first, second):
@@ -50,95 +29,144 @@ def assert_same_weights(first, second):
         torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_train_sh_two_processes_writes_log_and_checkpoints(toy_root, tmp_path):
-    logdir, output_dir = tmp_path / "logs", tmp_path / "ckpt"
+def last_state(directory):
+    return load_checkpoint(str(directory / "checkpoint_last_toy.pth"))
+
+
+@pytest.fixture(scope="module")
+def two_process_run(toy_root, tmp_path_factory):
+    """`bash train.sh toy LOGDIR 2 ...`: two CPU processes, EPOCHS epochs."""
+    root = tmp_path_factory.mktemp("two_process_run")
+    logdir, output_dir = root / "logs", root / "ckpt"
     result = run(["bash", "train.sh", "toy", str(logdir), "2", "--refer_data_root", toy_root,
-                  "--output-dir", str(output_dir), "--epochs", "2", *SMALL_RUN])
+                  "--output-dir", str(output_dir), "--epochs", str(EPOCHS), *SMALL_RUN])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = (logdir / "log.txt").read_text()
-    assert "epoch 1/2" in log and "epoch 2/2" in log and "2 process(es)" in log
-    last = load_checkpoint(str(output_dir / "checkpoint_last_toy.pth"))
-    best = load_checkpoint(str(output_dir / "model_best_toy.pth"))
-    assert last["epoch"] == 2 and last["iteration"] == 0
-    assert last["args"]["model"] == "tiny" and 0 <= best["best_oIoU"] <= 100
+    return {"logdir": logdir, "output_dir": output_dir, "result": result,
+            "best": str(output_dir / "model_best_toy.pth")}
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy_root, tmp_path_factory):
+    """One uninterrupted single-process run with cached latents: what an interrupted and resumed
+    run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    result = run(train_command(toy_root, root / "ckpt", EPOCHS, "--batch-size", "2",
+                               "--cache_latents", str(root / "cache")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return last_state(root / "ckpt")
+
+
+def test_train_sh_two_processes_writes_log_and_checkpoints(two_process_run, toy_root):
+    log = (two_process_run["logdir"] / "log.txt").read_text()
+    assert f"epoch 1/{EPOCHS}" in log and f"epoch {EPOCHS}/{EPOCHS}" in log and "2 process(es)" in log
+    last = last_state(two_process_run["output_dir"])
+    assert last["epoch"] == EPOCHS and last["iteration"] == 0
+    assert last["config"] == {"preset": "tiny", "token_length": 16, "img_size": 32, "attn_grad": True,
+                              "decoder_hidden": 64, "sd_path": None, "clip_path": None,
+                              "pad_token_id": 49407}
+    assert last["args"]["model"] == "tiny" and 0 <= last["best"]["score"] <= 100
     # Each process gets half the train refs, in whole batches of 4; the schedule counted every
     # step of both epochs.
     train_refs = len(REFER(toy_root, "toy", "unc").getRefIds(split="train"))
-    assert last["scheduler"]["last_epoch"] == 2 * ((train_refs // 2) // 4)
+    assert last["scheduler"]["last_epoch"] == EPOCHS * ((train_refs // 2) // 4)
+    assert last["schedule"]["processes"] == 2
+    assert sorted(os.listdir(two_process_run["output_dir"])) == [
+        "checkpoint_last_toy.pth", "model_best_toy.pth"]  # the run's lock is gone
 
 
-def test_sigkill_mid_epoch_then_rerun_resumes_identically(toy_root, tmp_path):
-    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    assert run(train_command(toy_root, reference_dir, 3)).returncode == 0
+def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
+                                             restore_signal_handlers):
+    """SIGTERM mid-epoch (a checkpoint of that batch), resume; SIGKILL mid-epoch (no chance to
+    save), resume: the final weights equal the uninterrupted run's. Latents are cached on the way
+    (train and val, before the first epoch) and then serve test.py without the images."""
+    output_dir, cache = tmp_path / "ckpt", tmp_path / "cache"
+    command = train_command(toy_root, output_dir, EPOCHS, "--batch-size", "2", "--cache_latents",
+                            str(cache))
+    last_path = output_dir / "checkpoint_last_toy.pth"
 
-    # Kill (SIGKILL: no chance to save) once epoch 1's checkpoint exists, i.e. during epoch 2.
-    process = subprocess.Popen(train_command(toy_root, killed_dir, 3), cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    last_path = killed_dir / "checkpoint_last_toy.pth"
+    # 1. SIGTERM as soon as training starts: saved at the batch it stopped after.
+    process = start(command)
+    lines = wait_for(process, "training:")  # logged with the stop handler installed
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "encoding" in output  # the cache was filled before training
+    state = load_checkpoint(str(last_path))
+    stopped_at = state["iteration"]
+    assert state["epoch"] == 0 and 0 < stopped_at < state["schedule"]["iterations_per_epoch"]
+    assert f"SIGTERM: saved {last_path} at epoch 0, iteration {stopped_at}" in output
+
+    # 2. The same command resumes at that batch; SIGKILL it once epoch 1's checkpoint exists.
+    process = start(command)
+    wait_for(process, f"resumed from {last_path}: epoch 0, iteration {stopped_at}")
     deadline = time.time() + 240
-    while not last_path.exists() and process.poll() is None and time.time() < deadline:
+    while load_checkpoint(str(last_path))["epoch"] == 0 and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert load_checkpoint(str(last_path))["epoch"] == 1
 
-    result = run(train_command(toy_root, killed_dir, 3))  # the same command again
+    # 3. And again: it finishes, with the uninterrupted run's weights and schedule.
+    result = run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "epoch 1, iteration 0" in result.stdout
-    resumed, reference = (load_checkpoint(str(d / "checkpoint_last_toy.pth"))
-                          for d in (killed_dir, reference_dir))
-    assert resumed["epoch"] == reference["epoch"] == 3
-    assert resumed["scheduler"] == reference["scheduler"]
-    assert resumed["optimizer"]["param_groups"][0]["lr"] == reference["optimizer"]["param_groups"][0]["lr"]
-    assert_same_weights(resumed["model"], reference["model"])
+    assert "encoding" not in result.stdout  # the cache is complete
+    resumed = last_state(output_dir)
+    assert resumed["epoch"] == reference_run["epoch"] == EPOCHS
+    assert resumed["scheduler"] == reference_run["scheduler"]
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == reference_run["optimizer"]["param_groups"][0]["lr"]
+    assert_same_weights(resumed["model"], reference_run["model"])
+
+    # 4. test.py evaluates val from the cache alone: the images are gone.
+    (fingerprint,) = os.listdir(cache)
+    cached = os.listdir(cache / fingerprint / "32")
+    assert cached and all(name.endswith(".npy") for name in cached)
+    data_root = tmp_path / "data"
+    shutil.copytree(toy_root, data_root)
+    for image in (data_root / "toy" / "images").iterdir():
+        image.unlink()
+    results_json = tmp_path / "results.json"
+    assert load_program("test.py").main([
+        "--dataset", "toy", "--refer_data_root", str(data_root), "--checkpoint",
+        str(output_dir / "model_best_toy.pth"), "--workers", "0", "--cache_latents", str(cache),
+        "--results_json", str(results_json)]) == 0
+    assert json.loads(results_json.read_text())["results"]["val"]["sentences"] > 0
+    assert sorted(os.listdir(cache / fingerprint / "32")) == sorted(cached)
 
 
-def test_sigterm_saves_mid_epoch_and_resume_matches(toy_root, tmp_path):
-    reference_dir, stopped_dir = tmp_path / "reference", tmp_path / "stopped"
-    assert run(train_command(toy_root, reference_dir, 1)).returncode == 0
-    process = subprocess.Popen(train_command(toy_root, stopped_dir, 1), cwd=REPO_ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    # Wait for the first training progress (the model is built and the loop started).
-    for line in process.stdout:
-        if "process(es)" in line:
-            break
-    time.sleep(1.5)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, output[-3000:]
-    state = load_checkpoint(str(stopped_dir / "checkpoint_last_toy.pth"))
-    if "SIGTERM: saved" not in output:
-        pytest.skip("the run finished before the signal arrived (machine too fast for this test)")
-    assert state["epoch"] == 0 and state["iteration"] > 0
-    result = run(train_command(toy_root, stopped_dir, 1))
-    assert result.returncode == 0 and f"iteration {state['iteration']}" in result.stdout
-    assert_same_weights(model_state(stopped_dir / "checkpoint_last_toy.pth"),
-                        model_state(reference_dir / "checkpoint_last_toy.pth"))
-
-
-def test_test_sh_same_metrics_on_one_and_two_processes(toy_root, tmp_path):
-    output_dir = tmp_path / "ckpt"
-    assert run(train_command(toy_root, output_dir, 1)).returncode == 0
-    checkpoint = str(output_dir / "model_best_toy.pth")
-    tables = []
-    for nproc in ("1", "2"):
-        results_json = tmp_path / f"results_{nproc}.json"
-        panels = ["--vis_dir", str(tmp_path / "vis"), "--vis_num", "3"] if nproc == "1" else []
-        result = run(["bash", "test.sh", "toy", checkpoint, "--refer_data_root", toy_root,
-                      "--img_size", "32", "--workers", "0", "--split", "all",
-                      "--results_json", str(results_json),
-                      "--save_masks", str(tmp_path / f"masks_{nproc}"), *panels], NPROC=nproc)
+def test_test_sh_reads_the_model_from_the_checkpoint(two_process_run, toy_root, tmp_path,
+                                                     restore_signal_handlers):
+    checkpoint = two_process_run["best"]
+    tables = {}
+    # 1 process without any model flag, with panels and masks; 2 processes likewise; and VPD's
+    # own test.sh command line (--resume, --ddp_trained_weights, -j) with an agreeing --img_size.
+    commands = {
+        "nproc1": (["bash", "test.sh", "toy", checkpoint, "--vis_dir", str(tmp_path / "vis"),
+                    "--vis_num", "3", "--save_masks", str(tmp_path / "masks_1")], {"NPROC": "1"}),
+        "nproc2": (["bash", "test.sh", "toy", checkpoint, "--save_masks", str(tmp_path / "masks_2")],
+                   {"NPROC": "2"}),
+    }
+    common = ["--refer_data_root", toy_root, "--workers", "0", "--split", "all"]
+    for name, (command, env) in commands.items():
+        results_json = tmp_path / f"results_{name}.json"
+        result = run([*command, *common, "--results_json", str(results_json)], **env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "| split | P@0.5" in result.stdout and "| testA |" in result.stdout
-        tables.append(json.loads(results_json.read_text())["results"])
-    for split in ("val", "testA", "testB"):
-        for column in ("P@0.5", "P@0.9", "oIoU", "mIoU", "sentences", "refs"):
-            assert tables[0][split][column] == pytest.approx(tables[1][split][column], abs=1e-9)
+        tables[name] = json.loads(results_json.read_text())
+    # VPD's own test.sh command line, with an agreeing --img_size.
+    assert load_program("test.py").main([
+        "--dataset", "toy", "--resume", checkpoint, "--ddp_trained_weights", "-j", "0",
+        "--img_size", "32", *common, "--results_json", str(tmp_path / "results_vpd.json")]) == 0
+    tables["vpd"] = json.loads((tmp_path / "results_vpd.json").read_text())
+    assert tables["nproc1"]["config"]["img_size"] == 32  # from the checkpoint
+    for name in ("nproc2", "vpd"):
+        for split in ("val", "testA", "testB"):
+            for column in ("P@0.5", "P@0.9", "oIoU", "mIoU", "sentences", "refs"):
+                assert tables[name]["results"][split][column] == pytest.approx(
+                    tables["nproc1"]["results"][split][column], abs=1e-9), (name, split, column)
     masks_one = sorted(os.listdir(tmp_path / "masks_1"))
     assert masks_one == sorted(os.listdir(tmp_path / "masks_2"))
-    assert len(masks_one) == sum(tables[0][split]["sentences"] for split in tables[0])
+    assert len(masks_one) == sum(r["sentences"] for r in tables["nproc1"]["results"].values())
 
     panels = sorted(os.listdir(tmp_path / "vis"))
     assert len(panels) == 3
@@ -146,25 +174,25 @@ def test_test_sh_same_metrics_on_one_and_two_processes(toy_root, tmp_path):
         # image | truth | prediction, each enlarged from 32 px to 160 px, plus the caption
         assert panel.width == 3 * 160 and panel.height > 160
 
-    # demo.py reads the preset, token length and image size from the checkpoint.
+
+def test_a_contradicting_model_flag_is_refused_before_evaluating(two_process_run, toy_root):
+    with pytest.raises(InputError) as error:
+        load_program("test.py").main(["--dataset", "toy", "--checkpoint", two_process_run["best"],
+                                      "--refer_data_root", toy_root, "--token_length", "40"])
+    assert str(error.value) == (f"--token_length 40 contradicts {two_process_run['best']}, which "
+                                f"holds a model with token_length 16; leave the flag out (the "
+                                f"checkpoint decides) or load another checkpoint")
+
+
+def test_demo_and_a_model_folder(two_process_run, toy_root, tmp_path):
+    folder = tmp_path / "toy_model"
+    export_model_folder(two_process_run["best"], folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
     image_path = os.path.join(toy_root, "toy", "images", "toy_000001.jpg")
     out_path = tmp_path / "overlay.png"
-    result = run([sys.executable, "demo.py", "--checkpoint", checkpoint, "--image", image_path,
+    result = run([sys.executable, "demo.py", "--checkpoint", str(folder), "--image", image_path,
                   "--text", "the red shape", "--text", "the circle", "--out", str(out_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     with Image.open(image_path) as image, Image.open(out_path) as overlay:
         assert overlay.width >= image.width and overlay.height > image.height
     assert "the red shape" in result.stdout and "the circle" in result.stdout
-
-
-def test_bad_input_is_one_line_error(toy_root, tmp_path):
-    junk = tmp_path / "junk.pth"
-    junk.write_text("not a checkpoint")
-    result = run(["bash", "test.sh", "toy", str(junk), "--refer_data_root", toy_root])
-    assert result.returncode == 2 and "junk.pth is not a readable PyTorch checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
-    result = run([sys.executable, "train.py", "--dataset", "toy", "--dist_backend", "nccl"])
-    assert result.returncode == 2 and "needs CUDA GPUs" in result.stderr
-    result = run([sys.executable, "train.py", "--dataset", "refcoco", "--model", "tiny",
-                  "--refer_data_root", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path)])
-    assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr

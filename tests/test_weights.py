@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
 from models import (
-    CheckpointMismatchError,
     WeightsFormatError,
     WeightsNotFoundError,
+    SegmenterConfig,
     build_model,
     create_segmenter,
     load_pretrained_components,
@@ -24,6 +24,7 @@ from models import (
 )
 from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
 from models.weights import SD15_CONFIG_DIR, load_clip_text_model
+from utils.checkpoint import CheckpointError, model_state_from_checkpoint
 
 TOKEN_LENGTH = 10
 
@@ -218,7 +219,7 @@ def test_missing_sd_path_is_a_one_line_error(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
     assert "\n" not in message and str(missing) in message and "diffusers folder" in message and ".ckpt" in message
     with pytest.raises(WeightsNotFoundError):
-        build_model(SimpleNamespace(model="vpd", sd_path=str(missing), token_length=40))
+        build_model(SegmenterConfig(preset="vpd", sd_path=str(missing), token_length=40))
 
 
 def test_malformed_sd_paths_are_one_line_errors(tmp_path):
@@ -240,7 +241,7 @@ def test_our_checkpoint_without_frozen_modules_loads():
     frozen = tuple(f"{name}." for name in source.frozen_module_names)
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(frozen)}
     target = create_segmenter("tiny", token_length=TOKEN_LENGTH).eval()
-    report = load_segmenter_state(target, {"model": state, "epoch": 3})
+    report = load_segmenter_state(target, model_state_from_checkpoint({"model": state, "epoch": 3}))
     assert report.layout == "ours" and report.missing == [] and report.unexpected == []
     assert report.frozen_kept and all(k.startswith(frozen) for k in report.frozen_kept)
     _assert_same_state(target, source)  # frozen parts are identical too: seeded tiny init
@@ -275,7 +276,7 @@ def test_vpd_released_layout_loads_with_nothing_missing():
     state = _vpd_layout_state(source)
     assert any(k.startswith("encoder_vq.encoder.mid.attn_1.") for k in state)
     target = create_segmenter("tiny", token_length=TOKEN_LENGTH).eval()
-    report = load_segmenter_state(target, {"model": state, "optimizer": {}, "epoch": 39})
+    report = load_segmenter_state(target, model_state_from_checkpoint({"model": state, "optimizer": {}, "epoch": 39}))
     assert report.layout == "vpd"
     assert report.missing == [] and report.unexpected == []
     assert all(k.startswith("text_encoder.") for k in report.frozen_kept)  # VPD never saved CLIP
@@ -294,14 +295,14 @@ def test_vpd_released_layout_loads_with_nothing_missing():
 def test_other_token_length_gives_a_clear_shape_error():
     state = create_segmenter("tiny", token_length=TOKEN_LENGTH).state_dict()
     target = create_segmenter("tiny", token_length=TOKEN_LENGTH + 2)
-    with pytest.raises(CheckpointMismatchError, match=r"--token_length.*decoder\.fuse_c3\.0\.conv\.weight: checkpoint \(64, 138, 3, 3\) vs model \(64, 140"):
+    with pytest.raises(CheckpointError, match=r"--token_length.*decoder\.fuse_c3\.0\.conv\.weight: checkpoint \(64, 138, 3, 3\) vs model \(64, 140"):
         load_segmenter_state(target, state)
 
 
 def test_checkpoint_without_backbone_is_refused():
     state = {k: v for k, v in create_segmenter("tiny", token_length=TOKEN_LENGTH).state_dict().items()
              if k.startswith("decoder.")}
-    with pytest.raises(CheckpointMismatchError, match="no UNet weight"):
+    with pytest.raises(CheckpointError, match="no UNet weight"):
         load_segmenter_state(create_segmenter("tiny", token_length=TOKEN_LENGTH), state)
 
 
@@ -310,5 +311,5 @@ def test_strict_load_reports_missing_keys():
              if not k.startswith("decoder.classifier.")}
     target = create_segmenter("tiny", token_length=TOKEN_LENGTH)
     assert load_segmenter_state(target, state).missing == ["decoder.classifier.bias", "decoder.classifier.weight"]
-    with pytest.raises(CheckpointMismatchError, match="strict"):
+    with pytest.raises(CheckpointError, match="strict"):
         load_segmenter_state(target, state, strict=True)

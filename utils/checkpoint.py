@@ -68,50 +68,45 @@ class _WriteErrorRecorder:
 def load_checkpoint(path):
     """Load a checkpoint dict on the CPU with `weights_only=True` (no code runs on load).
 
-    Accepts our checkpoints ({'model': state_dict, ...}) and VPD's released ones; raises
-    CheckpointError with the path when the file is missing or not a checkpoint.
+    Tensors are memory-mapped from the file where its format allows, so reading a large checkpoint
+    to look at its config or epoch costs little. Accepts our checkpoints ({'model': state_dict,
+    'config': ..., ...}) and VPD's released ones (whose args are an argparse.Namespace, returned
+    here as a dict); raises CheckpointError with the path when the file is missing or not a
+    checkpoint.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; expected a checkpoint file (.pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # VPD's released checkpoints store their args as an argparse.Namespace: allow that type.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # the legacy (non-zip) format cannot be mapped
+                if "mmap" not in str(error):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a bad file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    if isinstance(state.get("args") if isinstance(state, dict) else None, argparse.Namespace):
-        state["args"] = vars(state["args"])
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict with a "
                               f"'model' state dict")
+    if isinstance(state.get("args"), argparse.Namespace):
+        state["args"] = vars(state["args"])
     return state
 
 
 def model_state_from_checkpoint(state, path="checkpoint"):
-    """The model's state dict inside a loaded checkpoint (ours: 'model'; VPD's: 'model' too)."""
+    """The model's state dict inside a loaded checkpoint: 'model' (ours and VPD's) or
+    'state_dict', without DDP's 'module.' prefix."""
     model_state = state.get("model", state.get("state_dict"))
     if not isinstance(model_state, dict) or not model_state:
         raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(state)[:10]})")
+    if all(key.startswith("module.") for key in model_state):
+        model_state = {key.removeprefix("module."): value for key, value in model_state.items()}
     return model_state
-
-
-def check_compatible(state, args, path, flags=("model", "token_length")):
-    """Refuse a checkpoint trained with other settings of `flags`, naming the flag.
-
-    (Shapes are checked again when the weights load; this says *why* they would differ.)
-    """
-    checkpoint_args = state.get("args") or {}
-    for flag in flags:
-        if flag in checkpoint_args and checkpoint_args[flag] != getattr(args, flag):
-            raise CheckpointError(f"{path} was trained with --{flag} {checkpoint_args[flag]}, "
-                                  f"this run uses --{flag} {getattr(args, flag)}")
-
-
-def trainable_state_dict(model, frozen_prefixes=()):
-    """The model's state dict without the frozen pretrained parts (reloaded from --sd_path)."""
-    return {key: value for key, value in model.state_dict().items()
-            if not any(key.startswith(prefix + ".") for prefix in frozen_prefixes)}
 
 
 def rng_state():

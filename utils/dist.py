@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
 
-class DistributedSetupError(ValueError):
+
+class DistributedSetupError(InputError, ValueError):
     """The launch asks for something this machine cannot give (NCCL without GPUs, ...)."""
 
 
@@ -29,35 +31,50 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(backend="auto"):
+def init_distributed(backend="auto", device="auto", local_rank=None):
     """Join the process group described by torchrun's environment variables, pick the device.
 
-    backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo".
+    backend: "auto" (nccl with GPUs, gloo without), "nccl" or "gloo". device: "auto" (a GPU when
+    present), "cpu", "cuda" or "cuda:N" (N only for a single process; under torchrun each process
+    takes the GPU of its local rank). local_rank: `--local_rank` of torch.distributed.launch, used
+    when the environment has no LOCAL_RANK.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     num_gpus = torch.cuda.device_count()
+    use_gpu = num_gpus > 0 and device != "cpu"
+    if device.startswith("cuda") and num_gpus == 0:
+        raise DistributedSetupError(f"--device {device} asks for a GPU and none is visible; use "
+                                    f"--device cpu (or auto)")
 
     if backend == "auto":
-        backend = "nccl" if num_gpus > 0 else "gloo"
-    if backend == "nccl" and num_gpus == 0:
-        raise DistributedSetupError("--dist_backend nccl needs CUDA GPUs and none is visible; "
-                           "use --dist_backend gloo (or auto) to run on CPU")
-    if num_gpus > 0 and local_world_size > num_gpus:
+        backend = "nccl" if use_gpu else "gloo"
+    if backend == "nccl" and not use_gpu:
+        raise DistributedSetupError("--dist_backend nccl needs CUDA GPUs and none is used; "
+                                    "use --dist_backend gloo (or auto) to run on CPU")
+    if use_gpu and local_world_size > num_gpus:
         raise DistributedSetupError(f"{local_world_size} processes per node were launched but only "
-                           f"{num_gpus} GPU(s) are visible: pass NPROC <= {num_gpus}")
+                                    f"{num_gpus} GPU(s) are visible: pass NPROC <= {num_gpus}")
 
-    if num_gpus > 0:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+    if use_gpu:
+        index = local_rank
+        if device.startswith("cuda:"):
+            if world_size > 1:
+                raise DistributedSetupError(f"--device {device} names one GPU, but {world_size} "
+                                            f"processes were launched; use --device cuda")
+            index = int(device.split(":", 1)[1])
+            if index >= num_gpus:
+                raise DistributedSetupError(f"--device {device}: only {num_gpus} GPU(s) are visible")
+        torch.cuda.set_device(index)
+        chosen = torch.device("cuda", index)
     else:
-        device = torch.device("cpu")
+        chosen = torch.device("cpu")
 
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        dist.init_process_group(backend=backend, device_id=chosen if chosen.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
 def is_distributed():
@@ -74,6 +91,15 @@ def all_reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_objects(obj):
+    """A list with every process's `obj` (a one-element list when single-process)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def rank_and_world_size():

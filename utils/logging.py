@@ -1,19 +1,34 @@
-"""Console logging (rank 0 speaks, other ranks only warn) and the results table."""
+"""Console and file logging (rank 0 speaks, other ranks only warn), the programs' exit path, and
+the results table."""
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 
-from utils.metrics import PRECISION_THRESHOLDS
+from .errors import EXIT_INPUT_ERROR, InputError, one_line
+from .metrics import PRECISION_THRESHOLDS
 
 LOGGER_NAME = "ris"
+EXIT_INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C
 
 
-def setup_logging(is_main=True):
+def setup_logging(is_main=True, log_file=None):
+    """Log lines to stdout and, on rank 0, appended to `log_file` (no progress bars go there: tqdm
+    writes to stderr, and the file only gets these lines)."""
     logger = logging.getLogger(LOGGER_NAME)
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(formatter)
     logger.addHandler(handler)
+    if log_file and is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     return logger
@@ -24,26 +39,68 @@ def get_logger():
 
 
 def progress_enabled(is_main):
-    """Progress bars on rank 0 when they reach a terminal (train.sh/test.sh set RIS_PROGRESS=1
-    when theirs is one, since their output goes through tee)."""
+    """Progress bars on rank 0 when they reach a terminal (the launchers set RIS_PROGRESS=1 when
+    theirs is one)."""
     return is_main and (sys.stderr.isatty() or os.environ.get("RIS_PROGRESS") == "1")
 
 
-# Errors that mean bad input (paths, files, flags, checkpoints) rather than a bug: the entry
-# points print them as one line. Each layer's own errors derive from these.
-USER_ERRORS = (OSError, ValueError)
+def _stop_child_processes():
+    """End this process's DataLoader workers now. They ignore SIGTERM (a scheduler's signal to the
+    whole process group is the main process's to handle), so multiprocessing's exit handler, which
+    stops children with SIGTERM and then waits for them, would wait forever while an exception
+    still holds their loader alive."""
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # torch's loader watches its workers through SIGCHLD and raises when one dies; they are being
+    # ended on purpose here.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
+
+
+def _log_to_files(message, exc_info=None):
+    """Write a line (and a traceback) to the log file only: the terminal gets its own copy."""
+    logger = get_logger()
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None,
+                               (type(exc_info), exc_info, exc_info.__traceback__) if exc_info else None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
 
 
 def run_cli(main):
-    """Run an entry point's main(); bad input exits with status 2 and a one-line message
-    (RIS_DEBUG=1 shows the traceback instead)."""
+    """Run an entry point's main() and exit with its status.
+
+    An InputError (bad path, file, flag, checkpoint; from a DataLoader worker too) is printed as
+    one line (and logged, so a log file keeps it) with exit status 2; Ctrl-C outside the training
+    loop's own handling exits with 130. Any other exception keeps its traceback (RIS_DEBUG=1 shows
+    the traceback of input errors too). Loader workers are ended first in every case, so the
+    process never hangs on its way out.
+    """
     try:
-        sys.exit(main())
-    except USER_ERRORS as error:
+        status = main()
+    except InputError as error:
+        _stop_child_processes()
         if os.environ.get("RIS_DEBUG") == "1":
             raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        message = f"error: {one_line(error)}"
+        _log_to_files(message)
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    except KeyboardInterrupt:
+        _stop_child_processes()
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BaseException as error:
+        _stop_child_processes()
+        if not isinstance(error, SystemExit):
+            _log_to_files("unexpected error (traceback follows)", exc_info=error)
+        raise
+    sys.exit(status)
 
 
 def format_results_table(results_by_split, thresholds=PRECISION_THRESHOLDS):

@@ -23,7 +23,7 @@ def parameter_groups(model, weight_decay, unet_lr_scale=1.0):
     return list(groups.values())
 
 
-def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None):
+def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None, amsgrad=False):
     groups = parameter_groups(model, weight_decay, unet_lr_scale)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
@@ -32,7 +32,7 @@ def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None):
     # Elsewhere the multi-tensor (foreach) path: PyTorch only picks it by default for CUDA tensors,
     # and the per-parameter loop costs ~15% of a tiny model's CPU step.
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused,
-                             foreach=None if fused else True)
+                             foreach=None if fused else True, amsgrad=amsgrad)
 
 
 def poly_lr_lambda(total_iterations, power=0.9):

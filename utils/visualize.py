@@ -1,10 +1,27 @@
 """Pictures of predictions: mask overlays with outlines (demo.py) and side-by-side panels (test.py)."""
+import colorsys
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# Distinct colours for several expressions drawn on one image.
+# Distinct colours for several expressions drawn on one image (the first eight; see mask_colours).
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+_GOLDEN_RATIO = 0.618033988749895
+
+
+def mask_colours(count):
+    """`count` distinct RGB colours: PALETTE first, then hues spread by the golden ratio (so the
+    9th and later expressions get colours of their own instead of reusing the first ones)."""
+    colours = list(PALETTE[:count])
+    hue = 0.11
+    while len(colours) < count:
+        hue = (hue + _GOLDEN_RATIO) % 1.0
+        lightness = (0.45, 0.6, 0.35)[(len(colours) // 8) % 3]
+        rgb = tuple(int(round(255 * c)) for c in colorsys.hls_to_rgb(hue, lightness, 0.85))
+        if rgb not in colours:
+            colours.append(rgb)
+    return colours
 
 
 def tensor_to_image(image):
@@ -21,7 +38,7 @@ def mask_to_image(mask):
 def overlay_masks(image, masks, colours=None, alpha=0.5):
     """Blend each (H, W) mask into the RGB image in its colour and draw its outline."""
     canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    colours = colours or PALETTE
+    colours = colours or mask_colours(len(masks))
     outlines = []
     for index, mask in enumerate(masks):
         colour = np.array(colours[index % len(colours)], dtype=np.float32)

@@ -1,0 +1,437 @@
+"""The command line of every program: one definition per flag, in groups; each program's parser
+holds only the groups it reads (`PROGRAM_GROUPS`), so a flag a program does not read is an
+argparse error there and its --help lists only its own flags.
+
+Defaults reproduce the published VPD recipe. A few settings depend on the dataset (the embedded
+``toy`` dataset trains a tiny model on a CPU; RefCOCO/+ use 40 tokens): those flags default to
+``None`` in the parser and are filled by :func:`resolve_defaults` from ``DATASET_DEFAULTS`` first
+and ``PAPER_DEFAULTS`` second, so a flag given on the command line always wins. test.py and the
+demo take the model's settings (preset, token length, image size) from the checkpoint instead.
+
+Cheap flag values (sizes, splits, partitions) are checked here, before any file is read.
+"""
+import argparse
+import os
+import sys
+
+from models import PRESETS, SegmenterConfig
+from refer.refer import DATASETS, QUERY_SPLITS, split_matches
+from utils.errors import InputError
+
+from .precision import PRECISIONS
+
+# Default data, weights and checkpoint folders live inside the repository, wherever it is run from.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SD_PATH = os.path.join(REPO_ROOT, "stable-diffusion-v1-5")
+
+# The published recipe (VPD-RIS: 8 GPUs x 4 images, AdamW 5e-5, 40 epochs, 512 px, SD v1.5).
+PAPER_DEFAULTS = dict(
+    model="vpd",
+    img_size=512,
+    token_length=77,
+    batch_size=4,
+    epochs=40,
+    lr=5e-5,
+    workers=4,
+    attn_grad=False,
+    splitBy="unc",
+)
+
+# Per-dataset overrides of PAPER_DEFAULTS. VPD's README passes --token_length 40 for RefCOCO and
+# RefCOCO+ and 77 with --splitBy umd for RefCOCOg. `toy` is sized so the README's first command
+# trains on two CPU cores in minutes (tiny model: random UNet and text encoder, the small VAE that
+# ships with the repository; nothing to download); chosen from measured CPU runs (bench/RESULTS.md).
+DATASET_DEFAULTS = {
+    "refcoco": dict(token_length=40),
+    "refcoco+": dict(token_length=40),
+    "refcocog": dict(token_length=77, splitBy="umd"),
+    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
+                workers=1, attn_grad=True),
+}
+
+# Flags of VPD's / LAVT's command lines that change nothing here: accepted with one warning each.
+IGNORED_VPD_FLAGS = {
+    "--ddp_trained_weights": "checkpoint prefixes (DDP's 'module.') are detected anyway",
+    "--ck_bert": "VPD never reads it; the text encoder is CLIP",
+    "--bert_tokenizer": "the tokenizer is CLIP's",
+    "--fusion_drop": "VPD never reads it",
+    "--pretrained_swin_weights": "there is no Swin backbone",
+    "--swin_type": "there is no Swin backbone",
+    "--window12": "there is no Swin backbone",
+    "--mha": "LAVT's fusion option; VPD has none",
+}
+IGNORED_FLAG_NAMES = tuple(flag.lstrip("-") for flag in IGNORED_VPD_FLAGS)
+
+
+# ---------------------------------------------------------------------------------- value types
+def _integer(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = _integer(1)
+nonnegative_int = _integer(0)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------------------- groups
+def _data(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="refcoco", choices=tuple(DATASETS),
+                       help="which REFER dataset to read (default: refcoco)")
+    group.add_argument("--splitBy", default=None,
+                       help="REFER partition: unc (refcoco, refcoco+), umd or google (refcocog) "
+                            "(default: umd for refcocog, else unc)")
+    group.add_argument("--refer_data_root", default=os.path.join(REPO_ROOT, "refer", "data"),
+                       help="folder holding images/ and the refcoco*/ folders (see refer/README.md)")
+    group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
+                       help="data loader processes per GPU (default: 4; toy: 1)")
+    group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
+                       help="page-locked loader memory (default: on when a GPU is used)")
+
+
+def _split(parser):
+    group = parser.add_argument_group("held-out split")
+    group.add_argument("--split", default="val",
+                       help="train.py validates on this split after every epoch; test.py evaluates "
+                            "it, or every held-out split with `all` (default: val)")
+
+
+def _architecture(parser):
+    group = parser.add_argument_group(
+        "model", "test.py and demo.py read these from the checkpoint; given there, they must agree")
+    group.add_argument("--model", default=None, choices=tuple(PRESETS),
+                       help="model preset: vpd (Stable Diffusion v1.5 sizes, needs --sd_path) or "
+                            "tiny (small model for CPU runs and tests) (default: vpd; toy: tiny)")
+    group.add_argument("--img_size", type=positive_int, default=None,
+                       help="images and masks are resized to img_size x img_size (paper: 512)")
+    group.add_argument("--token_length", type=_integer(2), default=None,
+                       help="CLIP tokens per sentence incl. start/end; longer sentences are "
+                            "truncated (paper: 40 for RefCOCO/+, 77 for RefCOCOg)")
+    group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
+                       help="let the cross-attention maps fed to the decoder carry gradient "
+                            "(default: off, as in VPD; on for toy)")
+
+
+def _weights(parser):
+    group = parser.add_argument_group("pretrained weights")
+    group.add_argument("--sd_path", default=None,
+                       help="Stable Diffusion v1.5 weights: a diffusers folder (unet/, vae/, "
+                            "text_encoder/) or one .ckpt/.safetensors file (default for vpd: "
+                            "./stable-diffusion-v1-5; test.py/demo.py: the path the checkpoint "
+                            "records)")
+    group.add_argument("--clip_path", default=None,
+                       help="CLIP ViT-L/14 text model folder (transformers layout) replacing the "
+                            "text encoder inside --sd_path")
+
+
+def _optimization(parser):
+    group = parser.add_argument_group("optimization")
+    group.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int,
+                       default=None, help="images per process per step (paper: 4 x 8 GPUs)")
+    group.add_argument("--epochs", type=positive_int, default=None, help="training epochs (paper: 40)")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="AdamW learning rate, decayed as (1 - it/total)^0.9 (paper: 5e-5)")
+    group.add_argument("--wd", "--weight-decay", dest="wd", type=nonnegative_float, default=1e-2,
+                       help="AdamW weight decay; never applied to norms, biases and gamma "
+                            "(default: 1e-2)")
+    group.add_argument("--unet_lr_scale", type=nonnegative_float, default=1.0,
+                       help="learning-rate multiplier for the UNet (default 1.0: VPD declared "
+                            "0.01 but never applied it, and its numbers come from 1.0)")
+    group.add_argument("--amsgrad", action="store_true", help="AdamW's AMSGrad variant (VPD: off)")
+    group.add_argument("--seed", type=nonnegative_int, default=0,
+                       help="seed for data order and sentence sampling (weights are seeded apart)")
+
+
+def _run_output(parser):
+    group = parser.add_argument_group("checkpoints and logs")
+    group.add_argument("--output-dir", "--output_dir", dest="output_dir",
+                       default=os.path.join(REPO_ROOT, "checkpoints"),
+                       help="where model_best_{model_id}.pth and checkpoint_last_{model_id}.pth go; "
+                            "all nodes of a multi-node run must see the same folder")
+    group.add_argument("--model_id", default=None,
+                       help="name used in checkpoint file names (default: the dataset name)")
+    group.add_argument("--resume", default="",
+                       help="checkpoint to resume from; without it a run resumes from "
+                            "checkpoint_last_{model_id}.pth in --output-dir when present")
+    group.add_argument("--no_auto_resume", action="store_true",
+                       help="start from scratch even if a last checkpoint exists")
+    group.add_argument("--log_dir", default=None,
+                       help="where log.txt goes (train.sh passes its LOGDIR; default: "
+                            "{output-dir}/logs/{model_id})")
+    group.add_argument("--print-freq", "--print_freq", dest="print_freq", type=nonnegative_int,
+                       default=0,
+                       help="also log a progress line every N iterations (default 0: only every "
+                            "60 s, and only when no progress bar is shown)")
+
+
+def _evaluation(parser):
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval_batch_size", type=positive_int, default=8,
+                       help="images per process per evaluation step; all sentences of each "
+                            "image are evaluated together (default: 8)")
+
+
+def _validation_precision(parser):
+    group = parser.add_argument_group("validation")
+    group.add_argument("--eval_precision", default="fp32", choices=("auto",) + tuple(PRECISIONS),
+                       help="autocast of the per-epoch validation (default: fp32, as VPD)")
+
+
+def _model_input(parser):
+    group = parser.add_argument_group("model to load")
+    group.add_argument("--checkpoint", "--resume", dest="checkpoint", default=None,
+                       help="a training checkpoint (ours or VPD's released one) or a model folder "
+                            "(config.json + model.safetensors); --resume as in VPD's test.sh")
+
+
+def _test_outputs(parser):
+    group = parser.add_argument_group("test outputs")
+    group.add_argument("--results_json", default=None,
+                       help="also write the results table to this JSON file")
+    group.add_argument("--save_masks", default=None,
+                       help="write each predicted mask as {ref_id}_{sent_id}.png here")
+    group.add_argument("--vis_dir", default=None,
+                       help="write image | ground truth | prediction panels here")
+    group.add_argument("--vis_num", type=nonnegative_int, default=20,
+                       help="how many panels --vis_dir gets (default: 20)")
+    group.add_argument("--swap_text", action="store_true",
+                       help="a text-grounding control: score each mask against the sentences of "
+                            "another object of the same image (oIoU must drop)")
+
+
+def _demo(parser):
+    group = parser.add_argument_group("demo")
+    group.add_argument("--image", default=None, help="the image to segment")
+    group.add_argument("--text", action="append", default=None,
+                       help="a referring expression; give it several times to draw several masks, "
+                            "one colour each")
+    group.add_argument("--out", default="overlay.png",
+                       help="where the image with the blended masks is written (.png, .jpg, ...)")
+
+
+def _precision(parser):
+    group = parser.add_argument_group("precision")
+    group.add_argument("--precision", default="fp32", choices=("auto",) + tuple(PRECISIONS),
+                       help="autocast dtype of this program's passes (train.py: the training "
+                            "steps); auto = bf16 on GPUs that support it, else fp32 (default: fp32, "
+                            "as VPD)")
+
+
+def _speed(parser):
+    group = parser.add_argument_group("speed and memory")
+    group.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    group.add_argument("--grad_checkpoint", action="store_true",
+                       help="gradient checkpointing in the UNet (less memory, ~30%% slower)")
+    group.add_argument("--channels_last", action="store_true",
+                       help="channels_last memory format for the convolutional parts")
+
+
+def _latent_cache(parser):
+    group = parser.add_argument_group("latent cache")
+    group.add_argument("--cache_latents", default=None,
+                       help="folder caching the frozen VAE's latents (fp16, one file per image); "
+                            "missing images are encoded before training/evaluation starts, then "
+                            "items read latents instead of images (test.py ignores it with "
+                            "--vis_dir)")
+
+
+def _device(parser):
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto",
+                       help="auto (a GPU when present), cpu, cuda or cuda:N; under torchrun each "
+                            "process takes the GPU of its local rank (default: auto)")
+
+
+def _distributed(parser):
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
+                       help="torch.distributed backend; auto = nccl with GPUs, gloo without")
+    group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=nonnegative_int,
+                       default=None,
+                       help="set by `python -m torch.distributed.launch`; LOCAL_RANK from the "
+                            "environment is used when present")
+
+
+def _vpd_compat(parser):
+    group = parser.add_argument_group(
+        "accepted from VPD / LAVT command lines", "these change nothing here; each prints a warning")
+    for flag, reason in IGNORED_VPD_FLAGS.items():
+        if flag in ("--ddp_trained_weights", "--window12"):
+            group.add_argument(flag, action="store_true", help=f"ignored: {reason}")
+        else:
+            group.add_argument(flag, default=None, help=f"ignored: {reason}")
+
+
+GROUPS = {
+    "data": _data, "split": _split, "architecture": _architecture, "weights": _weights,
+    "optimization": _optimization, "run_output": _run_output, "evaluation": _evaluation,
+    "validation_precision": _validation_precision, "model_input": _model_input,
+    "test_outputs": _test_outputs, "demo": _demo, "precision": _precision, "speed": _speed,
+    "latent_cache": _latent_cache, "device": _device, "distributed": _distributed,
+    "vpd_compat": _vpd_compat,
+}
+
+PROGRAM_GROUPS = {
+    "train": ("data", "split", "architecture", "weights", "optimization", "run_output",
+              "evaluation", "validation_precision", "precision", "speed", "latent_cache",
+              "device", "distributed", "vpd_compat"),
+    "test": ("data", "split", "model_input", "architecture", "weights", "evaluation",
+             "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
+    "demo": ("model_input", "architecture", "weights", "demo", "precision", "device"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like the programs' other input errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" unless the help already states it or the default is resolved later."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += f" (default: {action.default})"
+        return text
+
+
+def build_parser(groups, description=None):
+    """A parser with the flags of `groups` (names of GROUPS); programs add their own after."""
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
+    for name in groups:
+        GROUPS[name](parser)
+    return parser
+
+
+def get_parser(program, description=None):
+    return build_parser(PROGRAM_GROUPS[program], description)
+
+
+# ---------------------------------------------------------------------------- defaults and checks
+def resolve_defaults(args, model_flags=True):
+    """Fill flags left at None: the dataset's own defaults first, then the paper's.
+
+    `model_flags=False` (test.py, demo.py) leaves the model's settings unset, to be taken from the
+    checkpoint.
+    """
+    dataset_defaults = DATASET_DEFAULTS.get(getattr(args, "dataset", None), {})
+    for key, paper_value in PAPER_DEFAULTS.items():
+        if not hasattr(args, key) or getattr(args, key) is not None:
+            continue
+        if key in MODEL_FLAGS and not model_flags:
+            continue
+        setattr(args, key, dataset_defaults.get(key, paper_value))
+    if model_flags and getattr(args, "sd_path", "absent") is None and args.model == "vpd":
+        args.sd_path = DEFAULT_SD_PATH  # only vpd needs Stable Diffusion weights
+    if getattr(args, "model_id", "absent") is None:
+        args.model_id = args.dataset
+    return args
+
+
+# The model's settings: what SegmenterConfig records and test.py / demo.py read from checkpoints.
+MODEL_FLAGS = ("model", "img_size", "token_length", "attn_grad")
+
+
+def held_out_splits(dataset, splitBy):
+    """Split names that select held-out refs of a dataset/partition (REFER query semantics)."""
+    stored = DATASETS[dataset].splits[splitBy]
+    return [split for split in QUERY_SPLITS
+            if split != "train" and any(split_matches(split, name) for name in stored)]
+
+
+def check_args(parser, args, program):
+    """Cheap consistency checks (no file is read); argparse errors naming the flag."""
+    if hasattr(args, "splitBy") and hasattr(args, "dataset"):
+        partitions = DATASETS[args.dataset].splits
+        if args.splitBy not in partitions:
+            parser.error(f"argument --splitBy: {args.dataset} has no {args.splitBy!r} partition; "
+                         f"expected one of {', '.join(partitions)}")
+        if hasattr(args, "split"):
+            allowed = held_out_splits(args.dataset, args.splitBy) + (["all"] if program == "test" else [])
+            if args.split not in allowed:
+                parser.error(f"argument --split: {args.dataset} ({args.splitBy}) has no held-out "
+                             f"split {args.split!r}; expected one of {', '.join(allowed)}")
+    if getattr(args, "device", "auto") not in ("auto", "cpu", "cuda") and not str(
+            args.device).startswith("cuda:"):
+        parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if getattr(args, "out", None) is not None and os.path.isdir(args.out):
+        parser.error(f"argument --out: {args.out} is a folder; give a file name such as "
+                     f"{os.path.join(args.out, 'overlay.png')}")
+
+
+def warn_ignored_flags(args):
+    for flag, reason in IGNORED_VPD_FLAGS.items():
+        value = getattr(args, flag.lstrip("-"), None)  # dest = the flag without its dashes
+        if value not in (None, False):
+            print(f"warning: {flag} is accepted for VPD's command lines but changes nothing here: "
+                  f"{reason}", file=sys.stderr)
+
+
+def parse_args(program, argv=None, description=None):
+    """Parse, fill defaults and check the flags of `program` ("train", "test", "demo")."""
+    parser = get_parser(program, description)
+    args = parser.parse_args(argv)
+    warn_ignored_flags(args)
+    resolve_defaults(args, model_flags=program == "train")
+    check_args(parser, args, program)
+    return args
+
+
+# --------------------------------------------------------------------------- the model's identity
+class ModelFlagError(InputError, ValueError):
+    """A model flag that contradicts the checkpoint being loaded."""
+
+
+def model_config(args):
+    """train.py: the SegmenterConfig the flags describe."""
+    return SegmenterConfig(preset=args.model, token_length=args.token_length,
+                           img_size=args.img_size, attn_grad=bool(args.attn_grad),
+                           sd_path=args.sd_path, clip_path=args.clip_path)
+
+
+def reconcile_model_config(config, args, source):
+    """test.py / demo.py: the checkpoint's config, with --sd_path / --clip_path applied. A model
+    flag given explicitly must agree with the checkpoint (one-line error naming both values)."""
+    fields = {"model": "preset", "img_size": "img_size", "token_length": "token_length",
+              "attn_grad": "attn_grad"}
+    for flag, field in fields.items():
+        given = getattr(args, flag, None)
+        if given is not None and given != getattr(config, field):
+            raise ModelFlagError(f"--{flag} {given} contradicts {source}, which holds a model "
+                                 f"with {flag} {getattr(config, field)}; leave the flag out (the "
+                                 f"checkpoint decides) or load another checkpoint")
+    sd_path = args.sd_path or config.sd_path
+    if sd_path is None and config.preset == "vpd":
+        sd_path = DEFAULT_SD_PATH  # e.g. VPD's released checkpoints record none
+    return config.replace(sd_path=sd_path, clip_path=args.clip_path or config.clip_path)

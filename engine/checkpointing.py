@@ -1,0 +1,121 @@
+"""Training checkpoints: what they hold, and the rules for resuming from one.
+
+Resuming follows three rules, each failing with a message that names the setting:
+
+1. Every process of a run resumes from the same state. Rank 0 decides (its --resume, or the last
+   checkpoint in its --output-dir), every rank reads the same file name in its own --output-dir, and
+   all compare what they found (run id, epoch, iteration). A node that sees another file, or none,
+   stops the whole run: the output folder must be shared by all nodes.
+2. The model must be the one the flags describe (its config: preset, token length, image size...).
+3. The schedule must be the one the checkpoint was written with: --epochs, --batch-size, --lr, the
+   number of processes and the train split's size decide where each step falls in the poly
+   schedule, so resuming under other values would silently train a different run. To train on
+   with other values, start a new run (another --model_id, or --no_auto_resume).
+"""
+import os
+import socket
+import uuid
+
+from utils.checkpoint import CheckpointError, load_checkpoint, model_state_from_checkpoint, rng_state
+from utils.dist import all_gather_objects, unwrap
+from utils.errors import InputError
+
+from models import SegmenterConfig
+from models.pretrained import config_from_checkpoint
+
+# The settings rule 3 compares: checkpoint "schedule" key -> the flag that sets it.
+SCHEDULE_FLAGS = {
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "processes": "the number of processes (NPROC x nodes)",
+    "iterations_per_epoch": "the train split (its number of refs)",
+}
+
+
+class ResumeError(InputError, RuntimeError):
+    """A checkpoint that this run cannot continue."""
+
+
+def new_run_id():
+    return uuid.uuid4().hex[:12]
+
+
+def build_checkpoint(model, optimizer, scheduler, scaler, args, schedule, run_id, epoch,
+                     iteration, best):
+    """The dict a training checkpoint holds (see utils.checkpoint.save_checkpoint)."""
+    segmenter = unwrap(model)
+    return {
+        "model": segmenter.checkpoint_state_dict(),
+        "config": segmenter.config.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,          # the epoch to run next
+        "iteration": iteration,  # steps of `epoch` already done (non-zero after a stop mid-epoch)
+        "best": dict(best),      # {"score", "epoch", "metric"}: the best validation so far
+        "schedule": dict(schedule),
+        "run_id": run_id,
+        "args": vars(args),
+        "rng": rng_state(),
+    }
+
+
+def _summary(state):
+    return {"run_id": state.get("run_id"), "epoch": state.get("epoch"),
+            "iteration": state.get("iteration", 0)}
+
+
+def _describe(entry):
+    if entry["summary"] is None:
+        return f"no checkpoint at {entry['path']}" if entry["path"] else "no checkpoint (fresh start)"
+    summary = entry["summary"]
+    return (f"{entry['path']} (run {summary['run_id']}, epoch {summary['epoch']}, iteration "
+            f"{summary['iteration']})")
+
+
+def find_resume_state(resume_flag, last_path, auto_resume):
+    """Rule 1: the checkpoint state every process resumes from (None: a fresh start): --resume,
+    else the last checkpoint of the run when there is one and `auto_resume`.
+
+    Collective: every rank calls it.
+    """
+    path = resume_flag or (last_path if auto_resume else "")
+    state = load_checkpoint(path) if path and os.path.isfile(path) else None
+    entries = all_gather_objects({"host": socket.gethostname(), "path": path,
+                                  "summary": _summary(state) if state is not None else None})
+    chosen = entries[0]
+    for rank, entry in enumerate(entries):
+        if entry["summary"] != chosen["summary"]:
+            raise ResumeError(
+                f"process {rank} on {entry['host']} sees {_describe(entry)}, but process 0 on "
+                f"{chosen['host']} sees {_describe(chosen)}: every node must see the same "
+                f"--output-dir (a shared folder) to resume; with separate folders, start afresh "
+                f"everywhere with --no_auto_resume")
+    if resume_flag and state is None:
+        raise CheckpointError(f"--resume {resume_flag}: checkpoint not found")
+    return state
+
+
+def check_resumable(state, path, config: SegmenterConfig, schedule):
+    """Rules 2 and 3 for a checkpoint this run is about to continue."""
+    saved_config = config_from_checkpoint(state, path)
+    # The weight sources may move between machines; what the model is may not.
+    differences = saved_config.differences(config, fields=[
+        name for name in SegmenterConfig.__dataclass_fields__ if name not in ("sd_path", "clip_path")])
+    if differences:
+        shown = "; ".join(f"{name}: checkpoint {saved!r}, this run {ours!r}"
+                          for name, saved, ours in differences)
+        raise ResumeError(f"{path} holds another model than this run's flags describe ({shown}); "
+                          f"resume with the same model flags, or start a new run")
+    saved_schedule = state.get("schedule")
+    if saved_schedule is None:  # written before schedules were recorded: compare its flags
+        args = state.get("args") or {}
+        saved_schedule = {key: args[key] for key in ("epochs", "batch_size", "lr") if key in args}
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key in saved_schedule and saved_schedule[key] != schedule[key]:
+            raise ResumeError(
+                f"{path} was written by a run with {flag} = {saved_schedule[key]}, this run has "
+                f"{schedule[key]}: resuming would continue another schedule. Rerun with the same "
+                f"value, or start a new run (another --model_id, or --no_auto_resume)")
+    model_state_from_checkpoint(state, path)  # names a checkpoint without weights now

@@ -1,0 +1,107 @@
+"""The segmenter's identity: everything that decides its architecture and where its frozen weights
+come from, recorded in every checkpoint and model folder so a saved model rebuilds itself
+(`models.build_model(config)`), as diffusers' `register_to_config` does for its models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import InputError
+from utils.io import atomic_write
+
+__all__ = ["SegmenterConfig", "ConfigError", "CLIP_EOT_ID"]
+
+# CLIP ViT-L/14's tokenizer (SD v1.5's text encoder) pads with its end-of-text id.
+CLIP_EOT_ID = 49407
+
+
+class ConfigError(InputError, ValueError):
+    """A config value outside its range, or a config file that is not one of ours."""
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Architecture and weight sources of a `VPDSegmenter`.
+
+    Args:
+        preset: model preset (`models.PRESETS`): "vpd" (SD v1.5 sizes) or "tiny".
+        token_length: CLIP tokens per sentence, start/end included; also the number of attention
+            maps appended to c2 and c3, so it fixes the decoder's input widths (RefCOCO/+: 40,
+            RefCOCOg: 77 in VPD).
+        img_size: the square input resolution the model is trained and evaluated at (VPD: 512).
+        attn_grad: the cross-attention maps fed to the decoder carry gradient (VPD: no).
+        decoder_hidden: width of the decoder's fusion blocks; None = the preset's (vpd: 640).
+        sd_path: where the frozen VAE and CLIP come from (a diffusers folder or an LDM checkpoint
+            file); None for presets that need no weights (tiny) or a random init (vpd, benchmarks).
+        clip_path: a transformers CLIP folder replacing the text encoder inside sd_path.
+        pad_token_id: id the tokenizer pads sentences with (CLIP ViT-L/14: end-of-text, 49407).
+    """
+
+    preset: str = "vpd"
+    token_length: int = 77
+    img_size: int = 512
+    attn_grad: bool = False
+    decoder_hidden: int | None = None
+    sd_path: str | None = None
+    clip_path: str | None = None
+    pad_token_id: int = CLIP_EOT_ID
+
+    def __post_init__(self):
+        if not isinstance(self.preset, str) or not self.preset:
+            raise ConfigError(f"preset must be a model name such as 'vpd', got {self.preset!r}")
+        for name, minimum in (("token_length", 2), ("img_size", 1), ("pad_token_id", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.decoder_hidden is not None and (
+                isinstance(self.decoder_hidden, bool) or not isinstance(self.decoder_hidden, int)
+                or self.decoder_hidden < 1):
+            raise ConfigError(f"decoder_hidden must be a positive integer or None, got "
+                              f"{self.decoder_hidden!r}")
+        if not isinstance(self.attn_grad, bool):
+            raise ConfigError(f"attn_grad must be true or false, got {self.attn_grad!r}")
+        for name in ("sd_path", "clip_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, str(value))  # accept Path
+
+    def replace(self, **changes) -> SegmenterConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> SegmenterConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source} holds a {type(values).__name__}, expected a dict of "
+                              f"segmenter settings")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source} has settings this version does not know: "
+                              f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        with atomic_write(path, "w") as handle:
+            handle.write(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SegmenterConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no model config at {path}") from None
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot read the model config {path}: {error}") from None
+        return cls.from_dict(values, source=str(path))
+
+    def differences(self, other: SegmenterConfig, fields=None) -> list[tuple[str, object, object]]:
+        """(field, self's value, other's value) for every field that differs."""
+        names = fields or [field.name for field in dataclasses.fields(self)]
+        return [(name, getattr(self, name), getattr(other, name)) for name in names
+                if getattr(self, name) != getattr(other, name)]

@@ -1,0 +1,31 @@
+import signal
+
+import pytest
+
+from data.toy import ensure_toy_dataset
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A small toy dataset (24 train, 8 val and 8 test images at 64 px) shared by the program tests."""
+    root = tmp_path_factory.mktemp("refer_data")
+    ensure_toy_dataset(str(root), num_train_images=24, num_eval_images=8, image_size=64)
+    return str(root)
+
+
+@pytest.fixture
+def restore_signal_handlers():
+    """For tests that call a program's main() here: it installs SIGTERM/SIGINT handlers."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def pytest_configure(config):
+    # One intra-op thread in this process: the suite runs tests in parallel processes (and the
+    # programs it starts use OMP_NUM_THREADS=1); several OpenMP threads per process on shared
+    # cores wait on each other and run many times slower.
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,310 @@
+"""Faults and bad input: runs never hang, never clobber each other, and say what went wrong in one
+line (exit status 2) or save and stop cleanly."""
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from refer.refer import REFER
+from tests.programs import (REPO_ROOT, SMALL_RUN, environment, load_program, run, start,
+                            train_command, wait_for)
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import InputError
+from utils.lock import OutputLock, OutputLockedError, OutputNotWritableError
+
+pytestmark = pytest.mark.xdist_group("faults")
+
+
+def truncate_one_image(data_root, split="val"):
+    """Cut a JPEG of `split` to a third of its bytes, as an interrupted copy leaves it."""
+    refer = REFER(data_root, "toy", "unc")
+    image = refer.Imgs[refer.Refs[refer.getRefIds(split=split)[0]]["image_id"]]
+    path = os.path.join(data_root, "toy", "images", image["file_name"])
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 3])
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken_root(toy_root, tmp_path_factory):
+    """The toy dataset with one truncated val image."""
+    root = tmp_path_factory.mktemp("broken") / "data"
+    subprocess.run(["cp", "-r", toy_root, str(root)], check=True)
+    return str(root), truncate_one_image(str(root))
+
+
+# ------------------------------------------------------------------ worker errors end the run
+def test_loader_worker_error_ends_test_py_with_one_line(broken_root, finished_run):
+    root, bad_image = broken_root
+    started = time.time()
+    result = run([sys.executable, "test.py", "--dataset", "toy", "--refer_data_root", root,
+                  "--checkpoint", str(finished_run / "model_best_toy.pth"), "--workers", "2"],
+                 timeout=120)
+    assert result.returncode == 2 and time.time() - started < 100
+    assert result.stderr.strip().startswith(f"error: cannot read image {bad_image}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_loader_worker_error_under_train_sh_exits_2(broken_root, tmp_path):
+    root, bad_image = broken_root
+    result = run(["bash", "train.sh", "toy", str(tmp_path / "logs"), "2", "--refer_data_root", root,
+                  "--output-dir", str(tmp_path / "ckpt"), "--epochs", "1",
+                  *[flag if flag != "0" else "2" for flag in SMALL_RUN]], timeout=180)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors and all(line.startswith(f"error: cannot read image {bad_image}") for line in errors), errors
+    assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr
+    assert f"error: cannot read image {bad_image}" in (tmp_path / "logs" / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------------- Ctrl-C in a terminal
+def test_ctrl_c_in_a_terminal_saves_and_says_so(toy_root, tmp_path):
+    output_dir = tmp_path / "ckpt"
+    command = ["bash", "train.sh", "toy", str(tmp_path / "logs"), "1", "--refer_data_root", toy_root,
+               "--output-dir", str(output_dir), "--epochs", "3", "--img_size", "32", "--batch-size",
+               "2", "--workers", "1"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: train.sh on the pseudo-terminal, as typed in a shell
+        os.chdir(REPO_ROOT)
+        os.execvpe(command[0], command, environment())
+    output, interrupted, deadline = b"", False, time.time() + 240
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the child side closed
+            break
+        if not data:
+            break
+        output += data
+        if not interrupted and b"training:" in output:
+            os.write(fd, b"\x03")  # Ctrl-C: SIGINT to the terminal's foreground process group
+            interrupted = True
+    _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert interrupted, text[-3000:]
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGINT, text[-3000:]
+    state = load_checkpoint(str(output_dir / "checkpoint_last_toy.pth"))
+    assert state["epoch"] == 0 and 0 < state["iteration"]
+    assert f"SIGINT: saved {output_dir / 'checkpoint_last_toy.pth'} at epoch 0, iteration {state['iteration']}" in text
+
+
+# ------------------------------------------------------------------------ one run per output dir
+def test_a_second_run_on_the_same_output_dir_refuses_at_start(toy_root, tmp_path,
+                                                              restore_signal_handlers):
+    output_dir = tmp_path / "ckpt"
+    command = train_command(toy_root, output_dir, 100)
+    first = start(command)
+    try:
+        wait_for(first, "training:")
+        # The same command again (its main() here), while the first run trains.
+        with pytest.raises(OutputLockedError) as error:
+            load_program("train.py").main(command[2:])
+        lock = output_dir / "toy.lock"
+        assert str(error.value).startswith(
+            f"{output_dir} is in use for this model_id by process {first.pid} on host "
+            f"{socket.gethostname()} (since ")
+        assert str(error.value).endswith(
+            f"): {lock}. Two runs would overwrite each other's checkpoints; wait for it, use another "
+            f"--output-dir or --model_id, or delete {lock} if that run is gone")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+    assert not lock.exists()
+
+
+def test_lock_is_shared_nowhere_and_stale_locks_are_taken_over(tmp_path):
+    with OutputLock(str(tmp_path), "toy") as lock:
+        with pytest.raises(OutputLockedError, match=f"by process {os.getpid()} on host"):
+            OutputLock(str(tmp_path), "toy").acquire()
+        assert OutputLock(str(tmp_path), "other").acquire().held  # another model_id is free
+    assert not lock.held and not (tmp_path / "toy.lock").exists()
+    # A lock whose process is gone (same host) is stale: taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "toy.lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead.pid}}}')
+    OutputLock(str(tmp_path), "toy").acquire().release()
+    # A lock held on another host cannot be checked from here: refused, naming that host.
+    (tmp_path / "toy.lock").write_text('{"host": "gpu-node-7", "pid": 4242, "since": "yesterday"}')
+    with pytest.raises(OutputLockedError, match="process 4242 on host gpu-node-7"):
+        OutputLock(str(tmp_path), "toy").acquire()
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process may not create files in: a read-only one, or /sys for root (whom
+    folder modes do not stop)."""
+    if os.geteuid() == 0:
+        return "/sys"
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    return str(folder)
+
+
+def test_an_output_dir_that_cannot_be_written_fails_at_start(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OutputNotWritableError, match="cannot create the output folder"):
+        OutputLock(str(blocker / "checkpoints"), "toy").acquire()
+    folder = unwritable_folder(tmp_path)
+    with pytest.raises(OutputNotWritableError) as error:
+        OutputLock(folder, "toy").acquire()
+    assert str(error.value) == (f"the output folder {folder} is not writable (Permission denied); "
+                                f"pass --output-dir with a folder you can write")
+
+
+def test_train_checks_the_output_dir_before_reading_anything(tmp_path, restore_signal_handlers):
+    """Before any data or model is read: the data root here does not even exist."""
+    train = load_program("train.py")
+    with pytest.raises(OutputNotWritableError):
+        train.main(["--dataset", "toy", "--refer_data_root", str(tmp_path / "no_data_here"),
+                    "--output-dir", unwritable_folder(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- resume rules
+@pytest.fixture(scope="module")
+def finished_run(toy_root, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("finished")
+    result = run(train_command(toy_root, output_dir, 2))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output_dir
+
+
+def copy_run(source, destination):
+    destination.mkdir()
+    for name in os.listdir(source):
+        if name.endswith(".pth"):
+            (destination / name).write_bytes((source / name).read_bytes())
+    return destination
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "5"], "was written by a run with --epochs = 2, this run has 5"),
+    (["--epochs", "1"], "--epochs = 2, this run has 1"),
+    (["--epochs", "2", "--batch-size", "2"], "--batch-size = 4, this run has 2"),
+    (["--epochs", "2", "--lr", "0.5"], "--lr = 0.001, this run has 0.5"),
+    (["--epochs", "2", "--token_length", "20"], "holds another model than this run's flags describe "
+                                               "(token_length: checkpoint 16, this run 20)"),
+])
+def test_resuming_with_another_schedule_or_model_is_refused(finished_run, toy_root, tmp_path, flags,
+                                                           message, restore_signal_handlers):
+    output_dir = copy_run(finished_run, tmp_path / "ckpt")
+    argv = ["--dataset", "toy", "--refer_data_root", toy_root, "--output-dir", str(output_dir),
+            *SMALL_RUN]
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_program("train.py").main(argv + flags)
+
+
+def test_a_mid_epoch_checkpoint_with_another_batch_size_is_refused(finished_run, toy_root, tmp_path,
+                                                                  restore_signal_handlers):
+    output_dir = copy_run(finished_run, tmp_path / "ckpt")
+    path = str(output_dir / "checkpoint_last_toy.pth")
+    state = load_checkpoint(path)
+    state.update(epoch=1, iteration=2)  # as a SIGTERM in epoch 2 would leave it
+    save_checkpoint(state, path)
+    argv = ["--dataset", "toy", "--refer_data_root", toy_root, "--output-dir", str(output_dir),
+            "--epochs", "2", *SMALL_RUN, "--batch-size", "8"]
+    with pytest.raises(InputError, match="--batch-size = 4, this run has 8"):
+        load_program("train.py").main(argv)
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished_run, toy_root, tmp_path, capsys,
+                                                  restore_signal_handlers):
+    output_dir = copy_run(finished_run, tmp_path / "ckpt")
+    before = (output_dir / "checkpoint_last_toy.pth").read_bytes()
+    argv = ["--dataset", "toy", "--refer_data_root", toy_root, "--output-dir", str(output_dir),
+            "--epochs", "2", *SMALL_RUN]
+    assert load_program("train.py").main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (output_dir / "checkpoint_last_toy.pth").read_bytes() == before
+
+
+# ------------------------------------------------------------------ several nodes, restarts
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_with_separate_output_dirs_stop_on_resume_instead_of_diverging(toy_root, tmp_path):
+    """Two launchers on this machine play two nodes (NNODES=2), each with its own --output-dir, as
+    a cluster without a shared folder has it. Killed after epoch 1 and started again, every rank
+    must stop with a message naming the mismatch, not resume at different epochs."""
+    port = str(free_port())
+
+    def launch_nodes():
+        return [start(["bash", "train.sh", "toy", str(tmp_path / f"logs{node}"), "1",
+                       "--refer_data_root", toy_root, "--output-dir", str(tmp_path / f"node{node}"),
+                       "--epochs", "20", *SMALL_RUN],
+                      NNODES="2", NODE_RANK=str(node), MASTER_PORT=port) for node in (0, 1)]
+
+    nodes = launch_nodes()
+    last = tmp_path / "node0" / "checkpoint_last_toy.pth"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and all(n.poll() is None for n in nodes):
+        time.sleep(0.1)
+    for node in nodes:  # a crash of both machines: every process at once
+        kill_tree(node.pid)
+        node.wait()
+    assert last.exists() and not (tmp_path / "node1" / "checkpoint_last_toy.pth").exists()
+    epoch = load_checkpoint(str(last))["epoch"]
+
+    nodes = launch_nodes()
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [2, 2], outputs
+    expected = (f"error: process 1 on {socket.gethostname()} sees no checkpoint at "
+                f"{tmp_path / 'node1' / 'checkpoint_last_toy.pth'}, but process 0 on "
+                f"{socket.gethostname()} sees {last} (run ")
+    for output in outputs:
+        assert expected in output and f"epoch {epoch}, iteration 0): every node must see the same --output-dir" in output
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun starts each rank in a session of its own)."""
+    for child in children_of(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def children_of(pid):
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+def test_max_restarts_restarts_a_killed_run_which_resumes(toy_root, tmp_path):
+    output_dir = tmp_path / "ckpt"
+    launcher = start(["bash", "train.sh", "toy", str(tmp_path / "logs"), "1", "--refer_data_root",
+                      toy_root, "--output-dir", str(output_dir), "--epochs", "3", *SMALL_RUN],
+                     MAX_RESTARTS="1")
+    last = output_dir / "checkpoint_last_toy.pth"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    workers = children_of(launcher.pid)  # train.sh execs the launcher; its child is the rank
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)  # a crashed process: no checkpoint, a stale lock
+    output = launcher.communicate(timeout=240)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    assert "resumed from" in output and "epoch 3/3" in output
+    assert load_checkpoint(str(last))["epoch"] == 3

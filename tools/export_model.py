@@ -1,0 +1,31 @@
+"""Convert a training checkpoint (ours, or VPD's released vpd_ris_*.pth) into a model folder:
+config.json + model.safetensors, the layout `from_pretrained` reads (no pickle).
+
+    python tools/export_model.py checkpoints/model_best_refcoco.pth models/refcoco
+    python tools/export_model.py vpd_ris_refcoco.pth models/vpd_refcoco --sd_path /weights/sd15
+
+The frozen VAE and CLIP of the vpd preset are not stored: they come back from the Stable Diffusion
+weights (`--sd_path` here is recorded in the folder's config; it can be given again when loading).
+"""
+import argparse
+
+from models.pretrained import export_model_folder
+from utils.logging import run_cli
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a training checkpoint (.pth), ours or VPD's")
+    parser.add_argument("out_dir", help="the model folder to write")
+    parser.add_argument("--sd_path", default=None,
+                        help="Stable Diffusion v1.5 weights to record in the folder's config "
+                             "(default: what the checkpoint records; VPD's record none)")
+    args = parser.parse_args(argv)
+    config = export_model_folder(args.checkpoint, args.out_dir, sd_path=args.sd_path)
+    print(f"wrote {args.out_dir}: {config.preset}, {config.token_length} tokens, {config.img_size} px"
+          f"{'' if config.sd_path else '; pass sd_path when loading it'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
