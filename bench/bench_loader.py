@@ -6,9 +6,8 @@ after one warm-up batch, so worker start-up is not counted. The same pass is the
 latents from a --cache_latents folder instead of images (fp16 (4, S/8, S/8) files as the SD VAE
 gives; their values do not matter here, so no model is run).
 
-    python bench/bench_loader.py --num-images 200 --img-size 512 --workers 0 2
+    python bench/bench_loader.py --num_images 200 --img_size 512 --worker_counts 0 2
 """
-import argparse
 import os
 import tempfile
 import time
@@ -17,25 +16,21 @@ import torch
 
 from data import ReferDataset, build_loader
 from data.latent_cache import LatentCache
+from engine.args import get_parser, nonnegative_int, parse_args, positive_int
 from refer.synthetic import make_refer_dataset
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=200, help="synthetic images (default 200)")
-    parser.add_argument("--image-width", type=int, default=640)
-    parser.add_argument("--image-height", type=int, default=480)
-    parser.add_argument("--img-size", type=int, default=512, help="side after resizing (default 512)")
-    parser.add_argument("--token-length", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4, help="per-GPU batch of VPD (default 4)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
-                        help="DataLoader worker counts to compare (default: 0 2)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads of the main process (default: torch's); "
-                             "workers=0 collates on them and stalls when CPUs are shared")
-    parser.add_argument("--no-latents", action="store_true",
-                        help="skip the pass that reads cached latents instead of images")
-    return parser.parse_args(argv)
+def parse_bench_args(argv=None):
+    parser = get_parser("bench_loader", __doc__.splitlines()[0])
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--num_images", type=positive_int, default=200, help="synthetic images")
+    group.add_argument("--image_width", type=positive_int, default=640, help="width of the JPEGs")
+    group.add_argument("--image_height", type=positive_int, default=480, help="height of the JPEGs")
+    group.add_argument("--worker_counts", type=nonnegative_int, nargs="+", default=[0, 2],
+                       help="DataLoader worker counts to compare")
+    group.add_argument("--no_latents", action="store_true",
+                       help="skip the pass that reads cached latents instead of images")
+    return parse_args("bench_loader", argv, parser=parser)
 
 
 def time_one_pass(dataset, batch_size: int, workers: int) -> tuple[int, float]:
@@ -51,7 +46,7 @@ def time_one_pass(dataset, batch_size: int, workers: int) -> tuple[int, float]:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_bench_args(argv)
     torch.manual_seed(0)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -70,7 +65,7 @@ def main(argv=None) -> None:
               f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
               f"(data generated in {generated:.1f}s, dataset built in {built:.2f}s)")
         print(f"{'input':>14}  {'workers':>7}  {'items':>5}  {'seconds':>7}  {'items/s':>7}")
-        for workers in args.workers:
+        for workers in args.worker_counts:
             items, seconds = time_one_pass(dataset, args.batch_size, workers)
             print(f"{'images':>14}  {workers:>7}  {items:>5}  {seconds:>7.2f}  "
                   f"{items / seconds:>7.1f}")
@@ -80,7 +75,7 @@ def main(argv=None) -> None:
             for key, _ in dataset.unique_images():
                 cache.put(key, torch.randn(4, latent_side, latent_side))
             dataset.use_latent_cache(cache)
-            for workers in args.workers:
+            for workers in args.worker_counts:
                 items, seconds = time_one_pass(dataset, args.batch_size, workers)
                 print(f"{'cached latents':>14}  {workers:>7}  {items:>5}  {seconds:>7.2f}  "
                       f"{items / seconds:>7.1f}")

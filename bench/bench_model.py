@@ -6,8 +6,8 @@ default): fp32, bf16, fp16 (autocast; fp16 with a GradScaler), channels_last, co
 (torch.compile of the UNet, as train.py --compile), grad_checkpoint, cached_latents (the VAE is
 skipped: latents rounded to fp16 as the on-disk cache stores them are passed in), fused_adamw.
 
-    python bench/bench_model.py --model tiny --img_size 64 --batch 8 --steps 5           # CPU
-    python bench/bench_model.py --model vpd --img_size 512 --batch 4 --estimate_refcoco  # GPU
+    python bench/bench_model.py --model tiny --img_size 64 --batch-size 8 --steps 5           # CPU
+    python bench/bench_model.py --model vpd --img_size 512 --batch-size 4 --estimate_refcoco  # GPU
     python bench/bench_model.py --variants fp32 bf16+channels_last+compile+fused_adamw
 
 `--model vpd` builds SD 1.5's sizes with random weights (speed does not depend on the values), so
@@ -15,27 +15,23 @@ no weights are needed. Every variant starts from the same seeded weights and inp
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
-import os
-import platform
-import shlex
 import sys
-import time
 import traceback
 import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from models import create_segmenter
-from engine.precision import autocast
+from bench.common import (PeakMemory, command_line, count_flops, device_name, library_versions,
+                          resolve_device, synthetic_inputs, timed)
+from engine.args import get_parser, nonnegative_int, parse_args, positive_int
+from engine.precision import PRECISIONS, autocast
 from engine.training import training_step
+from models import SegmenterConfig, build_model
 from utils.optim import build_optimizer
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLAGS = ("channels_last", "compile", "grad_checkpoint", "cached_latents", "fused_adamw")
 CPU_VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "grad_checkpoint", "cached_latents")
 # compile takes minutes on a CPU and fused AdamW is a CUDA kernel: GPU-only unless asked for.
@@ -95,114 +91,30 @@ class Row:
     error: str | None = None
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="vpd", choices=("vpd", "tiny"),
-                        help="preset; vpd = SD 1.5 sizes with random weights")
-    parser.add_argument("--img_size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4, help="images per step (VPD: 4 per GPU)")
-    parser.add_argument("--token_length", type=int, default=40, help="RefCOCO: 40")
-    parser.add_argument("--steps", type=int, default=10, help="timed iterations per measurement")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing")
-    parser.add_argument("--variants", nargs="+", default=None,
-                        help=f"variants to run, fp32 eager first (default on CPU: "
-                             f"{' '.join(CPU_VARIANTS)}; on CUDA also: "
-                             f"{' '.join(CUDA_VARIANTS[len(CPU_VARIANTS):])})")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--peak_tflops", type=float, default=790.0,
-                        help="GPU dense bf16 peak the achieved rate is compared to (H200, measured)")
-    parser.add_argument("--estimate_refcoco", action="store_true",
-                        help="also estimate a 40-epoch RefCOCO run from the measured rates")
-    parser.add_argument("--devices", type=int, default=8,
-                        help="devices the RefCOCO estimate assumes (VPD: 8 GPUs), ideal scaling")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("img_size", "batch", "token_length", "steps", "devices"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    return args
-
-
-# --------------------------------------------------------------------------------- environment
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({usable} cores usable)"
-
-
-def library_versions() -> str:
-    import diffusers
-    import transformers
-    versions = f"torch {torch.__version__}, diffusers {diffusers.__version__}, " \
-               f"transformers {transformers.__version__}, python {platform.python_version()}"
-    if torch.cuda.is_available():
-        versions += f", CUDA {torch.version.cuda}"
-    return versions
-
-
-class PeakMemory:
-    """Peak memory of a phase: CUDA allocator peak on GPU; on CPU the process's peak resident set
-    during the phase and its growth over the phase's start (Linux: VmHWM, reset through
-    /proc/self/clear_refs), or n/a. Memory the allocator freed earlier and reuses does not show
-    as growth."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start_rss = None
-
-    @staticmethod
-    def _status_kib(field: str) -> int:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise OSError(f"{field} not in /proc/self/status")
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets VmHWM to the current RSS
-            self.start_rss = self._status_kib("VmRSS")
-        except OSError:
-            self.start_rss = None
-
-    def stop(self) -> str:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
-        if self.start_rss is None:
-            return "n/a"
-        try:
-            peak = self._status_kib("VmHWM")
-        except OSError:
-            return "n/a"
-        return f"{peak / 1024:.0f} MiB RSS (+{(peak - self.start_rss) / 1024:.0f})"
+def parse_bench_args(argv=None):
+    parser = get_parser("bench_model", __doc__.splitlines()[0])
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--steps", type=positive_int, default=10, help="timed iterations per measurement")
+    group.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed iterations before timing")
+    group.add_argument("--variants", nargs="+", default=None,
+                       help=f"variants to run, fp32 eager first (default on CPU: {' '.join(CPU_VARIANTS)}; "
+                            f"on CUDA also: {' '.join(CUDA_VARIANTS[len(CPU_VARIANTS):])})")
+    group.add_argument("--peak_tflops", type=float, default=790.0,
+                       help="GPU dense bf16 peak the achieved rate is compared to (H200, measured)")
+    group.add_argument("--estimate_refcoco", action="store_true",
+                       help="also estimate a 40-epoch RefCOCO run from the measured rates")
+    group.add_argument("--devices", type=positive_int, default=8,
+                       help="devices the RefCOCO estimate assumes (VPD: 8 GPUs), ideal scaling")
+    return parse_args("bench_model", argv, parser=parser)
 
 
 # ------------------------------------------------------------------------------------ the model
 def build(args, variant: Variant, device: torch.device):
+    """The benchmarked preset with random weights (speed does not depend on the values)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random initialisation.*")
-        model = create_segmenter(args.model, token_length=args.token_length, sd_path=None)
+        model = build_model(SegmenterConfig(preset=args.model, token_length=args.token_length,
+                                            img_size=args.img_size, attn_grad=args.attn_grad))
     model.to(device)
     if variant.grad_checkpoint:
         model.backbone.enable_gradient_checkpointing()
@@ -213,24 +125,6 @@ def build(args, variant: Variant, device: torch.device):
     return model
 
 
-def make_inputs(args, device: torch.device) -> dict:
-    """Seeded images in [-1, 1], CLIP-like token rows (start, words, end padding) and masks."""
-    generator = torch.Generator().manual_seed(args.seed)
-    batch, size, length = args.batch, args.img_size, args.token_length
-    images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
-    input_ids = torch.full((batch, length), 49407, dtype=torch.long)
-    for row in range(batch):
-        words = int(torch.randint(1, max(length - 1, 2), (), generator=generator))
-        input_ids[row, 0] = 49406
-        input_ids[row, 1:1 + words] = torch.randint(0, 49406, (words,), generator=generator)
-    masks = torch.zeros(batch, size, size, dtype=torch.long)
-    for row in range(batch):
-        top, left = torch.randint(0, size // 2 + 1, (2,), generator=generator).tolist()
-        masks[row, top:top + size // 2, left:left + size // 2] = 1
-    return {"images": images.to(device), "input_ids": input_ids.to(device),
-            "masks": masks.to(device)}
-
-
 def model_inputs(model, variant: Variant, data: dict) -> dict:
     """The forward's arguments; cached_latents: the VAE's latents rounded to fp16 as cached."""
     if variant.cached_latents:
@@ -239,35 +133,7 @@ def model_inputs(model, variant: Variant, data: dict) -> dict:
     return {"input_ids": data["input_ids"], "images": data["images"]}
 
 
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def count_training_flops(model, inputs: dict, masks: torch.Tensor) -> int:
-    """FLOPs of one training step's forward and backward (the optimizer's few are not counted)."""
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        model.loss(model(**inputs).float(), masks).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 # ---------------------------------------------------------------------------------- measurement
-def timed(function, iterations: int, warmup: int, device: torch.device) -> float:
-    """Seconds per iteration after `warmup` untimed ones."""
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - start) / iterations
-
-
 def run_variant(args, variant: Variant, device: torch.device, data: dict,
                 reference_logits: torch.Tensor, flops: dict) -> Row:
     row = Row(variant)
@@ -291,9 +157,9 @@ def run_variant(args, variant: Variant, device: torch.device, data: dict,
     memory.start()
     seconds = timed(eval_step, args.steps, args.warmup, device)
     row.eval_peak = memory.stop()
-    row.eval_images_per_s = args.batch / seconds
+    row.eval_images_per_s = args.batch_size / seconds
 
-    # 3. Training: forward, loss, backward, optimizer step (the loop of utils/engine.py).
+    # 3. Training: forward, loss, backward, optimizer step (engine/training.py's step).
     model.train()
     optimizer = build_optimizer(model, LEARNING_RATE, 1e-2, fused=variant.fused_adamw)
     scaler = torch.amp.GradScaler(device.type) if variant.dtype == torch.float16 else None
@@ -306,10 +172,9 @@ def run_variant(args, variant: Variant, device: torch.device, data: dict,
     seconds = timed(train_step, args.steps, args.warmup, device)
     row.train_peak = memory.stop()
     row.step_ms = 1000 * seconds
-    row.train_images_per_s = args.batch / seconds
+    row.train_images_per_s = args.batch_size / seconds
     row.tflops = flops["latents" if variant.cached_latents else "images"] / seconds / 1e12
 
-    del model, optimizer, inputs
     return row
 
 
@@ -391,13 +256,8 @@ def format_refcoco_estimate(rows: list[Row], devices: int) -> str:
 
 # ----------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    args = parse_bench_args(argv)
+    device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     names = args.variants or list(CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS)
@@ -408,26 +268,21 @@ def main(argv=None) -> int:
     if device.type == "cpu" and any(v.compile for v in variants):
         print("note: torch.compile on a CPU takes minutes per variant", file=sys.stderr)
 
-    # Thread settings change CPU figures: they are part of the command.
-    environment = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
-                   if name in os.environ]
-    command = " ".join(shlex.quote(part) for part in
-                       environment + ["python", os.path.relpath(os.path.abspath(__file__))]
-                       + sys.argv[1:])
+    command = command_line(__file__)
     torch.manual_seed(args.seed)
-    data = make_inputs(args, device)
-
-    # Reference: fp32 eager logits, and the FLOPs of one training step per input kind.
     reference_variant = Variant.parse("fp32")
     model = build(args, reference_variant, device)
+    data = synthetic_inputs(model.config, args.batch_size, args.seed, device)
+
+    # Reference: fp32 eager logits, and the FLOPs of one training step per input kind.
     model.eval()
     with torch.no_grad():
         reference_logits = model(data["input_ids"], images=data["images"]).float()
-    flops = {"images": count_training_flops(model, model_inputs(model, reference_variant, data),
-                                            data["masks"])}
+    model.train()
+    flops = {"images": count_flops(model, model_inputs(model, reference_variant, data), data["masks"])}
     if any(v.cached_latents for v in variants):
-        flops["latents"] = count_training_flops(
-            model, model_inputs(model, Variant.parse("cached_latents"), data), data["masks"])
+        flops["latents"] = count_flops(model, model_inputs(model, Variant.parse("cached_latents"), data),
+                                       data["masks"])
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     del model
@@ -445,7 +300,7 @@ def main(argv=None) -> int:
         release(device)
 
     flop_text = ", ".join(f"{kind} {count / 1e9:.2f} GFLOP" for kind, count in flops.items())
-    print(f"## bench_model: `{args.model}` preset, {args.img_size} px, batch {args.batch}, "
+    print(f"## bench_model: `{args.model}` preset, {args.img_size} px, batch {args.batch_size}, "
           f"{args.token_length} tokens\n")
     print(f"- command: `{command}`")
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")

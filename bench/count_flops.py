@@ -5,30 +5,17 @@
 Prints forward (evaluation) and forward + backward (training) FLOPs, with images and with cached
 latents (the VAE skipped), as counted by torch.utils.flop_counter.
 """
-import argparse
-
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from models import build_model_on_meta
-
-
-def count(model, inputs, masks=None):
-    with FlopCounterMode(display=False) as counter:
-        logits = model(**inputs)
-        if masks is not None:
-            model.loss(logits.float(), masks).backward()
-    return counter.get_total_flops()
+from bench.common import count_flops
+from engine.args import parse_args
+from models import SegmenterConfig, build_model_on_meta
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vpd", help="model preset (default: vpd)")
-    parser.add_argument("--img_size", type=int, default=512, help="image side (default: 512)")
-    parser.add_argument("--token_length", type=int, default=40, help="text tokens (default: 40)")
-    args = parser.parse_args()
-
-    model = build_model_on_meta(args.model, token_length=args.token_length)
+def main(argv=None):
+    args = parse_args("count_flops", argv, description=__doc__.splitlines()[0])
+    model = build_model_on_meta(SegmenterConfig(preset=args.model, token_length=args.token_length,
+                                                img_size=args.img_size, attn_grad=args.attn_grad))
     scale = model.vae_scale_factor
     with torch.device("meta"):
         images = torch.randn(1, 3, args.img_size, args.img_size)
@@ -40,8 +27,8 @@ def main():
     print("| pass | with images | with cached latents |")
     print("|---|---|---|")
     for name, target in (("evaluation (forward)", None), ("training (forward + backward)", masks)):
-        with_images = count(model, {"input_ids": input_ids, "images": images}, target)
-        with_latents = count(model, {"input_ids": input_ids, "latents": latents}, target)
+        with_images = count_flops(model, {"input_ids": input_ids, "images": images}, target)
+        with_latents = count_flops(model, {"input_ids": input_ids, "latents": latents}, target)
         print(f"| {name} | {with_images / 1e12:.3f} | {with_latents / 1e12:.3f} |")
 
 

@@ -157,9 +157,11 @@ def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: b
         sampler = ResumableTrainSampler(dataset, num_replicas=world_size, rank=rank,
                                         shuffle=shuffle, seed=seed, drop_last=drop_last)
 
-    # Distinct per rank so that ranks do not draw identical sentence streams.
+    # Seeds the workers' RNGs; training loaders are re-seeded every epoch by set_loader_epoch
+    # (the same on every rank: ranks get different refs from the sampler, and a ref's sentence is
+    # drawn from (seed, epoch, ref) alone).
     generator = torch.Generator()
-    generator.manual_seed(seed + rank)
+    generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -124,20 +124,26 @@ def _split(parser):
                             "it, or every held-out split with `all` (default: val)")
 
 
-def _architecture(parser):
-    group = parser.add_argument_group(
-        "model", "test.py and demo.py read these from the checkpoint; given there, they must agree")
+_FROM_CHECKPOINT = "test.py and demo.py read these from the checkpoint; given there, they must agree"
+
+
+def _model(parser):
+    group = parser.add_argument_group("model", _FROM_CHECKPOINT)
     group.add_argument("--model", default=None, choices=tuple(PRESETS),
                        help="model preset: vpd (Stable Diffusion v1.5 sizes, needs --sd_path) or "
                             "tiny (small model for CPU runs and tests) (default: vpd; toy: tiny)")
+    group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
+                       help="let the cross-attention maps fed to the decoder carry gradient "
+                            "(default: off, as in VPD; on for toy)")
+
+
+def _input(parser):
+    group = parser.add_argument_group("input size", _FROM_CHECKPOINT)
     group.add_argument("--img_size", type=positive_int, default=None,
                        help="images and masks are resized to img_size x img_size (paper: 512)")
     group.add_argument("--token_length", type=_integer(2), default=None,
                        help="CLIP tokens per sentence incl. start/end; longer sentences are "
                             "truncated (paper: 40 for RefCOCO/+, 77 for RefCOCOg)")
-    group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
-                       help="let the cross-attention maps fed to the decoder carry gradient "
-                            "(default: off, as in VPD; on for toy)")
 
 
 def _weights(parser):
@@ -152,10 +158,20 @@ def _weights(parser):
                             "text encoder inside --sd_path")
 
 
-def _optimization(parser):
-    group = parser.add_argument_group("optimization")
+def _batch(parser):
+    group = parser.add_argument_group("batch")
     group.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int,
                        default=None, help="images per process per step (paper: 4 x 8 GPUs)")
+
+
+def _seed(parser):
+    group = parser.add_argument_group("seed")
+    group.add_argument("--seed", type=nonnegative_int, default=0,
+                       help="seed for data order and sentence sampling (weights are seeded apart)")
+
+
+def _optimization(parser):
+    group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", type=positive_int, default=None, help="training epochs (paper: 40)")
     group.add_argument("--lr", type=positive_float, default=None,
                        help="AdamW learning rate, decayed as (1 - it/total)^0.9 (paper: 5e-5)")
@@ -166,8 +182,6 @@ def _optimization(parser):
                        help="learning-rate multiplier for the UNet (default 1.0: VPD declared "
                             "0.01 but never applied it, and its numbers come from 1.0)")
     group.add_argument("--amsgrad", action="store_true", help="AdamW's AMSGrad variant (VPD: off)")
-    group.add_argument("--seed", type=nonnegative_int, default=0,
-                       help="seed for data order and sentence sampling (weights are seeded apart)")
 
 
 def _run_output(parser):
@@ -270,6 +284,13 @@ def _device(parser):
                             "process takes the GPU of its local rank (default: auto)")
 
 
+def _threads(parser):
+    group = parser.add_argument_group("threads")
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="torch intra-op threads of this process (default: torch's); figures "
+                            "on a CPU depend on it")
+
+
 def _distributed(parser):
     group = parser.add_argument_group("distributed")
     group.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
@@ -291,21 +312,25 @@ def _vpd_compat(parser):
 
 
 GROUPS = {
-    "data": _data, "split": _split, "architecture": _architecture, "weights": _weights,
-    "optimization": _optimization, "run_output": _run_output, "evaluation": _evaluation,
-    "validation_precision": _validation_precision, "model_input": _model_input,
-    "test_outputs": _test_outputs, "demo": _demo, "precision": _precision, "speed": _speed,
-    "latent_cache": _latent_cache, "device": _device, "distributed": _distributed,
-    "vpd_compat": _vpd_compat,
+    "data": _data, "split": _split, "model": _model, "input": _input, "weights": _weights,
+    "batch": _batch, "seed": _seed, "optimization": _optimization, "run_output": _run_output,
+    "evaluation": _evaluation, "validation_precision": _validation_precision,
+    "model_input": _model_input, "test_outputs": _test_outputs, "demo": _demo,
+    "precision": _precision, "speed": _speed, "latent_cache": _latent_cache, "device": _device,
+    "threads": _threads, "distributed": _distributed, "vpd_compat": _vpd_compat,
 }
 
+# Each program's flags, by group. The benchmarks add flags of their own that no other program has.
 PROGRAM_GROUPS = {
-    "train": ("data", "split", "architecture", "weights", "optimization", "run_output",
-              "evaluation", "validation_precision", "precision", "speed", "latent_cache",
-              "device", "distributed", "vpd_compat"),
-    "test": ("data", "split", "model_input", "architecture", "weights", "evaluation",
+    "train": ("data", "split", "model", "input", "weights", "batch", "seed", "optimization",
+              "run_output", "evaluation", "validation_precision", "precision", "speed",
+              "latent_cache", "device", "distributed", "vpd_compat"),
+    "test": ("data", "split", "model_input", "model", "input", "weights", "evaluation",
              "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
-    "demo": ("model_input", "architecture", "weights", "demo", "precision", "device"),
+    "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device"),
+    "bench_model": ("model", "input", "batch", "seed", "device", "threads"),
+    "bench_loader": ("input", "batch", "threads"),
+    "count_flops": ("model", "input"),
 }
 
 
@@ -398,12 +423,13 @@ def warn_ignored_flags(args):
                   f"{reason}", file=sys.stderr)
 
 
-def parse_args(program, argv=None, description=None):
-    """Parse, fill defaults and check the flags of `program` ("train", "test", "demo")."""
-    parser = get_parser(program, description)
+def parse_args(program, argv=None, description=None, parser=None):
+    """Parse, fill defaults and check the flags of `program` (a key of PROGRAM_GROUPS). A program
+    with flags of its own passes `parser` (from get_parser, with those flags added)."""
+    parser = parser or get_parser(program, description)
     args = parser.parse_args(argv)
     warn_ignored_flags(args)
-    resolve_defaults(args, model_flags=program == "train")
+    resolve_defaults(args, model_flags=program not in ("test", "demo"))
     check_args(parser, args, program)
     return args
 

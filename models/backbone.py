@@ -143,9 +143,6 @@ class DiffusionBackbone(nn.Module):
         """Trade compute for memory in the UNet (diffusers' own checkpointing)."""
         self.unet.enable_gradient_checkpointing()
 
-    def disable_gradient_checkpointing(self) -> None:
-        self.unet.disable_gradient_checkpointing()
-
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> latents (B, 4, H/f, W/f).

@@ -6,10 +6,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel
 
-__all__ = ["CLIP_MODEL_NAME", "FrozenCLIPTextEncoder"]
-
-# The text model SD v1.5 and VPD use; its tokenizer pads with the end-of-text id 49407.
-CLIP_MODEL_NAME = "openai/clip-vit-large-patch14"
+__all__ = ["FrozenCLIPTextEncoder"]
 
 
 class FrozenCLIPTextEncoder(nn.Module):

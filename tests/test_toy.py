@@ -6,7 +6,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from refer.refer import REFER
 from data.toy import (PALETTE, SHAPES, SPLITS, build_toy_dataset, ensure_toy_dataset,
                       parse_expression, resolve_expression)
 
@@ -52,12 +52,9 @@ def _digest(root):
 def default_toy(tmp_path_factory):
     """The dataset with default parameters (what a newcomer gets)."""
     data_root = tmp_path_factory.mktemp("toyroot")
-    t0 = time.perf_counter()
     root = ensure_toy_dataset(str(data_root))
-    elapsed = time.perf_counter() - t0
     inst, refs = _load(root)
-    return {"data_root": str(data_root), "root": root, "inst": inst, "refs": refs,
-            "elapsed": elapsed}
+    return {"data_root": str(data_root), "root": root, "inst": inst, "refs": refs}
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -131,10 +128,6 @@ def test_half_written_dataset_is_replaced(tmp_path):
 
 
 # ----------------------------------------------------------------------------- structure
-def test_generation_is_fast(default_toy):
-    assert default_toy["elapsed"] < 15.0
-
-
 def test_valid_refer_structure(default_toy):
     inst, refs, root = default_toy["inst"], default_toy["refs"], default_toy["root"]
     images = {im["id"]: im for im in inst["images"]}
@@ -200,10 +193,6 @@ def test_valid_refer_structure(default_toy):
 
 
 def test_readable_by_repo_refer_api(default_toy):
-    try:
-        from refer.refer import REFER
-    except ImportError:
-        pytest.skip("refer.refer not available")
     refer = REFER(default_toy["data_root"], "toy", "unc")
     for split in SPLITS:
         assert refer.getRefIds(split=split)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -14,6 +14,7 @@ Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents n
 (the segmenter reads the posterior mode unscaled, like VPD).
 """
 import argparse
+import os
 import time
 
 import torch
@@ -23,6 +24,8 @@ from data.refer_dataset import ReferDataset
 from data.toy import ensure_toy_dataset
 from data.transforms import load_rgb
 from models.presets import TINY_VAE_DIR, random_tiny_vae
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_split_images(data_root, split, img_size):
@@ -34,7 +37,8 @@ def load_split_images(data_root, split, img_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", default="refer/data", help="where the toy dataset is (or is written)")
+    parser.add_argument("--data_root", default=os.path.join(REPO_ROOT, "refer", "data"),
+                        help="where the toy dataset is (or is written) (default: refer/data in the repository)")
     parser.add_argument("--out", default=str(TINY_VAE_DIR), help="diffusers folder to write (config.json + weights)")
     parser.add_argument("--img_size", type=int, default=64, help="training image size (the toy default)")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
