@@ -19,7 +19,7 @@ from engine.evaluation import evaluate
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
 from engine.signals import StopRequest
-from engine.training import NonFiniteLossError, train_one_epoch
+from engine.training import NonFiniteLossError, train_one_epoch, weight_decay_rule
 from models import build_model, load_segmenter_state
 from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
                               model_state_from_checkpoint, save_checkpoint, set_rng_state)
@@ -131,11 +131,13 @@ def train(args, config, dist_info, stop):
                          f"{args.batch_size} x {dist_info.world_size} processes")
 
     # 3. Optimisation, and where to start from.
-    optimizer = build_optimizer(model, args.lr, args.wd, args.unet_lr_scale, amsgrad=args.amsgrad)
+    optimizer = build_optimizer(model, args.lr, args.wd, args.unet_lr_scale, amsgrad=args.amsgrad,
+                                decays=weight_decay_rule(model, args.weight_decay_rule))
     scheduler = build_scheduler(optimizer, args.epochs * iterations_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                "processes": dist_info.world_size, "iterations_per_epoch": iterations_per_epoch}
+    schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
+                "weight_decay_rule": args.weight_decay_rule, "processes": dist_info.world_size,
+                "iterations_per_epoch": iterations_per_epoch}
     start_epoch, start_iteration = 0, 0
     best = {"score": -1.0, "epoch": -1, "metric": "oIoU"}
     run_id = all_gather_objects(new_run_id())[0]

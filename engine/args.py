@@ -19,6 +19,7 @@ from refer.refer import DATASETS, QUERY_SPLITS, split_matches
 from utils.errors import InputError
 
 from .precision import PRECISIONS
+from .training import WEIGHT_DECAY_RULES
 
 # Default data, weights and checkpoint folders live inside the repository, wherever it is run from.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,8 +177,12 @@ def _optimization(parser):
     group.add_argument("--lr", type=positive_float, default=None,
                        help="AdamW learning rate, decayed as (1 - it/total)^0.9 (paper: 5e-5)")
     group.add_argument("--wd", "--weight-decay", dest="wd", type=nonnegative_float, default=1e-2,
-                       help="AdamW weight decay; never applied to norms, biases and gamma "
-                            "(default: 1e-2)")
+                       help="AdamW weight decay (default: 1e-2)")
+    group.add_argument("--weight_decay_rule", default="vpd", choices=WEIGHT_DECAY_RULES,
+                       help="which tensors decay: vpd = VPD's rule, every tensor whose name in "
+                            "VPD's model lacks 'norm' (biases and most norms included); modern = "
+                            "only tensors of more than one dimension, a deviation from VPD "
+                            "(default: vpd)")
     group.add_argument("--unet_lr_scale", type=nonnegative_float, default=1.0,
                        help="learning-rate multiplier for the UNet (default 1.0: VPD declared "
                             "0.01 but never applied it, and its numbers come from 1.0)")

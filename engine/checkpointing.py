@@ -28,6 +28,8 @@ SCHEDULE_FLAGS = {
     "epochs": "--epochs",
     "batch_size": "--batch-size",
     "lr": "--lr",
+    "wd": "--wd",
+    "weight_decay_rule": "--weight_decay_rule",
     "processes": "the number of processes (NPROC x nodes)",
     "iterations_per_epoch": "the train split (its number of refs)",
 }

@@ -39,6 +39,8 @@ __all__ = [
     "components_from_ldm_state_dict",
     "convert_vpd_state_dict",
     "detect_layout",
+    "ldm_unet_name",
+    "vpd_parameter_name",
     "load_segmenter_state",
 ]
 
@@ -266,6 +268,58 @@ def convert_vpd_state_dict(
         if len(vae) != len(vae_ldm):
             leftover.append(f"{_VPD_VAE_PREFIX}* ({len(vae_ldm) - len(vae)} keys not converted)")
     return converted, leftover
+
+
+# Our (diffusers) names -> VPD's (CompVis LDM) names, the inverse of convert_vpd_state_dict for the
+# trainable parameters. VPD's recipe decides weight decay on these names.
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_LDM_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                 "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_DIFFUSERS_UNET_BLOCK = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def ldm_unet_name(name: str, unet_config: Mapping) -> str:
+    """LDM's name (openaimodel.UNetModel) of a diffusers UNet2DConditionModel parameter or buffer.
+
+    LDM numbers the layers of the down path 1, 2, ... with each level's downsampler as one more
+    layer, and those of the up path 0, 1, ... with each level's upsampler inside its last layer.
+    """
+    head, _, tail = name.rpartition(".")  # tail: weight / bias
+    per_level = unet_config["layers_per_block"] + 1
+    if match := _DIFFUSERS_UNET_BLOCK.match(head):
+        side, level, kind, layer, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+        index = 1 + level * per_level + layer if side == "down" else level * per_level + layer
+        rest = _LDM_RESNET[rest] if kind == "resnets" else rest
+        return f"{'input' if side == 'down' else 'output'}_blocks.{index}.{0 if kind == 'resnets' else 1}.{rest}.{tail}"
+    if match := re.match(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv$", head):
+        return f"input_blocks.{(int(match[1]) + 1) * per_level}.0.op.{tail}"
+    if match := re.match(r"^up_blocks\.(\d+)\.upsamplers\.0\.conv$", head):
+        level = int(match[1])
+        with_attention = "CrossAttn" in unet_config["up_block_types"][level]
+        return f"output_blocks.{level * per_level + per_level - 1}.{2 if with_attention else 1}.conv.{tail}"
+    if match := re.match(r"^mid_block\.resnets\.(\d+)\.(\w+)$", head):
+        return f"middle_block.{2 * int(match[1])}.{_LDM_RESNET[match[2]]}.{tail}"
+    if head.startswith("mid_block.attentions.0."):
+        return f"middle_block.1.{head.removeprefix('mid_block.attentions.0.')}.{tail}"
+    return f"{_LDM_UNET_TOP[head]}.{tail}"
+
+
+def vpd_parameter_name(name: str, unet_config: Mapping) -> str:
+    """The name VPD's RIS model gives one of our trainable parameters (its checkpoint key)."""
+    if name.startswith("backbone.unet."):
+        return _VPD_UNET_PREFIX + ldm_unet_name(name.removeprefix("backbone.unet."), unet_config)
+    if name == "text_adapter.gamma":
+        return "gamma"
+    if name.startswith("text_adapter.mlp."):
+        return "text_adapter.fc." + name.removeprefix("text_adapter.mlp.")
+    if name.startswith("decoder.classifier."):
+        return "classifier.conv1_1." + name.removeprefix("decoder.classifier.")
+    stage_of = {ours: theirs for theirs, ours in _VPD_DECODER_STAGES.items()}
+    if match := re.match(r"^decoder\.(fuse_c[123])\.([01])\.(conv|bn)\.(.+)$", name):
+        stage, position, kind, rest = match.groups()
+        return f"classifier.{kind}{int(position) + 1}_{stage_of[stage]}.{rest}"
+    raise ValueError(f"{name} has no counterpart in VPD's RIS model")
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -1,5 +1,13 @@
+from collections import Counter
+
 import pytest
 import torch
+
+from engine.args import parse_args
+from engine.precision import resolve_precision
+from engine.training import weight_decay_rule
+from models import SegmenterConfig, build_model_on_meta
+from models.weights import convert_vpd_state_dict, vpd_parameter_name
 
 from engine.signals import StopRequest
 from engine.training import NonFiniteLossError, train_one_epoch
@@ -72,3 +80,55 @@ def test_poly_schedule():
     factor = poly_lr_lambda(100, power=0.9)
     assert factor(0) == 1.0 and factor(100) == 0.0
     assert factor(50) == pytest.approx(0.5 ** 0.9)
+
+
+def test_vpd_weight_decay_rule_on_the_full_size_model():
+    """VPD decays every trainable tensor whose name in its own model lacks "norm". Our names map
+    to VPD's (checked by converting them back with the VPD-checkpoint converter, which uses
+    diffusers' LDM converter for the UNet) and the groups follow VPD's rule tensor by tensor."""
+    model = build_model_on_meta(SegmenterConfig(preset="vpd", token_length=40))
+    unet_config = model.backbone.unet.config
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    vpd_names = {name: vpd_parameter_name(name, unet_config) for name in trainable}
+    # A tensor holding its own index under every VPD name: each must come back under its own name.
+    index = {name: torch.tensor([float(i)]) for i, name in enumerate(trainable)}
+    back, leftover = convert_vpd_state_dict({vpd_names[name]: index[name] for name in trainable},
+                                            unet_config, model.backbone.vae.config)
+    assert leftover == [] and set(back) == set(trainable)
+    assert all(torch.equal(back[name], index[name]) for name in trainable)
+
+    groups = parameter_groups(model, 0.01, decays=weight_decay_rule(model, "vpd"))
+    decayed = {id(p) for group in groups if group["weight_decay"] > 0 for p in group["params"]}
+    for name, parameter in trainable.items():
+        assert (id(parameter) in decayed) == ("norm" not in vpd_names[name]), vpd_names[name]
+    assert (len(trainable), len(decayed)) == (707, 579)
+    # What VPD decays and the common rule (matrices only) does not: 289 tensors, 353,346 values.
+    extra = [name for name, p in trainable.items() if id(p) in decayed and p.ndim == 1]
+    assert len(extra) == 289 and sum(trainable[name].numel() for name in extra) == 353_346
+    kinds = Counter()
+    for name in extra:
+        vpd_name = vpd_names[name]
+        if "in_layers.0." in vpd_name or "out_layers.0." in vpd_name:
+            kinds["resblock groupnorm"] += 1
+        elif name.startswith("backbone.unet."):
+            kinds["unet bias"] += 1
+        elif ".bn." in name:
+            kinds["decoder batchnorm"] += 1
+        elif name == "text_adapter.gamma":
+            kinds["gamma"] += 1
+        else:
+            kinds["adapter/decoder bias"] += 1
+    assert kinds == {"unet bias": 185, "resblock groupnorm": 88, "gamma": 1,
+                     "adapter/decoder bias": 3, "decoder batchnorm": 12}
+    # The transformer blocks' LayerNorms and GroupNorm (norm, norm1..3) are all that is exempt.
+    exempt = {vpd_names[name].rsplit(".", 2)[-2] for name in trainable if id(trainable[name]) not in decayed}
+    assert exempt == {"norm", "norm1", "norm2", "norm3"}
+    common = parameter_groups(model, 0.01, decays=weight_decay_rule(model, "modern"))
+    assert sum(len(g["params"]) for g in common if g["weight_decay"] > 0) == 579 - 289
+
+
+def test_evaluation_defaults_to_fp32():
+    assert parse_args("test", ["--checkpoint", "c.pth"]).precision == "fp32"
+    train_args = parse_args("train", [])
+    assert train_args.eval_precision == "fp32" and train_args.weight_decay_rule == "vpd"
+    assert resolve_precision("fp32", torch.device("cpu")) == torch.float32

@@ -2,18 +2,24 @@
 import torch
 
 
-def parameter_groups(model, weight_decay, unet_lr_scale=1.0):
+def decays_matrices(name, parameter):
+    """The common rule: weight decay on tensors of more than one dimension, none on biases and
+    norm scales/shifts (and the adapter's gamma)."""
+    return parameter.ndim > 1
+
+
+def parameter_groups(model, weight_decay, unet_lr_scale=1.0, decays=decays_matrices):
     """AdamW groups by role: UNet vs. the rest (decoder, text adapter), decayed vs. not.
 
-    Norm weights, biases and the adapter's gamma (every parameter with one dimension) get no
-    weight decay. Each group carries `lr_scale`, which `build_optimizer` applies to the lr.
+    `decays(name, parameter)` says which trainable tensors get weight decay. Each group carries
+    `lr_scale`, which `build_optimizer` applies to the lr.
     """
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         role = "unet" if ".unet." in f".{name}" else "head"
-        decay = parameter.ndim > 1
+        decay = bool(decays(name, parameter))
         key = (role, decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
@@ -23,8 +29,9 @@ def parameter_groups(model, weight_decay, unet_lr_scale=1.0):
     return list(groups.values())
 
 
-def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None, amsgrad=False):
-    groups = parameter_groups(model, weight_decay, unet_lr_scale)
+def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None, amsgrad=False,
+                    decays=decays_matrices):
+    groups = parameter_groups(model, weight_decay, unet_lr_scale, decays)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if fused is None:  # the fused kernel is the fastest AdamW on GPUs
