@@ -63,6 +63,7 @@ def main(argv=None):
     model.to(device).eval()
 
     splits = evaluation_splits(args.dataset, args.splitBy) if args.split == "all" else [args.split]
+    preflight(args.refer_data_root, args.dataset, args.splitBy)
     # Panels only from rank 0, so --vis_num is the total; masks from every rank (disjoint refs).
     writer = PredictionWriter(args.save_masks, args.vis_dir if dist_info.is_main else None,
                               args.vis_num)
@@ -75,7 +76,8 @@ def main(argv=None):
                          f"VAE's downsampling factor {model.vae_scale_factor}; it is {config.img_size}")
     results_by_split = {}
     for split in splits:
-        dataset = build_dataset(args, split, config, eval_mode=True)
+        dataset = build_dataset(args.refer_data_root, args.dataset, args.splitBy, split, config,
+                                eval_mode=True)
         if args.swap_text:
             swapped = dataset.swap_text_within_images()
             logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "

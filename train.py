@@ -11,7 +11,7 @@ import random
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.loaders import build_dataset, build_loader, set_loader_epoch
+from data.loaders import build_dataset, build_loader, build_train_set, set_loader_epoch
 from engine.args import IGNORED_FLAG_NAMES, model_config, parse_args
 from engine.checkpointing import (build_checkpoint, check_resumable, find_resume_state,
                                   new_run_id)
@@ -21,6 +21,7 @@ from engine.precision import resolve_precision
 from engine.signals import StopRequest
 from engine.training import NonFiniteLossError, train_one_epoch, weight_decay_rule
 from models import build_model, load_segmenter_state
+from refer.check import preflight
 from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
                               model_state_from_checkpoint, save_checkpoint, set_rng_state)
 from utils.dist import all_gather_objects, cleanup, init_distributed
@@ -107,24 +108,31 @@ def train(args, config, dist_info, stop):
     seed_everything(args.seed + dist_info.rank)
     check_stop()
 
-    # 2. Data.
-    train_set = build_dataset(args, "train", config, eval_mode=False)
-    val_set = build_dataset(args, args.split, config, eval_mode=True)
+    # 2. Data: the train split(s), and the held-out split of each dataset for validation.
+    for dataset, splitBy in args.datasets:
+        preflight(args.refer_data_root, dataset, splitBy)
+    train_set, joint_summary = build_train_set(args.refer_data_root, args.datasets, config)
+    if joint_summary:
+        logger.info(joint_summary)
+    val_sets = {name: build_dataset(args.refer_data_root, name, splitBy, args.split, config,
+                                    eval_mode=True) for name, splitBy in args.datasets}
     show_progress = progress_enabled(dist_info.is_main)
     if args.cache_latents:  # encode each image once; the datasets then read latents, not images
         if config.img_size % model.vae_scale_factor:
             raise InputError(f"--cache_latents needs --img_size to be a multiple of the VAE's "
                              f"downsampling factor {model.vae_scale_factor}; got {config.img_size}")
-        attach_latent_cache(model, [train_set, val_set], args.cache_latents, device, dtype,
-                            args.eval_batch_size, show_progress, workers=args.workers,
+        attach_latent_cache(model, [train_set, *val_sets.values()], args.cache_latents, device,
+                            dtype, args.eval_batch_size, show_progress, workers=args.workers,
                             should_stop=lambda: stop.requested)
     check_stop()
     train_loader = build_loader(train_set, args.batch_size, args.workers, shuffle=True,
                                 seed=args.seed, drop_last=True, eval_mode=False,
                                 pin_memory=args.pin_mem)
-    val_loader = build_loader(val_set, args.eval_batch_size, args.workers, shuffle=False,
-                              seed=args.seed, drop_last=False, eval_mode=True,
-                              pin_memory=args.pin_mem)
+    val_loaders = {name: build_loader(val_set, args.eval_batch_size, args.workers, shuffle=False,
+                                      seed=args.seed, drop_last=False, eval_mode=True,
+                                      pin_memory=args.pin_mem)
+                   for name, val_set in val_sets.items()}
+    score_name = "oIoU" if len(val_sets) == 1 else "mean oIoU"
     iterations_per_epoch = len(train_loader)
     if iterations_per_epoch == 0:
         raise InputError(f"the train split has {len(train_set)} refs, fewer than one batch of "
@@ -139,7 +147,7 @@ def train(args, config, dist_info, stop):
                 "weight_decay_rule": args.weight_decay_rule, "processes": dist_info.world_size,
                 "iterations_per_epoch": iterations_per_epoch}
     start_epoch, start_iteration = 0, 0
-    best = {"score": -1.0, "epoch": -1, "metric": "oIoU"}
+    best = {"score": -1.0, "epoch": -1, "metric": score_name}
     run_id = all_gather_objects(new_run_id())[0]
     state = find_resume_state(args.resume, last_path, auto_resume=not args.no_auto_resume)
     if state is not None:
@@ -197,28 +205,36 @@ def train(args, config, dist_info, stop):
                         f"{train_stats['iterations']}; rerun the same command to resume")
             return 0
 
-        results = evaluate(model, val_loader, device, eval_dtype, show_progress=show_progress,
-                           desc=f"val {epoch}")
-        improved = results["oIoU"] > best["score"]
+        results = {name: evaluate(model, loader, device, eval_dtype, show_progress=show_progress,
+                                  desc=f"{name} {args.split} {epoch}")
+                   for name, loader in val_loaders.items()}
+        score = sum(r["oIoU"] for r in results.values()) / len(results)
+        improved = score > best["score"]
         if improved:
-            best = {"score": results["oIoU"], "epoch": epoch, "metric": "oIoU"}
+            best = {"score": score, "epoch": epoch, "metric": score_name}
         if dist_info.is_main:
             if improved:
                 save(best_path, epoch + 1, 0)
             save(last_path, epoch + 1, 0)
         images_per_second = train_stats["images"] * dist_info.world_size / train_stats["seconds"]
+        if len(results) == 1:
+            (only,) = results.values()
+            validation = f"{args.split} oIoU {only['oIoU']:.2f} mIoU {only['mIoU']:.2f}"
+        else:
+            validation = (f"{args.split} oIoU " + ", ".join(f"{name} {r['oIoU']:.2f}" for name, r in results.items())
+                          + f", mean {score:.2f}")
+        eval_seconds = sum(r["seconds"] for r in results.values())
         logger.info(f"epoch {epoch + 1}/{args.epochs} | loss {train_stats['loss']:.4f} | "
-                    f"lr {train_stats['lr']:.2e} | {args.split} oIoU {results['oIoU']:.2f} "
-                    f"mIoU {results['mIoU']:.2f} | train {train_stats['seconds']:.0f}s "
-                    f"({images_per_second:.1f} img/s) eval {results['seconds']:.0f}s | best oIoU "
+                    f"lr {train_stats['lr']:.2e} | {validation} | train {train_stats['seconds']:.0f}s "
+                    f"({images_per_second:.1f} img/s) eval {eval_seconds:.0f}s | best {score_name} "
                     f"{best['score']:.2f} (epoch {best['epoch'] + 1}){' *saved*' if improved else ''}")
         if stop.agreed(device):
             logger.info(f"{stop.signal_name}: stopping after epoch {epoch + 1}; {last_path} saved")
             return 0
 
     if best["epoch"] >= 0:
-        logger.info(f"best {args.split} oIoU {best['score']:.2f} at epoch {best['epoch'] + 1}: "
-                    f"{best_path}")
+        logger.info(f"best {args.split} {score_name} {best['score']:.2f} at epoch "
+                    f"{best['epoch'] + 1}: {best_path}")
     return 0
 
 

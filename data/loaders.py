@@ -16,23 +16,45 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.dist import is_distributed, rank_and_world_size
 
+from .joint import JointReferDataset, held_out_image_ids
 from .refer_dataset import ReferDataset
 
-__all__ = ["build_dataset", "build_loader", "collate_eval", "set_loader_epoch", "ShardedEvalSampler",
-           "ResumableTrainSampler"]
+__all__ = ["build_dataset", "build_train_set", "build_loader", "collate_eval", "set_loader_epoch",
+           "ShardedEvalSampler", "ResumableTrainSampler"]
 
 
-def build_dataset(args, split: str, config, eval_mode: bool) -> ReferDataset:
-    """ReferDataset from the parsed flags ``refer_data_root, dataset, splitBy`` and the model's
-    config (``img_size``, ``token_length``, ``pad_token_id``). The embedded toy dataset is
-    generated on first use."""
-    if args.dataset == "toy" and not os.path.isfile(
-            os.path.join(args.refer_data_root, "toy", "instances.json")):
+def build_dataset(data_root: str, dataset: str, splitBy: str, split: str, config,
+                  eval_mode: bool, exclude_image_ids=None) -> ReferDataset:
+    """ReferDataset of one split, sized by the model's config (``img_size``, ``token_length``,
+    ``pad_token_id``). The embedded toy dataset is generated on first use."""
+    if dataset == "toy" and not os.path.isfile(os.path.join(data_root, "toy", "instances.json")):
         from .toy import ensure_toy_dataset  # lazy: only the toy path needs the generator
-        ensure_toy_dataset(args.refer_data_root)
-    return ReferDataset(args.refer_data_root, dataset=args.dataset, splitBy=args.splitBy,
-                        split=split, img_size=config.img_size, token_length=config.token_length,
-                        eval_mode=eval_mode, pad_token_id=config.pad_token_id)
+        ensure_toy_dataset(data_root)
+    return ReferDataset(data_root, dataset=dataset, splitBy=splitBy, split=split,
+                        img_size=config.img_size, token_length=config.token_length,
+                        eval_mode=eval_mode, pad_token_id=config.pad_token_id,
+                        exclude_image_ids=exclude_image_ids)
+
+
+def build_train_set(data_root: str, members: list[tuple[str, str]], config):
+    """The train split of one dataset, or the leakage-free union of several (data/joint.py).
+
+    Returns (dataset, summary): summary says how many refs and images were left out and why
+    (None for one dataset)."""
+    if len(members) == 1:
+        (dataset, splitBy), = members
+        return build_dataset(data_root, dataset, splitBy, "train", config, eval_mode=False), None
+    held_out = held_out_image_ids(data_root, members)
+    parts = [build_dataset(data_root, dataset, splitBy, "train", config, eval_mode=False,
+                           exclude_image_ids=held_out) for dataset, splitBy in members]
+    removed = {f"{part.dataset}({part.splitBy})": len(part.excluded_ref_ids) for part in parts}
+    removed_images = {image_id for part in parts for image_id in part.excluded_image_ids}
+    summary = (f"joint training on {', '.join(removed)}: left out {sum(removed.values())} train "
+               f"refs ({', '.join(f'{name} {count}' for name, count in removed.items())}) of "
+               f"{len(removed_images)} train images that appear in a val or test split of one of "
+               f"them ({len(held_out)} held-out images in all); {sum(len(part) for part in parts)} "
+               f"refs remain")
+    return JointReferDataset(parts), summary
 
 
 class ShardedEvalSampler(Sampler[int]):

@@ -47,6 +47,8 @@ class ReferDataset(Dataset):
         img_size: side of the square image and mask.
         token_length: number of text tokens per sentence (truncated / padded).
         pad_token_id: the id sentences are padded with (the model config's ``pad_token_id``).
+        exclude_image_ids: refs of these images are left out (joint training keeps every image
+            of a val or test split out of training; ``excluded_ref_ids`` lists what was dropped).
         eval_mode: return all sentences of a ref instead of one random sentence.
 
     Items (``eval_mode=False``): ``image`` float32 [3,S,S] in [-1,1], ``mask`` int64 [S,S] in
@@ -59,7 +61,8 @@ class ReferDataset(Dataset):
 
     def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
                  split: str = "train", img_size: int = 512, token_length: int = 77,
-                 eval_mode: bool = False, pad_token_id: int = EOT_ID):
+                 eval_mode: bool = False, pad_token_id: int = EOT_ID,
+                 exclude_image_ids=None):
         self.dataset = dataset
         self.splitBy = splitBy
         self.split = split
@@ -78,6 +81,17 @@ class ReferDataset(Dataset):
             raise EmptySplitError(
                 f"split {split!r} selects no refs in {refer.refs_path}; splits present: "
                 f"{', '.join(refer.splits())}")
+        self.excluded_ref_ids, self.excluded_image_ids = [], []
+        if exclude_image_ids:
+            self.excluded_ref_ids = [ref_id for ref_id in ref_ids
+                                     if refer.Refs[ref_id]["image_id"] in exclude_image_ids]
+            self.excluded_image_ids = sorted({refer.Refs[ref_id]["image_id"]
+                                              for ref_id in self.excluded_ref_ids})
+            excluded = set(self.excluded_ref_ids)
+            ref_ids = [ref_id for ref_id in ref_ids if ref_id not in excluded]
+            if not ref_ids:
+                raise EmptySplitError(f"every ref of {dataset}({splitBy}) {split} was excluded: "
+                                      f"all its images are held out")
 
         self.refs: list[dict] = refer.loadRefs(ref_ids)
         images = [refer.Imgs[ref["image_id"]] for ref in self.refs]

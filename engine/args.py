@@ -17,13 +17,11 @@ import sys
 from models import PRESETS, SegmenterConfig
 from refer.refer import DATASETS, QUERY_SPLITS, split_matches
 from utils.errors import InputError
+from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR, DEFAULT_SD_PATH
 
 from .precision import PRECISIONS
 from .training import WEIGHT_DECAY_RULES
 
-# Default data, weights and checkpoint folders live inside the repository, wherever it is run from.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SD_PATH = os.path.join(REPO_ROOT, "stable-diffusion-v1-5")
 
 # The published recipe (VPD-RIS: 8 GPUs x 4 images, AdamW 5e-5, 40 epochs, 512 px, SD v1.5).
 PAPER_DEFAULTS = dict(
@@ -49,6 +47,9 @@ DATASET_DEFAULTS = {
     "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
                 workers=1, attn_grad=True),
 }
+
+# Datasets with images of their own, which cannot join another in joint training.
+SINGLE_DATASETS = ("refclef", "toy")
 
 # Flags of VPD's / LAVT's command lines that change nothing here: accepted with one warning each.
 IGNORED_VPD_FLAGS = {
@@ -103,14 +104,51 @@ def nonnegative_float(text):
 
 
 # --------------------------------------------------------------------------------------- groups
+def dataset_list(text):
+    """--dataset: one name, or several joined by commas for joint training, each optionally with
+    its partition (refcocog:google)."""
+    items = [item.strip() for item in text.split(",")]
+    names = [item.partition(":")[0] for item in items]
+    for name in names:
+        if name not in DATASETS:
+            raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; expected one of "
+                                             f"{', '.join(DATASETS)}, or several joined by commas")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} listed twice in {text!r}")
+    if len(items) > 1:
+        folders = {name: DATASETS[name].image_dir for name in names}
+        if len(set(folders.values())) > 1 or any(name in SINGLE_DATASETS for name in names):
+            raise argparse.ArgumentTypeError(
+                f"joint training needs datasets of the same images (refcoco, refcoco+, refcocog "
+                f"share COCO train2014); {text!r} mixes "
+                + ", ".join(f"{name} ({folder})" for name, folder in folders.items()))
+    return ",".join(items)
+
+
+def dataset_members(args):
+    """[(dataset, splitBy)] of --dataset: each item's own partition, else --splitBy, else the
+    dataset's default."""
+    members = []
+    for item in args.dataset.split(","):
+        name, _, splitBy = item.partition(":")
+        splitBy = splitBy or args.splitBy or DATASET_DEFAULTS.get(name, {}).get(
+            "splitBy", PAPER_DEFAULTS["splitBy"])
+        members.append((name, splitBy))
+    return members
+
+
 def _data(parser):
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="refcoco", choices=tuple(DATASETS),
-                       help="which REFER dataset to read (default: refcoco)")
+    group.add_argument("--dataset", default="refcoco", type=dataset_list,
+                       help=f"which REFER dataset to read: {', '.join(DATASETS)}; train.py also "
+                            f"takes several joined by commas (refcoco,refcoco+,refcocog:umd) for "
+                            f"joint training without test leakage (default: refcoco)")
     group.add_argument("--splitBy", default=None,
                        help="REFER partition: unc (refcoco, refcoco+), umd or google (refcocog) "
-                            "(default: umd for refcocog, else unc)")
-    group.add_argument("--refer_data_root", default=os.path.join(REPO_ROOT, "refer", "data"),
+                            "(default: umd for refcocog, else unc; in a joint list give it per "
+                            "dataset, refcocog:google)")
+    group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
                        help="folder holding images/ and the refcoco*/ folders (see refer/README.md)")
     group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
                        help="data loader processes per GPU (default: 4; toy: 1)")
@@ -192,7 +230,7 @@ def _optimization(parser):
 def _run_output(parser):
     group = parser.add_argument_group("checkpoints and logs")
     group.add_argument("--output-dir", "--output_dir", dest="output_dir",
-                       default=os.path.join(REPO_ROOT, "checkpoints"),
+                       default=DEFAULT_OUTPUT_DIR,
                        help="where model_best_{model_id}.pth and checkpoint_last_{model_id}.pth go; "
                             "all nodes of a multi-node run must see the same folder")
     group.add_argument("--model_id", default=None,
@@ -375,17 +413,23 @@ def resolve_defaults(args, model_flags=True):
     `model_flags=False` (test.py, demo.py) leaves the model's settings unset, to be taken from the
     checkpoint.
     """
-    dataset_defaults = DATASET_DEFAULTS.get(getattr(args, "dataset", None), {})
+    names = [item.partition(":")[0] for item in getattr(args, "dataset", "").split(",") if item]
     for key, paper_value in PAPER_DEFAULTS.items():
-        if not hasattr(args, key) or getattr(args, key) is not None:
+        if not hasattr(args, key) or getattr(args, key) is not None or key == "splitBy":
             continue
         if key in MODEL_FLAGS and not model_flags:
             continue
-        setattr(args, key, dataset_defaults.get(key, paper_value))
+        values = [DATASET_DEFAULTS.get(name, {}).get(key, paper_value) for name in names] or [paper_value]
+        # A joint list takes the largest token length of its members; other settings agree.
+        setattr(args, key, max(values) if key == "token_length" else values[0])
+    if hasattr(args, "dataset"):
+        args.datasets = dataset_members(args)
+        if len(args.datasets) == 1:
+            args.splitBy = args.datasets[0][1]
     if model_flags and getattr(args, "sd_path", "absent") is None and args.model == "vpd":
         args.sd_path = DEFAULT_SD_PATH  # only vpd needs Stable Diffusion weights
     if getattr(args, "model_id", "absent") is None:
-        args.model_id = args.dataset
+        args.model_id = "_".join(name for name, _ in args.datasets)
     return args
 
 
@@ -402,16 +446,23 @@ def held_out_splits(dataset, splitBy):
 
 def check_args(parser, args, program):
     """Cheap consistency checks (no file is read); argparse errors naming the flag."""
-    if hasattr(args, "splitBy") and hasattr(args, "dataset"):
-        partitions = DATASETS[args.dataset].splits
-        if args.splitBy not in partitions:
-            parser.error(f"argument --splitBy: {args.dataset} has no {args.splitBy!r} partition; "
-                         f"expected one of {', '.join(partitions)}")
-        if hasattr(args, "split"):
-            allowed = held_out_splits(args.dataset, args.splitBy) + (["all"] if program == "test" else [])
-            if args.split not in allowed:
-                parser.error(f"argument --split: {args.dataset} ({args.splitBy}) has no held-out "
-                             f"split {args.split!r}; expected one of {', '.join(allowed)}")
+    if hasattr(args, "datasets"):
+        if len(args.datasets) > 1 and program != "train":
+            parser.error(f"argument --dataset: {program} reads one dataset at a time; a joint "
+                         f"model is evaluated on each, e.g. --dataset {args.datasets[0][0]}")
+        if len(args.datasets) > 1 and args.splitBy:
+            parser.error("argument --splitBy: in a joint list give each dataset's partition "
+                         "after a colon, e.g. refcoco,refcocog:google")
+        for dataset, splitBy in args.datasets:
+            partitions = DATASETS[dataset].splits
+            if splitBy not in partitions:
+                parser.error(f"argument --splitBy: {dataset} has no {splitBy!r} partition; "
+                             f"expected one of {', '.join(partitions)}")
+            if hasattr(args, "split"):
+                allowed = held_out_splits(dataset, splitBy) + (["all"] if program == "test" else [])
+                if args.split not in allowed:
+                    parser.error(f"argument --split: {dataset} ({splitBy}) has no held-out split "
+                                 f"{args.split!r}; expected one of {', '.join(allowed)}")
     if getattr(args, "device", "auto") not in ("auto", "cpu", "cuda") and not str(
             args.device).startswith("cuda:"):
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")

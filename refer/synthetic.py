@@ -195,7 +195,8 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
                        num_images: int = 8, refs_per_image: int = 2,
                        splits: tuple[str, ...] | None = None,
                        image_size: tuple[int, int] | None = None,
-                       special_images: bool = True, seed: int = 0) -> ReferFixture:
+                       special_images: bool = True, seed: int = 0,
+                       first_image: int = 0) -> ReferFixture:
     """Write a small REFER dataset under ``root`` and return its ground truth.
 
     Args:
@@ -209,6 +210,9 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
         special_images: store image 0 as grayscale JPEG, 1 as CMYK JPEG, 2 as RGBA PNG and 3 as
             palette PNG, so readers must convert them to RGB.
         seed: everything is derived from it.
+        first_image: number of the first image; two datasets written to one root with
+            overlapping numbers share those images (as RefCOCO and RefCOCOg share COCO's), each
+            with its own annotations and split. Give shared images one `image_size`.
     """
     rng = np.random.default_rng(seed)
     splits = tuple(splits or DEFAULT_SPLITS.get(splitBy, DEFAULT_SPLITS["unc"]))
@@ -226,7 +230,7 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
     ann_serial, sent_id = 0, 500
     for index in range(num_images):
         # Ids deliberately differ from list positions, as in the real files.
-        image_id = 1000 + 7 * index
+        image_id = 1000 + 7 * (first_image + index)
         width, height = image_size or _SMALL_SIZES[index % len(_SMALL_SIZES)]
         mode = special_modes[index] if index < len(special_modes) else "RGB"
         extension = "png" if mode in ("RGBA", "P") else "jpg"

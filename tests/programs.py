@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.paths import REPO_ROOT
+
 # An epoch of about a second: 24 train images at 32 px, batches of 4.
 SMALL_RUN = ["--img_size", "32", "--batch-size", "4", "--workers", "0", "--eval_batch_size", "8"]
 

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.paths import REPO_ROOT
+
 PACKAGES = ("utils", "refer", "data", "models", "engine", "bench")
 # What each package may import from the project (besides itself).
 ALLOWED = {

@@ -13,11 +13,18 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from data.toy import (
+    PALETTE,
+    SHAPES,
+    SPLITS,
+    build_toy_dataset,
+    ensure_toy_dataset,
+    parse_expression,
+    resolve_expression,
+)
 from refer.refer import REFER
-from data.toy import (PALETTE, SHAPES, SPLITS, build_toy_dataset, ensure_toy_dataset,
-                      parse_expression, resolve_expression)
+from utils.paths import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pycocotools 2.0.x + numpy 2 warn on every decode; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

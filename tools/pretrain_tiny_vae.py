@@ -24,8 +24,7 @@ from data.refer_dataset import ReferDataset
 from data.toy import ensure_toy_dataset
 from data.transforms import load_rgb
 from models.presets import TINY_VAE_DIR, random_tiny_vae
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.paths import DEFAULT_DATA_ROOT
 
 
 def load_split_images(data_root, split, img_size):
@@ -37,7 +36,7 @@ def load_split_images(data_root, split, img_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", default=os.path.join(REPO_ROOT, "refer", "data"),
+    parser.add_argument("--data_root", default=DEFAULT_DATA_ROOT,
                         help="where the toy dataset is (or is written) (default: refer/data in the repository)")
     parser.add_argument("--out", default=str(TINY_VAE_DIR), help="diffusers folder to write (config.json + weights)")
     parser.add_argument("--img_size", type=int, default=64, help="training image size (the toy default)")
