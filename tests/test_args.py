@@ -51,10 +51,27 @@ def test_every_group_is_used_and_defaults_are_shown():
                 assert "default" in formatter._get_help_string(action), (program, action.dest)
 
 
-def test_choices_come_from_the_registries():
+def test_choices_come_from_the_registries(capsys):
     actions = {action.dest: action for action in get_parser("train")._actions}
     assert tuple(actions["model"].choices) == tuple(PRESETS)
-    assert tuple(actions["dataset"].choices) == tuple(DATASETS)
+    message = parse_error("train", ["--dataset", "coco"], capsys)
+    assert f"unknown dataset 'coco'; expected one of {', '.join(DATASETS)}" in message
+    for name in DATASETS:
+        assert parse_args("train", ["--dataset", name]).datasets[0][0] == name
+
+
+def test_joint_dataset_lists(capsys):
+    args = parse_args("train", ["--dataset", "refcoco,refcoco+,refcocog"])
+    assert args.datasets == [("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd")]
+    assert args.token_length == 77 and args.model_id == "refcoco_refcoco+_refcocog"
+    assert parse_args("train", ["--dataset", "refcoco,refcocog:google"]).datasets[1] == ("refcocog", "google")
+    assert "refcoco listed twice" in parse_error("train", ["--dataset", "refcoco,refcoco"], capsys)
+    assert "joint training needs datasets of the same images" in parse_error(
+        "train", ["--dataset", "refcoco,refclef"], capsys)
+    assert "in a joint list give each dataset's partition" in parse_error(
+        "train", ["--dataset", "refcoco,refcocog", "--splitBy", "umd"], capsys)
+    assert "test reads one dataset at a time" in parse_error(
+        "test", ["--dataset", "refcoco,refcoco+"], capsys)
 
 
 def test_paper_defaults():

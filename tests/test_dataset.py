@@ -3,7 +3,6 @@ import json
 import os
 import pickle
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -195,10 +194,9 @@ def test_dataset_pickles_small_and_equivalent(fixture_data):
 
 
 # ---------------------------------------------------------------------------- build_dataset
-def test_build_dataset_reads_documented_flags_and_the_model_config(fixture_data):
-    args = SimpleNamespace(refer_data_root=fixture_data.data_root, dataset="refcoco", splitBy="unc")
+def test_build_dataset_takes_its_sizes_from_the_model_config(fixture_data):
     config = SegmenterConfig(preset="tiny", img_size=16, token_length=17, pad_token_id=3)
-    dataset = build_dataset(args, "val", config, eval_mode=True)
+    dataset = build_dataset(fixture_data.data_root, "refcoco", "unc", "val", config, eval_mode=True)
     assert dataset.eval_mode and dataset.split == "val"
     item = dataset[0]
     assert item["image"].shape == (3, 16, 16) and item["input_ids"].shape[1] == 17
@@ -214,10 +212,9 @@ def test_build_dataset_generates_toy_on_first_use(tmp_path, monkeypatch):
         make_refer_dataset(root, "toy", "unc", num_images=4, special_images=False)
 
     monkeypatch.setattr(data.toy, "ensure_toy_dataset", fake_ensure)
-    args = SimpleNamespace(refer_data_root=str(tmp_path), dataset="toy", splitBy="unc")
     config = SegmenterConfig(preset="tiny", img_size=16, token_length=16)
-    assert len(build_dataset(args, "train", config, eval_mode=False)) > 0
-    assert len(build_dataset(args, "val", config, eval_mode=True)) > 0
+    assert len(build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)) > 0
+    assert len(build_dataset(str(tmp_path), "toy", "unc", "val", config, eval_mode=True)) > 0
     assert calls == [str(tmp_path)]  # not regenerated once instances.json exists
 
 
