@@ -14,6 +14,7 @@ from engine.evaluation import evaluate
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
 from models.pretrained import build_from_source, read_model_source
+from refer.check import preflight
 from refer.refer import evaluation_splits
 from utils.dist import cleanup, init_distributed
 from utils.errors import InputError
@@ -63,7 +64,8 @@ def main(argv=None):
     model.to(device).eval()
 
     splits = evaluation_splits(args.dataset, args.splitBy) if args.split == "all" else [args.split]
-    preflight(args.refer_data_root, args.dataset, args.splitBy)
+    preflight(args.refer_data_root, args.dataset, args.splitBy,
+              images=not (args.cache_latents and not args.vis_dir))
     # Panels only from rank 0, so --vis_num is the total; masks from every rank (disjoint refs).
     writer = PredictionWriter(args.save_masks, args.vis_dir if dist_info.is_main else None,
                               args.vis_num)

@@ -14,6 +14,8 @@ DATASET=$1; CHECKPOINT=$2; shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-1}
+# Progress bars on the terminal: torchrun hands its processes pipes, not the terminal itself.
+if [ -t 2 ]; then export RIS_PROGRESS=1; fi
 if [ "$NPROC" -eq 1 ]; then
     exec "$PYTHON" "$HERE/test.py" --dataset "$DATASET" --checkpoint "$CHECKPOINT" "$@"
 fi

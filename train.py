@@ -16,11 +16,13 @@ from engine.args import IGNORED_FLAG_NAMES, model_config, parse_args
 from engine.checkpointing import (build_checkpoint, check_resumable, find_resume_state,
                                   new_run_id)
 from engine.evaluation import evaluate
+from engine.record import PanelCollector, RunRecord, run_manifest
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
 from engine.signals import StopRequest
 from engine.training import NonFiniteLossError, train_one_epoch, weight_decay_rule
 from models import build_model, load_segmenter_state
+from models.presets import INIT_SEED
 from refer.check import preflight
 from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
                               model_state_from_checkpoint, save_checkpoint, set_rng_state)
@@ -28,6 +30,7 @@ from utils.dist import all_gather_objects, cleanup, init_distributed
 from utils.errors import InputError
 from utils.io import remove_stale_temporaries
 from utils.lock import OutputLock, OutputLockedError
+from utils.memory import peak_memory_bytes
 from utils.logging import get_logger, progress_enabled, run_cli, setup_logging
 from utils.optim import build_optimizer, build_scheduler
 
@@ -110,7 +113,7 @@ def train(args, config, dist_info, stop):
 
     # 2. Data: the train split(s), and the held-out split of each dataset for validation.
     for dataset, splitBy in args.datasets:
-        preflight(args.refer_data_root, dataset, splitBy)
+        preflight(args.refer_data_root, dataset, splitBy, images=not args.cache_latents)
     train_set, joint_summary = build_train_set(args.refer_data_root, args.datasets, config)
     if joint_summary:
         logger.info(joint_summary)
@@ -146,7 +149,7 @@ def train(args, config, dist_info, stop):
     schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
                 "weight_decay_rule": args.weight_decay_rule, "processes": dist_info.world_size,
                 "iterations_per_epoch": iterations_per_epoch}
-    start_epoch, start_iteration = 0, 0
+    start_epoch, start_iteration, resume_position = 0, 0, None
     best = {"score": -1.0, "epoch": -1, "metric": score_name}
     run_id = all_gather_objects(new_run_id())[0]
     state = find_resume_state(args.resume, last_path, auto_resume=not args.no_auto_resume)
@@ -163,6 +166,7 @@ def train(args, config, dist_info, stop):
                                      "metric": "oIoU"}
         run_id = state.get("run_id") or run_id
         set_rng_state(state.get("rng"))
+        resume_position = (start_epoch, start_epoch * iterations_per_epoch + start_iteration)
         logger.info(f"resumed from {resume_path}: epoch {start_epoch}, iteration "
                     f"{start_iteration}, best val {best['metric']} {best['score']:.2f}")
         del state
@@ -171,72 +175,94 @@ def train(args, config, dist_info, stop):
                     f"{best['metric']} {best['score']:.2f} at epoch {best['epoch'] + 1} ({best_path})")
         return 0
     check_stop()
+    device_names = all_gather_objects(torch.cuda.get_device_name(device) if device.type == "cuda"
+                                      else f"cpu ({torch.get_num_threads()} threads)")
+    record = RunRecord(log_dir, run_id, enabled=dist_info.is_main, tensorboard=not args.no_tensorboard,
+                       resume_step=resume_position[1] if resume_position else None,
+                       resume_epoch=resume_position[0] if resume_position else None)
+    record.write_manifest(run_manifest(args, model.config, args.datasets, dist_info.world_size,
+                                       device_names, args.batch_size * dist_info.world_size,
+                                       args.refer_data_root, INIT_SEED) if dist_info.is_main else None)
 
-    trained_model = model
-    if dist_info.distributed:
-        trained_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model.backbone.unet.compile()
+    try:
+        trained_model = model
+        if dist_info.distributed:
+            trained_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            model.backbone.unet.compile()
 
-    def save(path, epoch, iteration):
-        save_checkpoint(build_checkpoint(model, optimizer, scheduler, scaler, args, schedule,
-                                         run_id, epoch, iteration, best), path)
+        def save(path, epoch, iteration):
+            save_checkpoint(build_checkpoint(model, optimizer, scheduler, scaler, args, schedule,
+                                             run_id, epoch, iteration, best), path)
 
-    # 4. The epochs.
-    logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "
-                f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)), "
-                f"starting at iteration {start_iteration}")
-    for epoch in range(start_epoch, args.epochs):
-        set_loader_epoch(train_loader, epoch, seed=args.seed, skip_batches=start_iteration)
-        try:
-            train_stats = train_one_epoch(trained_model, train_loader, optimizer, scheduler, device,
-                                          dtype, epoch, scaler=scaler,
-                                          start_iteration=start_iteration, stop=stop,
-                                          show_progress=show_progress, print_freq=args.print_freq)
-        except NonFiniteLossError as error:
-            logger.error(str(error))
-            return 1
-        start_iteration = 0
-        if train_stats["stopped"]:
-            if dist_info.is_main:
-                save(last_path, epoch, train_stats["iterations"])
-            logger.info(f"{stop.signal_name}: saved {last_path} at epoch {epoch}, iteration "
-                        f"{train_stats['iterations']}; rerun the same command to resume")
-            return 0
+        # 4. The epochs.
+        logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "
+                    f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)), "
+                    f"starting at iteration {start_iteration}")
+        for epoch in range(start_epoch, args.epochs):
+            set_loader_epoch(train_loader, epoch, seed=args.seed, skip_batches=start_iteration)
+            try:
+                train_stats = train_one_epoch(trained_model, train_loader, optimizer, scheduler, device,
+                                              dtype, epoch, scaler=scaler,
+                                              start_iteration=start_iteration, stop=stop,
+                                              show_progress=show_progress, print_freq=args.print_freq,
+                                              on_interval=record.iteration)
+            except NonFiniteLossError as error:
+                logger.error(str(error))
+                return 1
+            start_iteration = 0
+            if train_stats["stopped"]:
+                if dist_info.is_main:
+                    save(last_path, epoch, train_stats["iterations"])
+                logger.info(f"{stop.signal_name}: saved {last_path} at epoch {epoch}, iteration "
+                            f"{train_stats['iterations']}; rerun the same command to resume")
+                return 0
 
-        results = {name: evaluate(model, loader, device, eval_dtype, show_progress=show_progress,
-                                  desc=f"{name} {args.split} {epoch}")
-                   for name, loader in val_loaders.items()}
-        score = sum(r["oIoU"] for r in results.values()) / len(results)
-        improved = score > best["score"]
-        if improved:
-            best = {"score": score, "epoch": epoch, "metric": score_name}
-        if dist_info.is_main:
+            panels = PanelCollector(next(iter(val_sets.values()))) if dist_info.is_main else None
+            results = {name: evaluate(model, loader, device, eval_dtype, show_progress=show_progress,
+                                      desc=f"{name} {args.split} {epoch}",
+                                      on_predictions=panels if index == 0 else None)
+                       for index, (name, loader) in enumerate(val_loaders.items())}
+            score = sum(r["oIoU"] for r in results.values()) / len(results)
+            improved = score > best["score"]
             if improved:
-                save(best_path, epoch + 1, 0)
-            save(last_path, epoch + 1, 0)
-        images_per_second = train_stats["images"] * dist_info.world_size / train_stats["seconds"]
-        if len(results) == 1:
-            (only,) = results.values()
-            validation = f"{args.split} oIoU {only['oIoU']:.2f} mIoU {only['mIoU']:.2f}"
-        else:
-            validation = (f"{args.split} oIoU " + ", ".join(f"{name} {r['oIoU']:.2f}" for name, r in results.items())
-                          + f", mean {score:.2f}")
-        eval_seconds = sum(r["seconds"] for r in results.values())
-        logger.info(f"epoch {epoch + 1}/{args.epochs} | loss {train_stats['loss']:.4f} | "
-                    f"lr {train_stats['lr']:.2e} | {validation} | train {train_stats['seconds']:.0f}s "
-                    f"({images_per_second:.1f} img/s) eval {eval_seconds:.0f}s | best {score_name} "
-                    f"{best['score']:.2f} (epoch {best['epoch'] + 1}){' *saved*' if improved else ''}")
-        if stop.agreed(device):
-            logger.info(f"{stop.signal_name}: stopping after epoch {epoch + 1}; {last_path} saved")
-            return 0
+                best = {"score": score, "epoch": epoch, "metric": score_name}
+            images_per_second = train_stats["images"] * dist_info.world_size / train_stats["seconds"]
+            eval_seconds = sum(r["seconds"] for r in results.values())
+            # The record first: a kill before the checkpoints below leaves a row that the resumed
+            # run drops (it continues from the previous checkpoint).
+            record.epoch({"epoch": epoch + 1, "step": scheduler.last_epoch,
+                          "train_loss": train_stats["loss"], "lr": train_stats["lr"],
+                          "images_per_s": images_per_second, "train_seconds": train_stats["seconds"],
+                          "eval_seconds": eval_seconds, "peak_memory_bytes": peak_memory_bytes(device),
+                          "val": results, "score": score, "score_name": score_name,
+                          "best": dict(best)}, panels=panels.panels if panels else ())
+            if dist_info.is_main:
+                if improved:
+                    save(best_path, epoch + 1, 0)
+                save(last_path, epoch + 1, 0)
+            if len(results) == 1:
+                (only,) = results.values()
+                validation = f"{args.split} oIoU {only['oIoU']:.2f} mIoU {only['mIoU']:.2f}"
+            else:
+                validation = (f"{args.split} oIoU " + ", ".join(f"{name} {r['oIoU']:.2f}" for name, r in results.items())
+                              + f", mean {score:.2f}")
+            logger.info(f"epoch {epoch + 1}/{args.epochs} | loss {train_stats['loss']:.4f} | "
+                        f"lr {train_stats['lr']:.2e} | {validation} | train {train_stats['seconds']:.0f}s "
+                        f"({images_per_second:.1f} img/s) eval {eval_seconds:.0f}s | best {score_name} "
+                        f"{best['score']:.2f} (epoch {best['epoch'] + 1}){' *saved*' if improved else ''}")
+            if stop.agreed(device):
+                logger.info(f"{stop.signal_name}: stopping after epoch {epoch + 1}; {last_path} saved")
+                return 0
 
-    if best["epoch"] >= 0:
-        logger.info(f"best {args.split} {score_name} {best['score']:.2f} at epoch "
-                    f"{best['epoch'] + 1}: {best_path}")
-    return 0
+        if best["epoch"] >= 0:
+            logger.info(f"best {args.split} {score_name} {best['score']:.2f} at epoch "
+                        f"{best['epoch'] + 1}: {best_path}")
+        return 0
 
+    finally:
+        record.close()
 
 if __name__ == "__main__":
     run_cli(main)

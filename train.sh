@@ -20,6 +20,8 @@ PYTHON=${PYTHON:-python}
 if [ -z "${MASTER_PORT:-}" ]; then
     MASTER_PORT=$("$PYTHON" -c "import socket; s=socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
 fi
+# Progress bars on the terminal: torchrun hands its processes pipes, not the terminal itself.
+if [ -t 2 ]; then export RIS_PROGRESS=1; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 exec "$PYTHON" -m engine.launch \
     --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \

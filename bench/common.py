@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.tokenizer import EOT_ID, SOT_ID
+from utils.memory import process_status_kib
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,14 +86,6 @@ class PeakMemory:
         self.device = device
         self.start_rss = None
 
-    @staticmethod
-    def status_kib(field: str) -> int:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise OSError(f"{field} not in /proc/self/status")
-
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -101,7 +94,7 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")  # resets VmHWM to the current RSS
-            self.start_rss = self.status_kib("VmRSS")
+            self.start_rss = process_status_kib("VmRSS")
         except OSError:
             self.start_rss = None
 
@@ -114,7 +107,7 @@ class PeakMemory:
         if self.start_rss is None:
             return None
         try:
-            peak = self.status_kib("VmHWM")
+            peak = process_status_kib("VmHWM")
         except OSError:
             return None
         return peak * 1024, (peak - self.start_rss) * 1024

@@ -217,7 +217,9 @@ class ReferDataset(Dataset):
         attention_mask = (torch.arange(self.token_length) < int(self._token_lengths[row])).long()
         return input_ids, attention_mask
 
-    def _image_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``'s transformed image and mask, read from the image file (also when a
+        latent cache serves the items)."""
         ref = self.refs[index]
         context = f"ref_id {ref['ref_id']} of {self.dataset}({self.splitBy})"
         image = load_rgb(self._image_paths[index], context=context)
@@ -245,7 +247,7 @@ class ReferDataset(Dataset):
         if self.latent_cache is not None:
             pixels_key, (pixels, mask) = "latents", self._latents_and_mask(index)
         else:
-            pixels_key, (pixels, mask) = "image", self._image_and_mask(index)
+            pixels_key, (pixels, mask) = "image", self.image_and_mask(index)
         item = {pixels_key: pixels, "mask": mask, "ref_id": int(ref["ref_id"]),
                 "image_id": int(ref["image_id"])}
         text_index = index if self.text_source is None else self.text_source[index]

@@ -244,9 +244,12 @@ def _run_output(parser):
                        help="where log.txt goes (train.sh passes its LOGDIR; default: "
                             "{output-dir}/logs/{model_id})")
     group.add_argument("--print-freq", "--print_freq", dest="print_freq", type=nonnegative_int,
-                       default=0,
-                       help="also log a progress line every N iterations (default 0: only every "
-                            "60 s, and only when no progress bar is shown)")
+                       default=10,
+                       help="every N iterations: a row in metrics.jsonl and TensorBoard, and a "
+                            "progress line in the log when no progress bar is shown (0: none) "
+                            "(default: 10, as VPD)")
+    group.add_argument("--no_tensorboard", action="store_true",
+                       help="do not write TensorBoard event files into the log folder")
 
 
 def _evaluation(parser):

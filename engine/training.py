@@ -73,12 +73,13 @@ def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
-                    start_iteration=0, stop=None, show_progress=True, log_interval=60.0,
-                    print_freq=0):
+                    start_iteration=0, stop=None, show_progress=True, print_freq=10,
+                    on_interval=None):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
 
-    A progress line is logged every `print_freq` iterations (0: never) and, without a progress bar
-    (a log file, not a terminal), every `log_interval` seconds. `stop` (a StopRequest) is checked
+    Every `print_freq` iterations (0: never) `on_interval(epoch, iteration, step, loss, lr,
+    images_per_second)` sees the interval's mean loss (the run record), and without a progress
+    bar (a log file, not a terminal) a progress line is logged. `stop` (a StopRequest) is checked
     after every step: the epoch then ends early, to be saved and resumed at that very batch.
 
     Returns a dict: mean loss, last lr, images seen, seconds, iterations done in this epoch
@@ -88,7 +89,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_images = 0
     iteration = start_iteration
-    start_time = last_log_time = time.perf_counter()
+    start_time = interval_start = time.perf_counter()
+    interval_loss, interval_steps, interval_images = 0.0, 0, 0
     total = start_iteration + len(loader)
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
                     initial=start_iteration, total=total)
@@ -106,15 +108,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
         loss_sum += loss_value
         num_images += masks.shape[0]
         iteration += 1
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        now = time.perf_counter()
-        if ((print_freq and iteration % print_freq == 0)
-                or (not show_progress and now - last_log_time > log_interval)):
-            last_log_time = now
-            seconds_per_step = (now - start_time) / steps_done(iteration, start_iteration)
-            get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
-                              f"{loss_value:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | "
-                              f"{seconds_per_step:.2f} s/it")
+        lr = scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        interval_loss, interval_steps = interval_loss + loss_value, interval_steps + 1
+        interval_images += masks.shape[0]
+        if print_freq and iteration % print_freq == 0:
+            now = time.perf_counter()
+            mean_loss, images_per_second = interval_loss / interval_steps, interval_images / (now - interval_start)
+            if on_interval is not None:
+                on_interval(epoch, iteration, scheduler.last_epoch, mean_loss, lr, images_per_second)
+            if not show_progress:
+                get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
+                                  f"{mean_loss:.4f} | lr {lr:.2e} | {images_per_second:.1f} img/s")
+            interval_start, interval_loss, interval_steps, interval_images = now, 0.0, 0, 0
         if stop is not None and stop.agreed(device):
             break
     progress.close()

@@ -226,11 +226,11 @@ def problems(result, data_root):
     return lines
 
 
-def preflight(data_root, dataset, splitBy, splits=None):
+def preflight(data_root, dataset, splitBy, splits=None, images=True):
     """The quick check train.py / test.py run for the data they read: counts against the
     published ones (a warning), every image present and a sample decodable, masks non-empty (a
     warning: ReferDataset names the refs). Missing or broken images stop the run now rather than
-    in the middle of an epoch."""
+    in the middle of an epoch; `images=False` (latents cached) leaves the images alone."""
     reports, errors = check_partition(data_root, dataset, splitBy, quick=True, splits=splits)
     if errors:
         return  # REFER raises the same error, naming the file, when the data is read
@@ -238,7 +238,7 @@ def preflight(data_root, dataset, splitBy, splits=None):
         for text in report.count_warnings:
             get_logger().warning(f"{dataset}({splitBy}) {report.split}: {text} (python -m refer.check "
                            f"gives the full report)")
-        for problem, fix in image_problems(report, data_root):
+        for problem, fix in image_problems(report, data_root) if images else ():
             raise DataCheckError(f"{problem}; {fix} (python -m refer.check lists every problem)")
 
 

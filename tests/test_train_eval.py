@@ -5,18 +5,22 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from models.pretrained import export_model_folder
 from refer.refer import REFER
-from utils.errors import InputError
 from tests.programs import SMALL_RUN, load_program, run, start, train_command, wait_for
 from utils.checkpoint import load_checkpoint
+from utils.errors import InputError
+from utils.paths import REPO_ROOT
+from utils.plots import read_metrics
 
 pytestmark = pytest.mark.xdist_group("train_eval")
 
@@ -39,7 +43,8 @@ def two_process_run(toy_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_process_run")
     logdir, output_dir = root / "logs", root / "ckpt"
     result = run(["bash", "train.sh", "toy", str(logdir), "2", "--refer_data_root", toy_root,
-                  "--output-dir", str(output_dir), "--epochs", str(EPOCHS), *SMALL_RUN])
+                  "--output-dir", str(output_dir), "--epochs", str(EPOCHS), *SMALL_RUN,
+                  "--print-freq", "2"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"logdir": logdir, "output_dir": output_dir, "result": result,
             "best": str(output_dir / "model_best_toy.pth")}
@@ -74,6 +79,42 @@ def test_train_sh_two_processes_writes_log_and_checkpoints(two_process_run, toy_
         "checkpoint_last_toy.pth", "model_best_toy.pth"]  # the run's lock is gone
 
 
+def test_a_run_leaves_a_record(two_process_run):
+    logdir = two_process_run["logdir"]
+    # metrics.jsonl: one row per epoch with what the log line says, and rows every 2 iterations.
+    rows = read_metrics(logdir / "metrics.jsonl")
+    epochs = [row for row in rows if row["kind"] == "epoch"]
+    assert [row["epoch"] for row in epochs] == list(range(1, EPOCHS + 1))
+    log = (logdir / "log.txt").read_text()
+    for row in epochs:
+        assert f"epoch {row['epoch']}/{EPOCHS} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | " \
+               f"val oIoU {row['val']['toy']['oIoU']:.2f} mIoU {row['val']['toy']['mIoU']:.2f}" in log
+        assert row["peak_memory_bytes"] > 0 and row["images_per_s"] > 0
+    steps = [row["step"] for row in rows if row["kind"] == "iteration"]
+    assert steps and steps == sorted(set(steps)) and all(step % 2 == 0 for step in steps)
+    # TensorBoard holds the same scalars, and validation panels.
+    (events,) = [name for name in os.listdir(logdir) if name.startswith("events.out.tfevents")]
+    accumulator = EventAccumulator(str(logdir / events), size_guidance={"images": 0})
+    accumulator.Reload()
+    logged = [event.value for event in accumulator.Scalars("val/toy/oIoU")]
+    assert logged == pytest.approx([row["val"]["toy"]["oIoU"] for row in epochs])
+    assert [event.step for event in accumulator.Scalars("train/loss")] == steps
+    assert "val_panels/0" in accumulator.Tags()["images"]
+    # curves.png: a real plot; run.json: how the run was started.
+    with Image.open(logdir / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.size == (1500, 420)
+    (start,) = json.loads((logdir / "run.json").read_text())["starts"]
+    assert start["world_size"] == 2 and start["global_batch"] == 8 and len(start["devices"]) == 2
+    assert start["git"]["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT,
+                                                   capture_output=True, text=True).stdout.strip()
+    assert start["config"]["token_length"] == 16 and start["flags"]["epochs"] == EPOCHS
+    assert {"torch", "diffusers", "transformers", "python", "cuda"} <= set(start["versions"])
+    assert set(start["data_files"]) == {"toy/instances.json", "toy/refs(unc).p"}
+    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in start["data_files"].values())
+    assert start["seeds"] == {"data": 0, "weights_init": 0} and "train.sh" not in start["command"]
+    assert "\r" not in log
+
+
 def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
                                              restore_signal_handlers):
     """SIGTERM mid-epoch (a checkpoint of that batch), resume; SIGKILL mid-epoch (no chance to
@@ -106,6 +147,8 @@ def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
     process.wait()
     assert load_checkpoint(str(last_path))["epoch"] == 1
 
+    curves_after_epoch_1 = (output_dir / "logs" / "toy" / "curves.png").read_bytes()
+
     # 3. And again: it finishes, with the uninterrupted run's weights and schedule.
     result = run(command)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -116,6 +159,14 @@ def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
     assert resumed["scheduler"] == reference_run["scheduler"]
     assert resumed["optimizer"]["param_groups"][0]["lr"] == reference_run["optimizer"]["param_groups"][0]["lr"]
     assert_same_weights(resumed["model"], reference_run["model"])
+    # The run's record continued across the interruptions: each epoch and step once, one run id.
+    logdir = output_dir / "logs" / "toy"
+    rows = read_metrics(logdir / "metrics.jsonl")
+    assert [row["epoch"] for row in rows if row["kind"] == "epoch"] == list(range(1, EPOCHS + 1))
+    steps = [row["step"] for row in rows if row["kind"] == "iteration"]
+    assert steps == sorted(set(steps)) and {row["run_id"] for row in rows} == {resumed["run_id"]}
+    assert len(json.loads((logdir / "run.json").read_text())["starts"]) == 3
+    assert (logdir / "curves.png").read_bytes() != curves_after_epoch_1
 
     # 4. test.py evaluates val from the cache alone: the images are gone.
     (fingerprint,) = os.listdir(cache)

@@ -14,7 +14,6 @@ Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents n
 (the segmenter reads the posterior mode unscaled, like VPD).
 """
 import argparse
-import os
 import time
 
 import torch

@@ -19,6 +19,7 @@ def atomic_write(path, mode="wb", fsync=True):
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX + os.path.basename(path), dir=folder)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -35,6 +36,12 @@ def atomic_write(path, mode="wb", fsync=True):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(folder, target_names):
