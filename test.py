@@ -81,9 +81,14 @@ def main(argv=None):
         dataset = build_dataset(args.refer_data_root, args.dataset, args.splitBy, split, config,
                                 eval_mode=True)
         if args.swap_text:
-            swapped = dataset.swap_text_within_images()
-            logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
-                        f"another object's sentences")
+            if dataset.generalized:
+                swapped = dataset.swap_text_between_images()
+                logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
+                            f"the sentences of another image")
+            else:
+                swapped = dataset.swap_text_within_images()
+                logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
+                            f"another object's sentences")
         if use_cache:  # encode each image once; the dataset then reads latents
             attach_latent_cache(model, [dataset], args.cache_latents, device, dtype,
                                 args.eval_batch_size, show_progress, workers=args.workers)
@@ -94,7 +99,8 @@ def main(argv=None):
     if dist_info.is_main:
         title = f"{args.dataset} ({args.splitBy}), {os.path.basename(os.path.normpath(args.checkpoint))}"
         if args.swap_text:
-            title += ", sentences swapped between objects of the same image (--swap_text)"
+            title += (", sentences swapped between images (--swap_text)" if "gIoU" in next(iter(results_by_split.values()))
+                      else ", sentences swapped between objects of the same image (--swap_text)")
         print(f"\n{title}\n{format_results_table(results_by_split)}\n", flush=True)
         if args.results_json:
             os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)

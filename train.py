@@ -135,7 +135,9 @@ def train(args, config, dist_info, stop):
                                       seed=args.seed, drop_last=False, eval_mode=True,
                                       pin_memory=args.pin_mem)
                    for name, val_set in val_sets.items()}
-    score_name = "oIoU" if len(val_sets) == 1 else "mean oIoU"
+    # The best epoch is the one of the best oIoU (RIS), gIoU (GRES), or their mean over datasets.
+    score_metric = "gIoU" if any(val_set.generalized for val_set in val_sets.values()) else "oIoU"
+    score_name = score_metric if len(val_sets) == 1 else f"mean {score_metric}"
     iterations_per_epoch = len(train_loader)
     if iterations_per_epoch == 0:
         raise InputError(f"the train split has {len(train_set)} refs, fewer than one batch of "
@@ -224,7 +226,7 @@ def train(args, config, dist_info, stop):
                                       desc=f"{name} {args.split} {epoch}",
                                       on_predictions=panels if index == 0 else None)
                        for index, (name, loader) in enumerate(val_loaders.items())}
-            score = sum(r["oIoU"] for r in results.values()) / len(results)
+            score = sum(r[score_metric] for r in results.values()) / len(results)
             improved = score > best["score"]
             if improved:
                 best = {"score": score, "epoch": epoch, "metric": score_name}
@@ -244,10 +246,11 @@ def train(args, config, dist_info, stop):
                 save(last_path, epoch + 1, 0)
             if len(results) == 1:
                 (only,) = results.values()
-                validation = f"{args.split} oIoU {only['oIoU']:.2f} mIoU {only['mIoU']:.2f}"
+                shown = ("gIoU", "cIoU", "N-acc", "T-acc") if score_metric == "gIoU" else ("oIoU", "mIoU")
+                validation = f"{args.split} " + " ".join(f"{name} {only[name]:.2f}" for name in shown)
             else:
-                validation = (f"{args.split} oIoU " + ", ".join(f"{name} {r['oIoU']:.2f}" for name, r in results.items())
-                              + f", mean {score:.2f}")
+                validation = (f"{args.split} {score_metric} " + ", ".join(
+                    f"{name} {r[score_metric]:.2f}" for name, r in results.items()) + f", mean {score:.2f}")
             logger.info(f"epoch {epoch + 1}/{args.epochs} | loss {train_stats['loss']:.4f} | "
                         f"lr {train_stats['lr']:.2e} | {validation} | train {train_stats['seconds']:.0f}s "
                         f"({images_per_second:.1f} img/s) eval {eval_seconds:.0f}s | best {score_name} "

@@ -16,8 +16,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.dist import is_distributed, rank_and_world_size
 
+from .gtoy import ensure_gtoy_dataset
 from .joint import JointReferDataset, held_out_image_ids
 from .refer_dataset import ReferDataset
+from .toy import ensure_toy_dataset
+
+# The embedded datasets, generated on first use: name -> ensure(data_root).
+GENERATED = {"toy": ensure_toy_dataset, "gtoy": ensure_gtoy_dataset}
 
 __all__ = ["build_dataset", "build_train_set", "build_loader", "collate_eval", "set_loader_epoch",
            "ShardedEvalSampler", "ResumableTrainSampler"]
@@ -26,10 +31,9 @@ __all__ = ["build_dataset", "build_train_set", "build_loader", "collate_eval", "
 def build_dataset(data_root: str, dataset: str, splitBy: str, split: str, config,
                   eval_mode: bool, exclude_image_ids=None) -> ReferDataset:
     """ReferDataset of one split, sized by the model's config (``img_size``, ``token_length``,
-    ``pad_token_id``). The embedded toy dataset is generated on first use."""
-    if dataset == "toy" and not os.path.isfile(os.path.join(data_root, "toy", "instances.json")):
-        from .toy import ensure_toy_dataset  # lazy: only the toy path needs the generator
-        ensure_toy_dataset(data_root)
+    ``pad_token_id``). The embedded toy datasets are generated on first use."""
+    if dataset in GENERATED and not os.path.isfile(os.path.join(data_root, dataset, "instances.json")):
+        GENERATED[dataset](data_root)
     return ReferDataset(data_root, dataset=dataset, splitBy=splitBy, split=split,
                         img_size=config.img_size, token_length=config.token_length,
                         eval_mode=eval_mode, pad_token_id=config.pad_token_id,
@@ -149,6 +153,9 @@ def collate_eval(batch: list[dict]) -> dict:
         "sent_ids": [sent_id for item in batch for sent_id in item["sent_ids"]],
         "sentences": [sentence for item in batch for sentence in item["sentences"]],
         "image_ids": [item["image_id"] for item in batch],
+        # Per sentence: its mask is empty because the expression refers to nothing (GRES).
+        "no_target": torch.tensor([item.get("no_target", False) for item in batch
+                                   for _ in item["sent_ids"]], dtype=torch.bool),
     }
 
 

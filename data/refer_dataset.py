@@ -16,7 +16,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from refer.refer import REFER, EmptySplitError, ReferValueError, decode_rle, segmentation_to_rle
+from refer.refer import REFER, EmptySplitError, ReferValueError, decode_rle
 from utils.logging import get_logger
 
 from .tokenizer import EOT_ID, CLIPTokenizer
@@ -52,7 +52,8 @@ class ReferDataset(Dataset):
         eval_mode: return all sentences of a ref instead of one random sentence.
 
     Items (``eval_mode=False``): ``image`` float32 [3,S,S] in [-1,1], ``mask`` int64 [S,S] in
-    {0,1}, ``input_ids`` / ``attention_mask`` int64 [L], ``ref_id``, ``image_id``, ``sent_id``.
+    {0,1} (the union of the ref's targets; empty when it refers to nothing), ``input_ids`` /
+    ``attention_mask`` int64 [L], ``ref_id``, ``image_id``, ``sent_id``, ``no_target`` (bool).
     Items (``eval_mode=True``): ``input_ids`` / ``attention_mask`` int64 [N,L] for the ref's N
     sentences, ``sent_ids`` and ``sentences`` lists, plus image, mask, ref_id, image_id.
     With a latent cache (``use_latent_cache``) items carry ``latents`` float32 [C,h,w] (the VAE
@@ -96,9 +97,11 @@ class ReferDataset(Dataset):
         self.refs: list[dict] = refer.loadRefs(ref_ids)
         images = [refer.Imgs[ref["image_id"]] for ref in self.refs]
         self._image_paths = [refer.image_path(image) for image in images]
+        self.generalized = refer.generalized
+        self.no_target = [refer.is_no_target(ref) for ref in self.refs]
         self._rles = [self._compact_rle(refer, ref, image) for ref, image in zip(self.refs, images)]
-        self.empty_mask_ref_ids = [ref["ref_id"] for ref, rle in zip(self.refs, self._rles)
-                                   if int(mask_utils.area(rle)) == 0]
+        self.empty_mask_ref_ids = [ref["ref_id"] for ref, rle, nothing in zip(self.refs, self._rles, self.no_target)
+                                   if not nothing and int(mask_utils.area(rle)) == 0]
         if self.empty_mask_ref_ids:
             self._warn_empty_masks(refer.instances_path)
         self._index_sentences(CLIPTokenizer(token_length, pad_id=pad_token_id))
@@ -121,11 +124,11 @@ class ReferDataset(Dataset):
 
     @staticmethod
     def _compact_rle(refer: REFER, ref: dict, image: dict) -> dict:
-        """The ref's mask as one compressed RLE (a few hundred bytes instead of polygon lists)."""
-        height, width = image["height"], image["width"]
-        rle = segmentation_to_rle(refer.refToAnn[ref["ref_id"]]["segmentation"], height, width)
-        if rle is None:  # no usable polygon: an empty mask
-            rle = mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))
+        """The ref's mask (the union of its targets) as one compressed RLE: a few hundred bytes
+        instead of polygon lists."""
+        rle = refer.ref_rle(ref)
+        if rle is None:  # no target, or no usable polygon: an empty mask
+            rle = mask_utils.encode(np.zeros((image["height"], image["width"]), np.uint8, order="F"))
         return rle
 
     def _index_sentences(self, tokenizer: CLIPTokenizer) -> None:
@@ -249,7 +252,7 @@ class ReferDataset(Dataset):
         else:
             pixels_key, (pixels, mask) = "image", self.image_and_mask(index)
         item = {pixels_key: pixels, "mask": mask, "ref_id": int(ref["ref_id"]),
-                "image_id": int(ref["image_id"])}
+                "image_id": int(ref["image_id"]), "no_target": self.no_target[index]}
         text_index = index if self.text_source is None else self.text_source[index]
         first, last = int(self._sent_offsets[text_index]), int(self._sent_offsets[text_index + 1])
         if self.eval_mode:
@@ -279,6 +282,21 @@ class ReferDataset(Dataset):
             for position, index in enumerate(indices):
                 self.text_source[index] = indices[(position + 1) % len(indices)]
         return sum(source != index for index, source in enumerate(self.text_source))
+
+    def swap_text_between_images(self) -> int:
+        """Pair each ref's mask with the sentences of a ref of another image (the next image's
+        first ref, cyclically): the text-blind control of generalized datasets, whose
+        expressions may name nothing in the image or several objects. Returns the refs swapped."""
+        first_ref_of_image: dict[int, int] = {}
+        for index, ref in enumerate(self.refs):
+            first_ref_of_image.setdefault(ref["image_id"], index)
+        image_ids = list(first_ref_of_image)
+        if len(image_ids) < 2:
+            self.text_source = None
+            return 0
+        following = {image_id: image_ids[(k + 1) % len(image_ids)] for k, image_id in enumerate(image_ids)}
+        self.text_source = [first_ref_of_image[following[ref["image_id"]]] for ref in self.refs]
+        return len(self.refs)
 
     def set_sentence_seed(self, seed: int | None) -> None:
         """Draw training sentences as a function of (seed, ref index) instead of an RNG stream.

@@ -537,15 +537,56 @@ def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_image
             "sentences": sent_id}
 
 
-def _is_complete(root: str, params: dict) -> bool:
+def _is_complete(root: str, params: dict, refs_file: str = "refs(unc).p") -> bool:
     try:
-        if not os.path.isfile(os.path.join(root, "refs(unc).p")):
+        if not os.path.isfile(os.path.join(root, refs_file)):
             return False
         with open(os.path.join(root, "instances.json")) as f:
             info = json.load(f).get("info", {})
         return info.get("params") == params
     except (OSError, ValueError):
         return False
+
+
+def install_generated(data_root: str | os.PathLike, name: str, params: dict, build,
+                      refs_file: str = "refs(unc).p") -> str:
+    """Make sure ``{data_root}/{name}`` holds a generated dataset built with ``params``.
+
+    ``build(folder)`` writes it into a temporary folder beside the target, which is then renamed
+    into place (a stale one moved aside first): a killed run or two racing processes never leave
+    a half-written dataset. Existing data built with the same parameters is reused.
+    """
+    data_root = os.path.expanduser(os.fspath(data_root))
+    root = os.path.join(data_root, name)
+    if _is_complete(root, params, refs_file):
+        return root
+    os.makedirs(data_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_root)
+    try:
+        build(tmp)
+        for _ in range(10):
+            if _is_complete(root, params, refs_file):  # a concurrent process won the race
+                break
+            if os.path.lexists(root):           # stale / other parameters: move aside
+                trash = f"{root}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(root, trash)
+                except FileNotFoundError:
+                    pass
+                else:
+                    shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(tmp, root)
+                tmp = None
+                break
+            except OSError:                     # someone recreated it meanwhile; re-check
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"could not install the {name} dataset at {root}")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def ensure_toy_dataset(data_root: str | os.PathLike, seed: int = 0, num_train_images: int = 700,
@@ -566,37 +607,10 @@ def ensure_toy_dataset(data_root: str | os.PathLike, seed: int = 0, num_train_im
     is reused; otherwise it is rebuilt in a temporary folder beside it and renamed into place.
     """
     params = toy_params(seed, num_train_images, num_eval_images, image_size)
-    data_root = os.path.expanduser(os.fspath(data_root))
-    root = os.path.join(data_root, TOY_DATASET_NAME)
-    if _is_complete(root, params):
-        return root
-    os.makedirs(data_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{TOY_DATASET_NAME}-building-", dir=data_root)
-    try:
-        build_toy_dataset(tmp, **{k: v for k, v in params.items() if k != "generator_version"})
-        for _ in range(10):
-            if _is_complete(root, params):      # a concurrent process won the race
-                break
-            if os.path.lexists(root):           # stale / other parameters: move aside
-                trash = f"{root}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(root, trash)
-                except FileNotFoundError:
-                    pass
-                else:
-                    shutil.rmtree(trash, ignore_errors=True)
-            try:
-                os.rename(tmp, root)
-                tmp = None
-                break
-            except OSError:                     # someone recreated it meanwhile; re-check
-                time.sleep(0.05)
-        else:
-            raise RuntimeError(f"could not install the toy dataset at {root}")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return install_generated(
+        data_root, TOY_DATASET_NAME, params,
+        lambda folder: build_toy_dataset(folder, **{k: v for k, v in params.items()
+                                                    if k != "generator_version"}))
 
 
 # --------------------------------------------------------------------------- #

@@ -46,10 +46,13 @@ DATASET_DEFAULTS = {
     "refcocog": dict(token_length=77, splitBy="umd"),
     "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
                 workers=1, attn_grad=True),
+    "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
+                 workers=1, attn_grad=True),
 }
 
-# Datasets with images of their own, which cannot join another in joint training.
-SINGLE_DATASETS = ("refclef", "toy")
+# Datasets that cannot join another in joint training: images of their own, or expressions
+# that may name several objects or none (another metric).
+SINGLE_DATASETS = ("refclef", "toy", "gtoy", "grefcoco")
 
 # Flags of VPD's / LAVT's command lines that change nothing here: accepted with one warning each.
 IGNORED_VPD_FLAGS = {
@@ -120,8 +123,8 @@ def dataset_list(text):
         folders = {name: DATASETS[name].image_dir for name in names}
         if len(set(folders.values())) > 1 or any(name in SINGLE_DATASETS for name in names):
             raise argparse.ArgumentTypeError(
-                f"joint training needs datasets of the same images (refcoco, refcoco+, refcocog "
-                f"share COCO train2014); {text!r} mixes "
+                f"joint training takes refcoco, refcoco+ and refcocog (classic expressions on the "
+                f"same COCO train2014 images); {text!r} mixes "
                 + ", ".join(f"{name} ({folder})" for name, folder in folders.items()))
     return ",".join(items)
 
@@ -284,7 +287,8 @@ def _test_outputs(parser):
                        help="how many panels --vis_dir gets (default: 20)")
     group.add_argument("--swap_text", action="store_true",
                        help="a text-grounding control: score each mask against the sentences of "
-                            "another object of the same image (oIoU must drop)")
+                            "another object of the same image, or of another image for "
+                            "generalized datasets (gtoy, grefcoco); scores must drop")
 
 
 def _demo(parser):

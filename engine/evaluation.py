@@ -5,7 +5,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dist import all_reduce_sum, unwrap
-from utils.metrics import RISMetric, intersection_and_union
+from utils.metrics import GRESMetric, RISMetric, intersection_and_union
 
 from .precision import autocast
 from .training import model_inputs
@@ -14,7 +14,8 @@ from .training import model_inputs
 @torch.no_grad()
 def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=True,
              desc="eval"):
-    """All sentences of this process's shard of refs; metrics reduced over every process.
+    """All sentences of this process's shard of refs; metrics reduced over every process: RIS's
+    (oIoU, mIoU, P@t) or, for a generalized dataset, GRES's (gIoU, cIoU, N-acc, T-acc, Pr@t).
 
     on_predictions(batch, predictions, ious), if given, sees each batch's (N, H, W) boolean masks
     (the segmenter's `predict`) on this process (used to save masks and visualisations).
@@ -22,7 +23,8 @@ def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=Tr
     """
     segmenter = unwrap(model)
     segmenter.eval()
-    metric = RISMetric()
+    generalized = getattr(loader.dataset, "generalized", False)
+    metric = GRESMetric() if generalized else RISMetric()
     num_refs = 0
     start_time = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True):
@@ -30,7 +32,12 @@ def evaluate(model, loader, device, dtype, on_predictions=None, show_progress=Tr
             predictions = segmenter.predict(**model_inputs(batch, device))
         targets = batch["mask"].to(device)[batch["image_index"].to(device)]
         intersection, union = intersection_and_union(predictions, targets)
-        ious = metric.update(intersection.cpu(), union.cpu())
+        if generalized:  # predicted "no target" = an empty mask
+            predicted_none = ~predictions.flatten(1).any(dim=1)
+            ious = metric.update(intersection.cpu(), union.cpu(), predicted_none.cpu(),
+                                 batch["no_target"])
+        else:
+            ious = metric.update(intersection.cpu(), union.cpu())
         num_refs += batch["mask"].shape[0]
         if on_predictions is not None:
             on_predictions(batch, predictions.cpu(), ious)

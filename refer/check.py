@@ -27,7 +27,7 @@ from utils.errors import InputError
 from utils.logging import get_logger
 from utils.paths import DEFAULT_DATA_ROOT
 
-from .refer import DATASETS, REFER, segmentation_to_rle
+from .refer import DATASETS, REFER
 
 # Refs and sentences per split as published (REFER release; see refer/README.md for sources).
 # None: no published figure found for that count.
@@ -50,10 +50,13 @@ DOWNLOAD_HINTS = {
     "refclef": "download the SAIAPR TC-12 images linked from https://github.com/lichengunc/refer "
                "and extract them to {image_dir}",
     "toy": "delete {data_dir} and run again: the toy dataset is generated on first use",
+    "grefcoco": COCO_IMAGES_HINT,
+    "gtoy": "delete {data_dir} and run again: the gtoy dataset is generated on first use",
 }
 ANNOTATIONS_HINT = ("download {dataset}.zip of the REFER release (https://github.com/lichengunc/refer"
-                    "; any mirror of the same zip) and extract it into {data_root}, so that "
-                    "{data_dir}/instances.json and {data_dir}/refs({splitBy}).p exist")
+                    "; any mirror of the same zip; gRefCOCO: https://github.com/henghuiding/gRefCOCO)"
+                    " and extract it into {data_root}, so that {data_dir}/instances.json and "
+                    "{data_dir}/{refs_file} exist")
 QUICK_SAMPLE = 8  # images decoded per split in --quick mode (all are checked for existence)
 
 
@@ -117,6 +120,7 @@ def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_
     that are missing or unreadable become errors with a download hint."""
     layout = DATASETS[dataset]
     hint_values = {"dataset": dataset, "splitBy": splitBy, "data_root": data_root,
+                   "refs_file": layout.refs_file(splitBy),
                    "data_dir": os.path.join(data_root, dataset),
                    "image_dir": os.path.join(data_root, layout.image_dir)}
     try:
@@ -136,9 +140,9 @@ def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_
         image_ids = list(dict.fromkeys(ref["image_id"] for ref in refs))
         report.images = len(image_ids)
         for ref in refs:
-            image = refer.Imgs[ref["image_id"]]
-            rle = segmentation_to_rle(refer.refToAnn[ref["ref_id"]]["segmentation"],
-                                      image["height"], image["width"])
+            if refer.is_no_target(ref):
+                continue  # an expression that refers to nothing has an empty mask by design
+            rle = refer.ref_rle(ref)
             if rle is None or int(mask_utils.area(rle)) == 0:
                 report.empty_masks.append(ref["ref_id"])
         paths = [refer.image_path(refer.Imgs[image_id]) for image_id in image_ids]
@@ -159,7 +163,7 @@ def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_
 def found_partitions(data_root):
     """Every (dataset, splitBy) whose refs file exists under `data_root`."""
     return [(dataset, splitBy) for dataset, layout in DATASETS.items() for splitBy in layout.splits
-            if os.path.isfile(os.path.join(data_root, dataset, f"refs({splitBy}).p"))]
+            if os.path.isfile(os.path.join(data_root, dataset, layout.refs_file(splitBy)))]
 
 
 def check_data(data_root, partitions=None, quick=False, show_progress=False):
@@ -167,7 +171,7 @@ def check_data(data_root, partitions=None, quick=False, show_progress=False):
     partitions = partitions or found_partitions(data_root)
     if not partitions:
         result.errors.append((f"no REFER dataset found under {data_root}",
-                              ANNOTATIONS_HINT.format(dataset="refcoco", splitBy="unc",
+                              ANNOTATIONS_HINT.format(dataset="refcoco", refs_file="refs(unc).p",
                                                       data_root=data_root,
                                                       data_dir=os.path.join(data_root, "refcoco"))))
     for dataset, splitBy in partitions:
@@ -258,8 +262,11 @@ def main(argv=None):
             name, _, splitBy = item.partition(":")
             if name not in DATASETS:
                 parser.error(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-            splitBys = [splitBy] if splitBy else [s for s in DATASETS[name].splits
-                                                   if os.path.isfile(os.path.join(args.refer_data_root, name, f"refs({s}).p"))] or [next(iter(DATASETS[name].splits))]
+            layout = DATASETS[name]
+            splitBys = [splitBy] if splitBy else [
+                s for s in layout.splits
+                if os.path.isfile(os.path.join(args.refer_data_root, name, layout.refs_file(s)))
+            ] or [next(iter(layout.splits))]
             partitions += [(name, s) for s in splitBys]
     result = check_data(args.refer_data_root, partitions, quick=args.quick,
                         show_progress=sys.stderr.isatty())

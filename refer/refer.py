@@ -27,7 +27,7 @@ from utils.errors import InputError
 
 __all__ = [
     "REFER", "DATASETS", "DatasetLayout", "ReferFileNotFoundError", "ReferValueError",
-    "RefsFileError", "UnknownSplitError", "EmptySplitError", "load_refs_file", "QUERY_SPLITS", "segmentation_to_mask",
+    "RefsFileError", "UnknownSplitError", "EmptySplitError", "load_refs_file", "load_grefs_file", "QUERY_SPLITS", "segmentation_to_mask",
     "split_matches", "decode_rle", "segmentation_to_rle", "evaluation_splits", "dataset_layout",
 ]
 
@@ -37,14 +37,20 @@ class DatasetLayout:
     """Where a dataset's images live and which partitions (splitBy) it was released with.
 
     ``splits`` lists, per splitBy, the split names its refs file holds; it documents the data and
-    feeds error messages, while queries are checked against ``QUERY_SPLITS``.
+    feeds error messages, while queries are checked against ``QUERY_SPLITS``. A *generalized*
+    dataset (gRefCOCO's format) has JSON refs whose expressions may name several objects or none.
     """
     image_dir: str                          # relative to data_root
     splits: dict[str, tuple[str, ...]]      # splitBy -> split names in that refs file
+    generalized: bool = False               # grefs({splitBy}).json; ann_id lists; no_target
+    other_image_dirs: tuple[str, ...] = ()  # accepted too, when image_dir does not exist
 
     @property
     def split_bys(self) -> tuple[str, ...]:
         return tuple(self.splits)
+
+    def refs_file(self, splitBy: str) -> str:
+        return f"grefs({splitBy}).json" if self.generalized else f"refs({splitBy}).p"
 
 
 _COCO_IMAGES = os.path.join("images", "mscoco", "images", "train2014")
@@ -69,6 +75,14 @@ DATASETS: dict[str, DatasetLayout] = {
     "toy": DatasetLayout(os.path.join("toy", "images"), {
         "unc": ("train", "val", "testA", "testB"),
     }),
+    # gRefCOCO (GRES, Liu, Ding & Jiang, CVPR 2023): RefCOCO's images and partition, expressions
+    # with several targets or none. Its release puts the images in images/train2014.
+    "grefcoco": DatasetLayout(_COCO_IMAGES, {
+        "unc": ("train", "val", "testA", "testB"),
+    }, generalized=True, other_image_dirs=(os.path.join("images", "train2014"),)),
+    "gtoy": DatasetLayout(os.path.join("gtoy", "images"), {
+        "unc": ("train", "val", "testA", "testB"),
+    }, generalized=True),
 }
 
 # Split names getRefIds understands, as in the original API. 'testA'/'testB'/'testC' select every
@@ -189,6 +203,25 @@ def load_refs_file(path: str) -> list[dict]:
     return refs
 
 
+def load_grefs_file(path: str) -> list[dict]:
+    """Read a gRefCOCO grefs(*).json file: JSON only (a pickle is refused; nothing is unpickled)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head[:1] == b"\x80":
+        raise RefsFileError(f"{path} is a pickle; a grefs file must be JSON (as the gRefCOCO "
+                            f"release ships it)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            refs = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RefsFileError(f"{path} is not valid JSON ({error}); expected the grefs file of the "
+                            f"gRefCOCO release") from None
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+        kind = type(refs).__name__ if not isinstance(refs, list) else "list with non-dict items"
+        raise RefsFileError(f"{path} holds a {kind}, expected a list of refs")
+    return refs
+
+
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 _SENTENCE_KEYS = ("sent", "sent_id")
 
@@ -228,9 +261,13 @@ class REFER:
         self.splitBy = splitBy
         self.layout = layout
         self.data_dir = os.path.join(self.data_root, dataset)
+        self.generalized = layout.generalized
         self.image_dir = os.path.join(self.data_root, layout.image_dir)
+        for other in layout.other_image_dirs:
+            if not os.path.isdir(self.image_dir) and os.path.isdir(os.path.join(self.data_root, other)):
+                self.image_dir = os.path.join(self.data_root, other)
         self.instances_path = os.path.join(self.data_dir, "instances.json")
-        self.refs_path = os.path.join(self.data_dir, f"refs({splitBy}).p")
+        self.refs_path = os.path.join(self.data_dir, layout.refs_file(splitBy))
 
         for path, what in ((self.instances_path, "COCO-style annotations of " + dataset),
                            (self.refs_path, f"refs of {dataset} ({splitBy})")):
@@ -259,7 +296,7 @@ class REFER:
                     "'images', 'annotations' and 'categories'")
         self.data = {
             "dataset": dataset,
-            "refs": load_refs_file(self.refs_path),
+            "refs": (load_grefs_file if self.generalized else load_refs_file)(self.refs_path),
             "images": instances["images"],
             "annotations": instances["annotations"],
             "categories": instances["categories"],
@@ -283,19 +320,26 @@ class REFER:
             self.Cats[cat["id"]] = cat["name"]  # the original maps id -> name
 
         self.Refs, self.imgToRefs, self.refToAnn, self.annToRef, self.catToRefs = {}, {}, {}, {}, {}
+        self.refToAnns: dict[int, list[dict]] = {}
         self.Sents, self.sentToRef, self.sentToTokens = {}, {}, {}
         for ref in self.data["refs"]:
             _check_ref(ref, self.refs_path)
-            ref_id, ann_id = ref["ref_id"], ref["ann_id"]
-            if ann_id not in self.Anns:
-                raise ReferValueError(
-                    f"{self.refs_path}: ref_id {ref_id} points to ann_id {ann_id}, which "
-                    f"{self.instances_path} does not contain")
+            ref_id = ref["ref_id"]
+            ann_ids = self._target_ann_ids(ref)
+            for ann_id in ann_ids:
+                if ann_id not in self.Anns:
+                    raise ReferValueError(
+                        f"{self.refs_path}: ref_id {ref_id} points to ann_id {ann_id}, which "
+                        f"{self.instances_path} does not contain")
             self.Refs[ref_id] = ref
             self.imgToRefs.setdefault(ref["image_id"], []).append(ref)
-            self.catToRefs.setdefault(ref["category_id"], []).append(ref)
-            self.refToAnn[ref_id] = self.Anns[ann_id]
-            self.annToRef[ann_id] = ref
+            for category_id in dict.fromkeys(_as_list(ref.get("category_id", []))):
+                self.catToRefs.setdefault(category_id, []).append(ref)
+            self.refToAnns[ref_id] = [self.Anns[ann_id] for ann_id in ann_ids]
+            # The classic API's one annotation per ref: the first target (None: no target).
+            self.refToAnn[ref_id] = self.refToAnns[ref_id][0] if ann_ids else None
+            for ann_id in ann_ids:
+                self.annToRef.setdefault(ann_id, ref)
             for sent in ref["sentences"]:
                 self.Sents[sent["sent_id"]] = sent
                 self.sentToRef[sent["sent_id"]] = ref
@@ -322,7 +366,7 @@ class REFER:
         image_ids, cat_ids, ref_ids = _as_list(image_ids), _as_list(cat_ids), _as_list(ref_ids)
         anns = _filter_by_image_and_category(self.data["annotations"], self.imgToAnns, image_ids, cat_ids)
         if ref_ids:
-            wanted_anns = {self.Refs[ref_id]["ann_id"] for ref_id in ref_ids}
+            wanted_anns = {ann["id"] for ref_id in ref_ids for ann in self.refToAnns[ref_id]}
             anns = [ann for ann in anns if ann["id"] in wanted_anns]
         return [ann["id"] for ann in anns]
 
@@ -355,18 +399,58 @@ class REFER:
 
     def getRefBox(self, ref_id: int) -> list[float]:
         """COCO box ``[x, y, w, h]`` of the ref's annotation."""
-        return self.refToAnn[ref_id]["bbox"]
+        ann = self.refToAnn[ref_id]
+        if ann is None:
+            raise ReferValueError(f"ref_id {ref_id} refers to nothing: it has no box")
+        return ann["bbox"]
 
     def image_path(self, image_info: dict) -> str:
         """Path of an image given its ``Imgs`` entry."""
         return os.path.join(self.image_dir, image_info["file_name"])
 
     # ------------------------------------------------------------------------------------ masks
-    def getMask(self, ref: dict) -> dict:
-        """Binary mask of the ref's annotation: ``{'mask': HxW uint8 in {0, 1}, 'area': int}``."""
-        ann = self.refToAnn[ref["ref_id"]]
+    def _target_ann_ids(self, ref: dict) -> list[int]:
+        """The annotations a ref names: one in the classic datasets; in generalized ones a list,
+        empty for an expression that refers to nothing (gRefCOCO: ann_id [-1], no_target)."""
+        if not self.generalized:
+            return [ref["ann_id"]]
+        ann_ids = _as_list(ref["ann_id"])
+        where = f"{self.refs_path}: ref_id {ref['ref_id']}"
+        if not ann_ids:
+            raise ReferValueError(f"{where} has an empty ann_id list; expected the ids of its "
+                                  f"targets, or [-1] for an expression that refers to nothing")
+        if -1 in ann_ids:
+            if ann_ids != [-1]:
+                raise ReferValueError(f"{where} mixes -1 (no target) with annotations {ann_ids}")
+            return []
+        if ref.get("no_target"):
+            raise ReferValueError(f"{where} is marked no_target but lists annotations {ann_ids}")
+        return ann_ids
+
+    def is_no_target(self, ref: dict) -> bool:
+        """Whether the ref's expressions refer to nothing in the image."""
+        return not self.refToAnns[ref["ref_id"]]
+
+    def ref_rle(self, ref: dict) -> dict | None:
+        """The union of the ref's target masks as one compressed RLE; None when it has no
+        target or no usable segmentation."""
         image = self.Imgs[ref["image_id"]]
-        return segmentation_to_mask(ann["segmentation"], image["height"], image["width"])
+        rles = [segmentation_to_rle(ann["segmentation"], image["height"], image["width"])
+                for ann in self.refToAnns[ref["ref_id"]]]
+        rles = [rle for rle in rles if rle is not None]
+        if not rles:
+            return None
+        return rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+
+    def getMask(self, ref: dict) -> dict:
+        """Binary mask of what the ref refers to (the union of its targets' annotations; empty
+        for no target): ``{'mask': HxW uint8 in {0, 1}, 'area': int}``."""
+        image = self.Imgs[ref["image_id"]]
+        rle = self.ref_rle(ref)
+        if rle is None:
+            return {"mask": np.zeros((image["height"], image["width"]), np.uint8), "area": 0}
+        mask = decode_rle(rle)
+        return {"mask": mask, "area": int(mask.sum())}
 
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> dict:

@@ -29,7 +29,11 @@ IMAGE_FOLDERS = {
     "refcocog": "images/mscoco/images/train2014",
     "refclef": "images/saiapr_tc-12",
     "toy": "toy/images",
+    "grefcoco": "images/mscoco/images/train2014",
+    "gtoy": "gtoy/images",
 }
+# Datasets in gRefCOCO's format: grefs({splitBy}).json, ann_id lists, refs with no target.
+GENERALIZED = ("grefcoco", "gtoy")
 DEFAULT_SPLITS = {
     "unc": ("train", "val", "testA", "testB"),
     "umd": ("train", "val", "test"),
@@ -65,6 +69,21 @@ class ReferFixture:
     polygons: dict[int, list[list[float]]] = field(default_factory=dict)  # polygon refs
     rle_masks: dict[int, np.ndarray] = field(default_factory=dict)  # RLE refs: the encoded mask
     special_images: dict[str, int] = field(default_factory=dict)   # 'L'/'CMYK'/'RGBA'/'P' -> id
+    ann_masks: dict[int, np.ndarray] = field(default_factory=dict)  # ann_id -> mask as drawn
+    ann_polygons: dict[int, list] = field(default_factory=dict)     # ann_id -> parts (polygons)
+    targets: dict[int, list[int]] = field(default_factory=dict)     # ref_id -> its ann_ids
+
+    def expected_mask(self, ref_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """The union of a ref's target masks (all zeros when it refers to nothing), and the
+        pixels on its polygon edges, where rasterisers may disagree."""
+        image = self.images[self.refs[ref_id]["image_id"]]
+        mask = np.zeros((image["height"], image["width"]), np.uint8)
+        edges = np.zeros(mask.shape, bool)
+        for ann_id in self.targets[ref_id]:
+            mask |= self.ann_masks[ann_id]
+            if ann_id in self.ann_polygons:
+                edges |= polygon_outline(self.ann_polygons[ann_id], *mask.shape)
+        return mask, edges
 
     def expected_ref_ids(self, split: str) -> list[int]:
         """Ref ids of a query split; 'test' covers every test split (testA, testB, ...)."""
@@ -196,7 +215,7 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
                        splits: tuple[str, ...] | None = None,
                        image_size: tuple[int, int] | None = None,
                        special_images: bool = True, seed: int = 0,
-                       first_image: int = 0) -> ReferFixture:
+                       first_image: int = 0, image_folder: str | None = None) -> ReferFixture:
     """Write a small REFER dataset under ``root`` and return its ground truth.
 
     Args:
@@ -213,16 +232,23 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
         first_image: number of the first image; two datasets written to one root with
             overlapping numbers share those images (as RefCOCO and RefCOCOg share COCO's), each
             with its own annotations and split. Give shared images one `image_size`.
+        image_folder: where the images go, relative to root (default: IMAGE_FOLDERS).
+
+    A dataset of GENERALIZED writes gRefCOCO's format: grefs(splitBy).json, each image with its
+    single-object refs (ann_id as a number or a one-item list, alternately), one ref of two
+    objects and one of none (ann_id [-1], no_target).
     """
     rng = np.random.default_rng(seed)
     splits = tuple(splits or DEFAULT_SPLITS.get(splitBy, DEFAULT_SPLITS["unc"]))
     data_dir = os.path.join(root, dataset)
-    image_dir = os.path.join(root, IMAGE_FOLDERS[dataset])
+    image_dir = os.path.join(root, image_folder or IMAGE_FOLDERS[dataset])
+    generalized = dataset in GENERALIZED
     os.makedirs(data_dir, exist_ok=True)
     os.makedirs(image_dir, exist_ok=True)
     info = ReferFixture(data_root=root, dataset=dataset, splitBy=splitBy,
                         instances_path=os.path.join(data_dir, "instances.json"),
-                        refs_path=os.path.join(data_dir, f"refs({splitBy}).p"),
+                        refs_path=os.path.join(data_dir, f"grefs({splitBy}).json" if generalized
+                                               else f"refs({splitBy}).p"),
                         image_dir=image_dir)
     special_modes = ("L", "CMYK", "RGBA", "P") if special_images else ()
 
@@ -247,6 +273,9 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
             mask = rle_mask if rle_mask is not None else rasterise_polygons(parts, height, width)
             object_masks.append(mask)
             ann_id = 20000 + 3 * ann_serial
+            info.ann_masks[ann_id] = mask.astype(np.uint8)
+            if parts is not None:
+                info.ann_polygons[ann_id] = parts
             category = CATEGORIES[ann_serial % len(CATEGORIES)]
             ann_serial += 1
             annotations.append({
@@ -269,6 +298,9 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
                 "file_name": f"{os.path.splitext(file_name)[0]}_{ann_id}.{extension}",
                 "category_id": category["id"],
             }
+            if generalized and len(refs) % 2:  # gRefCOCO lists; its loaders accept numbers too
+                ref.update(ann_id=[ann_id], category_id=[category["id"]], no_target=False)
+            info.targets[ref_id] = [ann_id]
             refs.append(ref)
             info.refs[ref_id] = ref
             info.ref_ids_by_split.setdefault(split, []).append(ref_id)
@@ -280,6 +312,24 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
             else:
                 info.rle_masks[ref_id] = rle_mask
 
+        if generalized:  # one ref of the first two objects, one of none
+            targeted = [a["id"] for a in annotations if a["image_id"] == image_id][:2]
+            for ann_ids in (targeted, [-1]):
+                ref_id = 10 + 3 * len(refs)
+                sentences = [{"tokens": ["the", "things"], "raw": "The things.", "sent": "the things",
+                              "sent_id": sent_id}]
+                sent_id += 1
+                ref = {"ref_id": ref_id, "ann_id": ann_ids, "image_id": image_id, "split": split,
+                       "sentences": sentences, "sent_ids": [sent_id - 1], "file_name": file_name,
+                       "category_id": [-1] if ann_ids == [-1] else [1, 1],
+                       "no_target": ann_ids == [-1]}
+                refs.append(ref)
+                info.refs[ref_id] = ref
+                info.ref_ids_by_split.setdefault(split, []).append(ref_id)
+                info.sentences[ref_id] = ["the things"]
+                info.sent_ids[ref_id] = ref["sent_ids"]
+                info.targets[ref_id] = [] if ann_ids == [-1] else ann_ids
+
         path = os.path.join(image_dir, file_name)
         _save_image(_render_image(rng, width, height, object_masks), path, mode)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -288,6 +338,10 @@ def make_refer_dataset(root: str, dataset: str = "refcoco", splitBy: str = "unc"
 
     with open(info.instances_path, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
-    with open(info.refs_path, "wb") as f:
-        pickle.dump(refs, f, protocol=2)  # the released files are Python 2 pickles
+    if generalized:
+        with open(info.refs_path, "w") as f:
+            json.dump(refs, f)
+    else:
+        with open(info.refs_path, "wb") as f:
+            pickle.dump(refs, f, protocol=2)  # the released files are Python 2 pickles
     return info

@@ -3,6 +3,7 @@ real subprocesses with the environment a user has, or main() in this process whe
 program's own logic is under test."""
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,17 @@ def wait_for(process, text, timeout=240):
 def train_command(data_root, output_dir, epochs, *extra):
     return [sys.executable, "train.py", "--dataset", "toy", "--refer_data_root", str(data_root),
             "--output-dir", str(output_dir), "--epochs", str(epochs), *SMALL_RUN, *extra]
+
+
+def main_here(name, argv):
+    """Run a program's main(argv) in this process (its signal handlers are put back after);
+    returns its exit status. For set-up work where the process boundary is not under test."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return load_program(name).main(argv)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def load_program(name):

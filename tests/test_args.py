@@ -66,7 +66,7 @@ def test_joint_dataset_lists(capsys):
     assert args.token_length == 77 and args.model_id == "refcoco_refcoco+_refcocog"
     assert parse_args("train", ["--dataset", "refcoco,refcocog:google"]).datasets[1] == ("refcocog", "google")
     assert "refcoco listed twice" in parse_error("train", ["--dataset", "refcoco,refcoco"], capsys)
-    assert "joint training needs datasets of the same images" in parse_error(
+    assert "joint training takes refcoco, refcoco+ and refcocog" in parse_error(
         "train", ["--dataset", "refcoco,refclef"], capsys)
     assert "in a joint list give each dataset's partition" in parse_error(
         "train", ["--dataset", "refcoco,refcocog", "--splitBy", "umd"], capsys)

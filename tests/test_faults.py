@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from refer.refer import REFER
-from tests.programs import (REPO_ROOT, SMALL_RUN, environment, load_program, run, start,
-                            train_command, wait_for)
+from tests.programs import (REPO_ROOT, SMALL_RUN, environment, load_program, main_here, run,
+                            start, train_command, wait_for)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import InputError
 from utils.lock import OutputLock, OutputLockedError, OutputNotWritableError
@@ -183,8 +183,7 @@ def test_train_checks_the_output_dir_before_reading_anything(tmp_path, restore_s
 @pytest.fixture(scope="module")
 def finished_run(toy_root, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("finished")
-    result = run(train_command(toy_root, output_dir, 2))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main_here("train.py", train_command(toy_root, output_dir, 2)[2:]) == 0
     return output_dir
 
 

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from models.pretrained import export_model_folder
 from refer.refer import REFER
-from tests.programs import SMALL_RUN, load_program, run, start, train_command, wait_for
+from tests.programs import SMALL_RUN, load_program, main_here, run, start, train_command, wait_for
 from utils.checkpoint import load_checkpoint
 from utils.errors import InputError
 from utils.paths import REPO_ROOT
@@ -55,9 +54,8 @@ def reference_run(toy_root, tmp_path_factory):
     """One uninterrupted single-process run with cached latents: what an interrupted and resumed
     run must reproduce."""
     root = tmp_path_factory.mktemp("reference")
-    result = run(train_command(toy_root, root / "ckpt", EPOCHS, "--batch-size", "2",
-                               "--cache_latents", str(root / "cache")))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main_here("train.py", train_command(toy_root, root / "ckpt", EPOCHS, "--batch-size", "2",
+                                               "--cache_latents", str(root / "cache"))[2:]) == 0
     return last_state(root / "ckpt")
 
 
@@ -113,6 +111,29 @@ def test_a_run_leaves_a_record(two_process_run):
     assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in start["data_files"].values())
     assert start["seeds"] == {"data": 0, "weights_init": 0} and "train.sh" not in start["command"]
     assert "\r" not in log
+
+
+def test_sigterm_at_any_moment_ends_cleanly(toy_root, tmp_path):
+    """The stop handler is installed before any set-up work: SIGTERM while the model is built
+    ends the run with nothing to save; SIGTERM once training runs saves the batch it stopped
+    after. Each waits for the run's own signal (a log line), never for a fixed time."""
+    command = train_command(toy_root, tmp_path / "ckpt", EPOCHS)
+    process = start(command)
+    wait_for(process, "arguments:")  # logged at the start of set-up, the handler installed
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: stopped during set-up, before training started; nothing to save" in output
+    assert not (tmp_path / "ckpt" / "checkpoint_last_toy.pth").exists()
+
+    process = start(command)
+    wait_for(process, "training:")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    state = last_state(tmp_path / "ckpt")
+    assert state["epoch"] == 0 and 0 < state["iteration"] < state["schedule"]["iterations_per_epoch"]
+    assert f"SIGTERM: saved {tmp_path / 'ckpt' / 'checkpoint_last_toy.pth'} at epoch 0, iteration {state['iteration']}" in output
 
 
 def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
@@ -185,30 +206,29 @@ def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
     assert sorted(os.listdir(cache / fingerprint / "32")) == sorted(cached)
 
 
-def test_test_sh_reads_the_model_from_the_checkpoint(two_process_run, toy_root, tmp_path,
-                                                     restore_signal_handlers):
+def test_test_sh_reads_the_model_from_the_checkpoint(two_process_run, toy_root, tmp_path):
     checkpoint = two_process_run["best"]
     tables = {}
     # 1 process without any model flag, with panels and masks; 2 processes likewise; and VPD's
     # own test.sh command line (--resume, --ddp_trained_weights, -j) with an agreeing --img_size.
-    commands = {
-        "nproc1": (["bash", "test.sh", "toy", checkpoint, "--vis_dir", str(tmp_path / "vis"),
-                    "--vis_num", "3", "--save_masks", str(tmp_path / "masks_1")], {"NPROC": "1"}),
-        "nproc2": (["bash", "test.sh", "toy", checkpoint, "--save_masks", str(tmp_path / "masks_2")],
-                   {"NPROC": "2"}),
-    }
     common = ["--refer_data_root", toy_root, "--workers", "0", "--split", "all"]
-    for name, (command, env) in commands.items():
-        results_json = tmp_path / f"results_{name}.json"
-        result = run([*command, *common, "--results_json", str(results_json)], **env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "| split | P@0.5" in result.stdout and "| testA |" in result.stdout
-        tables[name] = json.loads(results_json.read_text())
-    # VPD's own test.sh command line, with an agreeing --img_size.
-    assert load_program("test.py").main([
-        "--dataset", "toy", "--resume", checkpoint, "--ddp_trained_weights", "-j", "0",
-        "--img_size", "32", *common, "--results_json", str(tmp_path / "results_vpd.json")]) == 0
-    tables["vpd"] = json.loads((tmp_path / "results_vpd.json").read_text())
+    # test.sh on 2 processes, no model flag.
+    result = run(["bash", "test.sh", "toy", checkpoint, "--save_masks", str(tmp_path / "masks_2"),
+                  *common, "--results_json", str(tmp_path / "results_nproc2.json")], NPROC="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| split | P@0.5" in result.stdout and "| testA |" in result.stdout
+    tables["nproc2"] = json.loads((tmp_path / "results_nproc2.json").read_text())
+    # One process (test.py's main here), with panels and masks; and VPD's own test.sh command
+    # line (--resume, --ddp_trained_weights, -j) with an agreeing --img_size.
+    assert main_here("test.py", ["--dataset", "toy", "--checkpoint", checkpoint, "--vis_dir",
+                                 str(tmp_path / "vis"), "--vis_num", "3", "--save_masks",
+                                 str(tmp_path / "masks_1"), *common, "--results_json",
+                                 str(tmp_path / "results_nproc1.json")]) == 0
+    assert main_here("test.py", ["--dataset", "toy", "--resume", checkpoint, "--ddp_trained_weights",
+                                 "-j", "0", "--img_size", "32", *common, "--results_json",
+                                 str(tmp_path / "results_vpd.json")]) == 0
+    for name in ("nproc1", "vpd"):
+        tables[name] = json.loads((tmp_path / f"results_{name}.json").read_text())
     assert tables["nproc1"]["config"]["img_size"] == 32  # from the checkpoint
     for name in ("nproc2", "vpd"):
         for split in ("val", "testA", "testB"):
@@ -235,15 +255,15 @@ def test_a_contradicting_model_flag_is_refused_before_evaluating(two_process_run
                                 f"checkpoint decides) or load another checkpoint")
 
 
-def test_demo_and_a_model_folder(two_process_run, toy_root, tmp_path):
+def test_demo_and_a_model_folder(two_process_run, toy_root, tmp_path, capsys):
     folder = tmp_path / "toy_model"
     export_model_folder(two_process_run["best"], folder)
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
     image_path = os.path.join(toy_root, "toy", "images", "toy_000001.jpg")
     out_path = tmp_path / "overlay.png"
-    result = run([sys.executable, "demo.py", "--checkpoint", str(folder), "--image", image_path,
-                  "--text", "the red shape", "--text", "the circle", "--out", str(out_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main_here("demo.py", ["--checkpoint", str(folder), "--image", image_path, "--text",
+                                 "the red shape", "--text", "the circle", "--out", str(out_path)]) == 0
     with Image.open(image_path) as image, Image.open(out_path) as overlay:
         assert overlay.width >= image.width and overlay.height > image.height
-    assert "the red shape" in result.stdout and "the circle" in result.stdout
+    out = capsys.readouterr().out
+    assert f"wrote {out_path}: the red shape (" in out and "; the circle (" in out

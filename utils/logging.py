@@ -7,7 +7,7 @@ import signal
 import sys
 
 from .errors import EXIT_INPUT_ERROR, InputError, one_line
-from .metrics import PRECISION_THRESHOLDS
+from .metrics import GRES_THRESHOLDS, PRECISION_THRESHOLDS
 
 LOGGER_NAME = "ris"
 EXIT_INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C
@@ -103,13 +103,19 @@ def run_cli(main):
     sys.exit(status)
 
 
-def format_results_table(results_by_split, thresholds=PRECISION_THRESHOLDS):
-    """A Markdown table, one row per split: P@0.5 ... P@0.9, oIoU, mIoU (in %) and counts."""
-    columns = [f"P@{t:g}" for t in thresholds] + ["oIoU", "mIoU"]
-    header = "| split | " + " | ".join(columns) + " | refs | sentences |"
-    rule = "|" + "---|" * (len(columns) + 3)
-    lines = [header, rule]
+def format_results_table(results_by_split):
+    """A Markdown table, one row per split, in %: P@0.5 ... P@0.9, oIoU, mIoU (RIS) or gIoU,
+    cIoU, N-acc, T-acc, Pr@0.7 ... Pr@0.9 (GRES), then the counts."""
+    generalized = any("gIoU" in results for results in results_by_split.values())
+    if generalized:
+        columns = ["gIoU", "cIoU", "N-acc", "T-acc"] + [f"Pr@{t:g}" for t in GRES_THRESHOLDS]
+        counts = ["refs", "sentences", "no_target"]
+    else:
+        columns = [f"P@{t:g}" for t in PRECISION_THRESHOLDS] + ["oIoU", "mIoU"]
+        counts = ["refs", "sentences"]
+    header = "| split | " + " | ".join(columns + [c.replace("_", "-") for c in counts]) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + len(counts) + 1)]
     for split, results in results_by_split.items():
-        values = " | ".join(f"{results[column]:.2f}" for column in columns)
-        lines.append(f"| {split} | {values} | {results.get('refs', '-')} | {results['sentences']} |")
+        values = [f"{results[column]:.2f}" for column in columns] + [str(results.get(c, "-")) for c in counts]
+        lines.append(f"| {split} | " + " | ".join(values) + " |")
     return "\n".join(lines)

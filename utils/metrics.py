@@ -79,3 +79,64 @@ def summarize(cumulative_intersection, cumulative_union, iou_sum, num_sentences,
     results["mIoU"] = 100.0 * iou_sum / max(num_sentences, 1)
     results["sentences"] = num_sentences
     return results
+
+
+# ------------------------------------------------------------------------------------ GRES
+# Generalized referring segmentation (gRefCOCO; ReLA's evaluation): an expression may name
+# several objects or none. Per sample, with I and U of the predicted and true masks:
+#   no target, predicted none (TP): IoU 1, adds nothing to I and U;
+#   no target, predicted some (FN): IoU 0, its U (the predicted area) is added;
+#   a target, predicted none (FP): I taken as 0, U added, IoU 0;
+#   a target, predicted some (TN): IoU = I / U, I and U added.
+# gIoU = mean IoU over all samples, cIoU = sum(I) / sum(U), N-acc = TP / (TP + FN),
+# T-acc = TN / (TN + FP), Pr@t over the samples that have a target.
+GRES_THRESHOLDS = (0.7, 0.8, 0.9)
+
+
+def gres_sample_scores(intersection, union, predicted_none, target_none):
+    """Per-sample (I, U, IoU) under the GRES rules above; all inputs are (N,) tensors."""
+    intersection, union = intersection.clone(), union.clone()
+    true_positive = target_none & predicted_none
+    intersection[predicted_none | target_none] = 0  # FP: I taken as 0 (and 0 anyway otherwise)
+    union[true_positive] = 0
+    iou = iou_from_counts(intersection, union)
+    iou[true_positive] = 1.0
+    iou[predicted_none & ~target_none] = 0.0
+    return intersection, union, iou
+
+
+class GRESMetric:
+    """Accumulates GRES counts per sample; `compute` reduces over processes once (exact sums)."""
+
+    def __init__(self, thresholds=GRES_THRESHOLDS):
+        self.thresholds = tuple(thresholds)
+        self.counts = torch.zeros(8 + len(self.thresholds), dtype=torch.int64)
+        self.iou_sum = 0.0
+
+    # counts: I, U, samples, TP, FN, FP, TN, targets, then precision hits per threshold
+    def update(self, intersection, union, predicted_none, target_none):
+        """Add a batch; returns the batch's per-sample IoU (GRES rules)."""
+        intersection, union, iou = gres_sample_scores(intersection, union, predicted_none, target_none)
+        has_target = ~target_none
+        outcome = [target_none & predicted_none, target_none & ~predicted_none,
+                   has_target & predicted_none, has_target & ~predicted_none]
+        self.counts += torch.tensor(
+            [int(intersection.sum()), int(union.sum()), int(iou.numel()), *(int(o.sum()) for o in outcome),
+             int(has_target.sum()), *(int(((iou >= t) & has_target).sum()) for t in self.thresholds)],
+            dtype=torch.int64)
+        self.iou_sum += float(iou.sum())
+        return iou
+
+    def compute(self):
+        counts = all_reduce_sum(self.counts.clone())
+        iou_sum = all_reduce_sum(torch.tensor([self.iou_sum], dtype=torch.float64)).item()
+        total_i, total_u, samples, tp, fn, fp, tn, targets = counts[:8].tolist()
+        hits = counts[8:].tolist()
+        results = {"gIoU": 100.0 * iou_sum / max(samples, 1),
+                   "cIoU": 100.0 * total_i / max(total_u, 1),
+                   "N-acc": 100.0 * tp / max(tp + fn, 1),
+                   "T-acc": 100.0 * tn / max(tn + fp, 1)}
+        for threshold, hit in zip(self.thresholds, hits):
+            results[f"Pr@{threshold:g}"] = 100.0 * hit / max(targets, 1)
+        results.update(sentences=samples, no_target=tp + fn, TP=tp, FN=fn, FP=fp, TN=tn)
+        return results

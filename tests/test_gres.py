@@ -1,0 +1,187 @@
+"""Generalized referring segmentation: gRefCOCO-format data read through the REFER API, masks of
+several targets and of none, GRES metrics against hand-computed cases, bad grefs files."""
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from PIL import Image
+
+from data.gtoy import ensure_gtoy_dataset
+from data.loaders import build_loader
+from data.refer_dataset import ReferDataset
+from refer import REFER, ReferValueError, RefsFileError
+from refer.synthetic import make_refer_dataset
+from tests.programs import SMALL_RUN, main_here, run
+from utils.metrics import GRESMetric, gres_sample_scores
+
+
+@pytest.fixture(scope="module")
+def grefcoco(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("grefcoco"))
+    info = make_refer_dataset(root, "grefcoco", "unc", num_images=8, special_images=False)
+    return info, REFER(root, "grefcoco", "unc")
+
+
+def test_masks_are_unions_and_empty_for_no_target(grefcoco):
+    info, refer = grefcoco
+    kinds = {"none": 0, "one": 0, "several": 0}
+    for ref_id, targets in info.targets.items():
+        ref = refer.Refs[ref_id]
+        mask = refer.getMask(ref)["mask"]
+        expected, edges = info.expected_mask(ref_id)
+        assert mask.shape == expected.shape and set(np.unique(mask)) <= {0, 1}
+        assert not ((mask != expected) & ~edges).any(), ref_id
+        assert refer.is_no_target(ref) == (not targets)
+        kinds["none" if not targets else "one" if len(targets) == 1 else "several"] += 1
+        if not targets:
+            assert mask.sum() == 0 and refer.refToAnn[ref_id] is None
+    assert all(kinds.values()) and kinds["none"] == 8  # one of each kind per image
+    # ann_id given as a number and as a one-item list read alike.
+    forms = {type(refer.Refs[r]["ann_id"]) for r, t in info.targets.items() if len(t) == 1}
+    assert forms == {int, list}
+
+
+def test_dataset_items_and_the_no_target_flag(grefcoco):
+    info, _ = grefcoco
+    dataset = ReferDataset(info.data_root, "grefcoco", "unc", split="train", img_size=32,
+                           token_length=12, eval_mode=True)
+    assert dataset.generalized and dataset.empty_mask_ref_ids == []  # no-target is no warning
+    batch = next(iter(build_loader(dataset, batch_size=len(dataset), eval_mode=True)))
+    per_sentence_ref = batch["ref_ids"]
+    expected = torch.tensor([not info.targets[r] for r in per_sentence_ref])
+    assert torch.equal(batch["no_target"], expected)
+    masks = batch["mask"][batch["image_index"]]
+    assert not masks[batch["no_target"]].any() and masks[~batch["no_target"]].flatten(1).any(1).all()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda refs: refs[0].update(ann_id=[999999]), "points to ann_id 999999, which"),
+    (lambda refs: refs[0].update(ann_id=[]), "has an empty ann_id list"),
+    (lambda refs: next(r for r in refs if r.get("no_target") is False).update(no_target=True),
+     "is marked no_target but lists annotations"),
+    (lambda refs: refs[0].update(ann_id=[-1, 20003]), "mixes -1 (no target) with annotations [-1, 20003]"),
+])
+def test_bad_refs_are_named(tmp_path, change, message):
+    info = make_refer_dataset(str(tmp_path), "grefcoco", "unc", num_images=4, special_images=False)
+    with open(info.refs_path) as handle:
+        refs = json.load(handle)
+    change(refs)
+    with open(info.refs_path, "w") as handle:
+        json.dump(refs, handle)
+    with pytest.raises(ReferValueError, match=re.escape(message)) as error:
+        REFER(str(tmp_path), "grefcoco", "unc")
+    assert "ref_id" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_grefs_file_must_be_json(tmp_path):
+    info = make_refer_dataset(str(tmp_path), "grefcoco", "unc", num_images=4, special_images=False)
+    refs = json.load(open(info.refs_path))
+    with open(info.refs_path, "wb") as handle:
+        pickle.dump(refs, handle)
+    with pytest.raises(RefsFileError, match="is a pickle; a grefs file must be JSON"):
+        REFER(str(tmp_path), "grefcoco", "unc")
+    with open(info.refs_path, "w") as handle:
+        handle.write('[{"ref_id": 1,')
+    with pytest.raises(RefsFileError, match="is not valid JSON"):
+        REFER(str(tmp_path), "grefcoco", "unc")
+
+
+def test_grefcoco_release_image_folder_is_accepted(tmp_path):
+    make_refer_dataset(str(tmp_path), "grefcoco", "unc", num_images=4, special_images=False,
+                       image_folder=os.path.join("images", "train2014"))
+    refer = REFER(str(tmp_path), "grefcoco", "unc")
+    assert refer.image_dir == os.path.join(str(tmp_path), "images", "train2014")
+
+
+# ------------------------------------------------------------------------------------ metrics
+def sample(i, u, predicted_none, target_none):
+    return (torch.tensor([i]), torch.tensor([u]), torch.tensor([predicted_none]),
+            torch.tensor([target_none]))
+
+
+@pytest.mark.parametrize("case,expected", [
+    # (I, U, predicted none, no target) -> (I, U, IoU) counted
+    ((0, 0, True, True), (0, 0, 1.0)),      # TP: nothing predicted for nothing
+    ((0, 37, False, True), (0, 37, 0.0)),   # FN: a mask where there is nothing
+    ((0, 20, True, False), (0, 20, 0.0)),   # FP: nothing predicted, a target missed
+    ((15, 20, False, False), (15, 20, 0.75)),  # TN: IoU as usual
+    ((0, 0, False, False), (0, 0, 0.0)),    # U = 0 with a target (cannot happen, still defined)
+])
+def test_each_outcome_is_counted_as_relas_evaluation(case, expected):
+    intersection, union, iou = gres_sample_scores(*sample(*case))
+    assert (int(intersection), int(union), float(iou)) == expected
+
+
+def test_summary_hand_computed():
+    metric = GRESMetric()
+    # 2 no-target samples (one TP, one FN), 3 with a target (one FP, two TN: IoU 0.75 and 0.8).
+    metric.update(torch.tensor([0, 0, 0, 15, 40]), torch.tensor([0, 37, 20, 20, 50]),
+                  torch.tensor([True, False, True, False, False]),
+                  torch.tensor([True, True, False, False, False]))
+    results = metric.compute()
+    assert results["gIoU"] == pytest.approx(100 * (1 + 0 + 0 + 0.75 + 0.8) / 5)
+    assert results["cIoU"] == pytest.approx(100 * 55 / (37 + 20 + 20 + 50))
+    assert results["N-acc"] == pytest.approx(50.0) and results["T-acc"] == pytest.approx(100 * 2 / 3)
+    assert results["Pr@0.7"] == pytest.approx(100 * 2 / 3) and results["Pr@0.8"] == pytest.approx(100 / 3)
+    assert results["Pr@0.9"] == 0.0
+    assert (results["TP"], results["FN"], results["FP"], results["TN"]) == (1, 1, 1, 2)
+    assert results["sentences"] == 5 and results["no_target"] == 2
+
+
+def test_sharded_sums_equal_the_whole():
+    generator = torch.Generator().manual_seed(0)
+    n = 40
+    union = torch.randint(0, 50, (n,), generator=generator)
+    intersection = (union * torch.rand(n, generator=generator)).long()
+    predicted_none = torch.rand(n, generator=generator) < 0.3
+    target_none = torch.rand(n, generator=generator) < 0.3
+    whole, first, second = GRESMetric(), GRESMetric(), GRESMetric()
+    whole.update(intersection, union, predicted_none, target_none)
+    first.update(intersection[::2], union[::2], predicted_none[::2], target_none[::2])
+    second.update(intersection[1::2], union[1::2], predicted_none[1::2], target_none[1::2])
+    first.counts += second.counts  # what the all-reduce does across processes
+    first.iou_sum += second.iou_sum
+    assert first.compute() == pytest.approx(whole.compute())
+
+
+# ------------------------------------------------------------------------ gtoy, end to end
+@pytest.mark.xdist_group("gres")
+def test_gtoy_tables_on_one_and_two_processes_and_from_the_saved_masks(tmp_path):
+    """A small gtoy model: test.sh on 2 processes and test.py on one give the same GRES table,
+    and the saved masks (empty files for nothing predicted) recompute it."""
+    root = str(tmp_path / "data")
+    ensure_gtoy_dataset(root, num_train_images=16, num_eval_images=8, image_size=64)
+    output = tmp_path / "ckpt"
+    assert main_here("train.py", ["--dataset", "gtoy", "--refer_data_root", root, "--output-dir",
+                                  str(output), "--epochs", "1", *SMALL_RUN]) == 0
+    checkpoint = str(output / "model_best_gtoy.pth")
+    common = ["--refer_data_root", root, "--workers", "0", "--split", "val"]
+    result = run(["bash", "test.sh", "gtoy", checkpoint, *common, "--results_json",
+                  str(tmp_path / "two.json"), "--save_masks", str(tmp_path / "masks")], NPROC="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| split | gIoU | cIoU | N-acc | T-acc | Pr@0.7 | Pr@0.8 | Pr@0.9 | refs | sentences | no-target |" in result.stdout
+    assert main_here("test.py", ["--dataset", "gtoy", "--checkpoint", checkpoint, *common,
+                                 "--results_json", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())["results"]["val"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]["val"]
+    del one["seconds"], two["seconds"]
+    assert one == pytest.approx(two)
+
+    dataset = ReferDataset(root, "gtoy", "unc", split="val", img_size=32, token_length=16,
+                           eval_mode=True)
+    metric = GRESMetric()
+    for index, ref in enumerate(dataset.refs):
+        target = dataset.image_and_mask(index)[1].bool()
+        for sent_id in ref["sent_ids"]:
+            with Image.open(tmp_path / "masks" / f"{ref['ref_id']}_{sent_id}.png") as saved:
+                predicted = torch.from_numpy(np.asarray(saved) > 0)
+            intersection, union = (predicted & target).sum(), (predicted | target).sum()
+            metric.update(intersection[None], union[None], torch.tensor([not predicted.any()]),
+                          torch.tensor([dataset.no_target[index]]))
+    recomputed = metric.compute()
+    assert all(recomputed[key] == pytest.approx(two[key]) for key in recomputed)
