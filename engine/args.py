@@ -378,6 +378,7 @@ PROGRAM_GROUPS = {
     "test": ("data", "split", "model_input", "model", "input", "weights", "evaluation",
              "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
     "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device"),
+    "app": ("model_input", "weights", "precision", "device"),
     "bench_model": ("model", "input", "batch", "seed", "device", "threads"),
     "bench_loader": ("input", "batch", "threads"),
     "count_flops": ("model", "input"),
@@ -433,7 +434,7 @@ def resolve_defaults(args, model_flags=True):
         args.datasets = dataset_members(args)
         if len(args.datasets) == 1:
             args.splitBy = args.datasets[0][1]
-    if model_flags and getattr(args, "sd_path", "absent") is None and args.model == "vpd":
+    if model_flags and getattr(args, "sd_path", "absent") is None and getattr(args, "model", None) == "vpd":
         args.sd_path = DEFAULT_SD_PATH  # only vpd needs Stable Diffusion weights
     if getattr(args, "model_id", "absent") is None:
         args.model_id = "_".join(name for name, _ in args.datasets)
@@ -492,7 +493,7 @@ def parse_args(program, argv=None, description=None, parser=None):
     parser = parser or get_parser(program, description)
     args = parser.parse_args(argv)
     warn_ignored_flags(args)
-    resolve_defaults(args, model_flags=program not in ("test", "demo"))
+    resolve_defaults(args, model_flags=program not in ("test", "demo", "app"))
     check_args(parser, args, program)
     return args
 
