@@ -17,7 +17,7 @@ from engine.checkpointing import (build_checkpoint, check_resumable, find_resume
                                   new_run_id)
 from engine.evaluation import evaluate
 from engine.record import PanelCollector, RunRecord, run_manifest
-from engine.latents import attach_latent_cache
+from engine.latents import attach_latent_cache, move_vae_off_device
 from engine.precision import resolve_precision
 from engine.signals import StopRequest
 from engine.training import NonFiniteLossError, train_one_epoch, weight_decay_rule
@@ -106,6 +106,8 @@ def train(args, config, dist_info, stop):
         model.backbone.enable_gradient_checkpointing()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.frozen_bf16:
+        model.hold_frozen_weights_in(torch.bfloat16)
     if dist_info.distributed and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     seed_everything(args.seed + dist_info.rank)
@@ -127,6 +129,7 @@ def train(args, config, dist_info, stop):
         attach_latent_cache(model, [train_set, *val_sets.values()], args.cache_latents, device,
                             dtype, args.eval_batch_size, show_progress, workers=args.workers,
                             should_stop=lambda: stop.requested)
+        move_vae_off_device(model, device)
     check_stop()
     train_loader = build_loader(train_set, args.batch_size, args.workers, shuffle=True,
                                 seed=args.seed, drop_last=True, eval_mode=False,
@@ -139,16 +142,20 @@ def train(args, config, dist_info, stop):
     score_metric = "gIoU" if any(val_set.generalized for val_set in val_sets.values()) else "oIoU"
     score_name = score_metric if len(val_sets) == 1 else f"mean {score_metric}"
     iterations_per_epoch = len(train_loader)
-    if iterations_per_epoch == 0:
-        raise InputError(f"the train split has {len(train_set)} refs, fewer than one batch of "
-                         f"{args.batch_size} x {dist_info.world_size} processes")
+    steps_per_epoch = iterations_per_epoch // args.accum_steps  # optimizer steps
+    if steps_per_epoch == 0:
+        raise InputError(f"the train split has {len(train_set)} refs, fewer than one optimizer "
+                         f"step of {args.batch_size} images x {dist_info.world_size} processes x "
+                         f"{args.accum_steps} accumulation steps")
 
     # 3. Optimisation, and where to start from.
     optimizer = build_optimizer(model, args.lr, args.wd, args.unet_lr_scale, amsgrad=args.amsgrad,
                                 decays=weight_decay_rule(model, args.weight_decay_rule))
-    scheduler = build_scheduler(optimizer, args.epochs * iterations_per_epoch)
+    scheduler = build_scheduler(optimizer, args.epochs * steps_per_epoch,
+                                warmup_iterations=round(args.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
+                "warmup_epochs": args.warmup_epochs, "accum_steps": args.accum_steps,
                 "weight_decay_rule": args.weight_decay_rule, "processes": dist_info.world_size,
                 "iterations_per_epoch": iterations_per_epoch}
     start_epoch, start_iteration, resume_position = 0, 0, None
@@ -168,7 +175,7 @@ def train(args, config, dist_info, stop):
                                      "metric": "oIoU"}
         run_id = state.get("run_id") or run_id
         set_rng_state(state.get("rng"))
-        resume_position = (start_epoch, start_epoch * iterations_per_epoch + start_iteration)
+        resume_position = (start_epoch, start_epoch * steps_per_epoch + start_iteration // args.accum_steps)
         logger.info(f"resumed from {resume_path}: epoch {start_epoch}, iteration "
                     f"{start_iteration}, best val {best['metric']} {best['score']:.2f}")
         del state
@@ -183,7 +190,8 @@ def train(args, config, dist_info, stop):
                        resume_step=resume_position[1] if resume_position else None,
                        resume_epoch=resume_position[0] if resume_position else None)
     record.write_manifest(run_manifest(args, model.config, args.datasets, dist_info.world_size,
-                                       device_names, args.batch_size * dist_info.world_size,
+                                       device_names,
+                                       args.batch_size * dist_info.world_size * args.accum_steps,
                                        args.refer_data_root, INIT_SEED) if dist_info.is_main else None)
 
     try:
@@ -199,9 +207,10 @@ def train(args, config, dist_info, stop):
                                              run_id, epoch, iteration, best), path)
 
         # 4. The epochs.
+        accumulation = f" x {args.accum_steps} accumulated" if args.accum_steps > 1 else ""
         logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "
-                    f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)), "
-                    f"starting at iteration {start_iteration}")
+                    f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)"
+                    f"{accumulation}), starting at iteration {start_iteration}")
         for epoch in range(start_epoch, args.epochs):
             set_loader_epoch(train_loader, epoch, seed=args.seed, skip_batches=start_iteration)
             try:
@@ -209,7 +218,8 @@ def train(args, config, dist_info, stop):
                                               dtype, epoch, scaler=scaler,
                                               start_iteration=start_iteration, stop=stop,
                                               show_progress=show_progress, print_freq=args.print_freq,
-                                              on_interval=record.iteration)
+                                              on_interval=record.iteration,
+                                              accum_steps=args.accum_steps)
             except NonFiniteLossError as error:
                 logger.error(str(error))
                 return 1

@@ -26,6 +26,7 @@ from .training import WEIGHT_DECAY_RULES
 # The published recipe (VPD-RIS: 8 GPUs x 4 images, AdamW 5e-5, 40 epochs, 512 px, SD v1.5).
 PAPER_DEFAULTS = dict(
     model="vpd",
+    warmup_epochs=0.0,
     img_size=512,
     token_length=77,
     batch_size=4,
@@ -228,6 +229,14 @@ def _optimization(parser):
                        help="learning-rate multiplier for the UNet (default 1.0: VPD declared "
                             "0.01 but never applied it, and its numbers come from 1.0)")
     group.add_argument("--amsgrad", action="store_true", help="AdamW's AMSGrad variant (VPD: off)")
+    group.add_argument("--warmup_epochs", type=nonnegative_float, default=None,
+                       help="epochs of linear learning-rate warm-up before the poly decay "
+                            "(default: 0, as VPD)")
+    group.add_argument("--accum_steps", type=positive_int, default=1,
+                       help="gradient accumulation: batches per optimizer step, so the global "
+                            "batch is batch-size x processes x accum_steps (VPD's 32 on 2 GPUs: "
+                            "-b 4 --accum_steps 4); the schedule counts optimizer steps "
+                            "(default: 1)")
 
 
 def _run_output(parser):
@@ -316,6 +325,9 @@ def _speed(parser):
                        help="gradient checkpointing in the UNet (less memory, ~30%% slower)")
     group.add_argument("--channels_last", action="store_true",
                        help="channels_last memory format for the convolutional parts")
+    group.add_argument("--frozen_bf16", action="store_true",
+                       help="hold the frozen VAE and CLIP text encoder in bf16 (needs --precision "
+                            "bf16; their norms then see bf16-rounded weights: not VPD's numerics)")
 
 
 def _latent_cache(parser):
@@ -382,6 +394,7 @@ PROGRAM_GROUPS = {
     "bench_model": ("model", "input", "batch", "seed", "device", "threads"),
     "bench_loader": ("input", "batch", "threads"),
     "count_flops": ("model", "input"),
+    "bench_memory": ("model", "input", "batch", "seed"),
 }
 
 
@@ -474,6 +487,8 @@ def check_args(parser, args, program):
     if getattr(args, "device", "auto") not in ("auto", "cpu", "cuda") and not str(
             args.device).startswith("cuda:"):
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if getattr(args, "frozen_bf16", False) and args.precision != "bf16":
+        parser.error(f"argument --frozen_bf16: needs --precision bf16 (got {args.precision})")
     if getattr(args, "out", None) is not None and os.path.isdir(args.out):
         parser.error(f"argument --out: {args.out} is a folder; give a file name such as "
                      f"{os.path.join(args.out, 'overlay.png')}")

@@ -29,6 +29,8 @@ SCHEDULE_FLAGS = {
     "batch_size": "--batch-size",
     "lr": "--lr",
     "wd": "--wd",
+    "warmup_epochs": "--warmup_epochs",
+    "accum_steps": "--accum_steps",
     "weight_decay_rule": "--weight_decay_rule",
     "processes": "the number of processes (NPROC x nodes)",
     "iterations_per_epoch": "the train split (its number of refs)",
@@ -54,7 +56,7 @@ def build_checkpoint(model, optimizer, scheduler, scaler, args, schedule, run_id
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,          # the epoch to run next
-        "iteration": iteration,  # steps of `epoch` already done (non-zero after a stop mid-epoch)
+        "iteration": iteration,  # batches of `epoch` already done (non-zero after a stop mid-epoch)
         "best": dict(best),      # {"score", "epoch", "metric"}: the best validation so far
         "schedule": dict(schedule),
         "run_id": run_id,

@@ -1,5 +1,8 @@
 """--cache_latents: the frozen VAE's latents encoded once per image, then read instead of images."""
+import itertools
+
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from data.latent_cache import LatentCache, fill_latent_cache
 from models.fingerprint import vae_fingerprint
@@ -29,3 +32,16 @@ def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, s
             break
         dataset.use_latent_cache(cache)
     return cache
+
+
+def move_vae_off_device(model, device):
+    """Once every image's latents are cached, training and validation never run the VAE: keep it
+    in CPU memory, not on the accelerator (and tell DDP, which wants one device type, to leave
+    its weights alone; frozen, they need no synchronising). A no-op on a CPU."""
+    if device.type == "cpu":
+        return
+    segmenter = unwrap(model)
+    vae = segmenter.backbone.vae.to("cpu")
+    names = [f"backbone.vae.{name}" for name, _ in itertools.chain(vae.named_parameters(),
+                                                                    vae.named_buffers())]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(segmenter, names)

@@ -1,4 +1,5 @@
 """One training step and one training epoch (shared by train.py and the benchmarks)."""
+import contextlib
 import math
 import time
 
@@ -53,37 +54,56 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
-    """Forward under autocast, the segmenter's loss in fp32, backward, optimizer step.
-
-    `scaler` is a GradScaler for fp16 (None otherwise). Returns the loss tensor.
-    """
+def forward_backward(model, inputs, masks, device, dtype, scaler=None, loss_scale=1.0):
+    """Forward under autocast, the segmenter's loss in fp32, backward of `loss * loss_scale`
+    (1/K under gradient accumulation). Gradients add to those already there. Returns the
+    unscaled loss tensor."""
     with autocast(device, dtype):
         logits = model(**inputs)
     loss = unwrap(model).loss(logits.float(), masks)
-    optimizer.zero_grad(set_to_none=True)
+    scaled = loss * loss_scale if loss_scale != 1.0 else loss
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss
+
+
+def optimizer_step(optimizer, scaler=None):
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
+
+
+def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
+    """One optimizer step on one batch: zero the gradients, forward, loss, backward, step.
+
+    `scaler` is a GradScaler for fp16 (None otherwise). Returns the loss tensor.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_backward(model, inputs, masks, device, dtype, scaler)
+    optimizer_step(optimizer, scaler)
     return loss
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
                     start_iteration=0, stop=None, show_progress=True, print_freq=10,
-                    on_interval=None):
+                    on_interval=None, accum_steps=1):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
+
+    With `accum_steps` K > 1 every optimizer step sums the gradients of K batches (each loss
+    scaled by 1/K; DDP synchronises on the K-th only) and the scheduler counts optimizer steps.
+    The epoch's last len(loader) mod K batches are left out, as drop_last leaves out a partial
+    batch, and a stop is honoured at the end of an accumulation, never inside one: `iteration`
+    (the batches done, saved in checkpoints) is always a multiple of K.
 
     Every `print_freq` iterations (0: never) `on_interval(epoch, iteration, step, loss, lr,
     images_per_second)` sees the interval's mean loss (the run record), and without a progress
     bar (a log file, not a terminal) a progress line is logged. `stop` (a StopRequest) is checked
-    after every step: the epoch then ends early, to be saved and resumed at that very batch.
+    after every optimizer step: the epoch then ends early, to be saved and resumed at that very
+    batch.
 
-    Returns a dict: mean loss, last lr, images seen, seconds, iterations done in this epoch
-    (counting the skipped ones), and whether a stop was requested.
+    Returns a dict: mean loss, last lr, images seen, seconds, iterations (batches) done in this
+    epoch (counting the skipped ones), and whether a stop was requested.
     """
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -91,14 +111,26 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     iteration = start_iteration
     start_time = interval_start = time.perf_counter()
     interval_loss, interval_steps, interval_images = 0.0, 0, 0
-    total = start_iteration + len(loader)
+    total = (start_iteration + len(loader)) // accum_steps * accum_steps
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
                     initial=start_iteration, total=total)
     for batch in progress:
+        if iteration >= total:
+            break
         masks = batch["mask"].to(device, non_blocking=True)
-        loss = training_step(model, model_inputs(batch, device), masks, optimizer, device, dtype,
-                             scaler)
-        scheduler.step()
+        micro_step = iteration % accum_steps
+        last_micro_step = micro_step == accum_steps - 1
+        if micro_step == 0:
+            optimizer.zero_grad(set_to_none=True)
+        # DDP all-reduces gradients in backward; inside an accumulation that would be wasted.
+        sync = (contextlib.nullcontext() if last_micro_step or not hasattr(model, "no_sync")
+                else model.no_sync())
+        with sync:
+            loss = forward_backward(model, model_inputs(batch, device), masks, device, dtype,
+                                    scaler, loss_scale=1.0 / accum_steps)
+        if last_micro_step:
+            optimizer_step(optimizer, scaler)
+            scheduler.step()
 
         loss_value = loss.item()  # one sync per step: cheap next to the step, and names the step
         if not math.isfinite(loss_value):
@@ -121,7 +153,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
                 get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
                                   f"{mean_loss:.4f} | lr {lr:.2e} | {images_per_second:.1f} img/s")
             interval_start, interval_loss, interval_steps, interval_images = now, 0.0, 0, 0
-        if stop is not None and stop.agreed(device):
+        if last_micro_step and stop is not None and stop.agreed(device):
             break
     progress.close()
     steps = steps_done(iteration, start_iteration)

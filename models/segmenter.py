@@ -100,13 +100,28 @@ class VPDSegmenter(nn.Module):
         prefixes = tuple(f"{name}." for name in self.reloadable_module_names())
         return {key: value for key, value in self.state_dict().items() if not key.startswith(prefixes)}
 
+    _frozen_output_dtype = None  # None: outputs as the frozen modules give them (VPD's numerics)
+
+    def hold_frozen_weights_in(self, dtype: torch.dtype) -> None:
+        """Store the frozen VAE and CLIP text encoder in `dtype` (train.py --frozen_bf16): half
+        their memory. Under bf16 autocast their convolutions and matmuls see the same bf16
+        weights as before; their norms now see bf16-rounded weights (a small, deliberate change
+        of the numerics). Their outputs are handed on in fp32, so the model also runs without
+        autocast (fp32 validation)."""
+        for name in self.frozen_module_names:
+            self.get_submodule(name).to(dtype)
+        self._frozen_output_dtype = torch.float32
+
+    def _from_frozen(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self._frozen_output_dtype is None else tensor.to(self._frozen_output_dtype)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> VAE latents (no gradient); cacheable for evaluation."""
-        return self.backbone.encode_images(images)
+        return self._from_frozen(self.backbone.encode_images(images))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (N, L) -> adapted CLIP embedding (N, L, D), the UNet's cross-attention context."""
-        return self.text_adapter(self.text_encoder(input_ids, attention_mask))
+        return self.text_adapter(self._from_frozen(self.text_encoder(input_ids, attention_mask)))
 
     def forward(
         self,

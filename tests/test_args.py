@@ -128,6 +128,9 @@ def test_vpd_command_lines(capsys):
     ("test", ["--vis_num", "-3"], "argument --vis_num: must be >= 0, got -3"),
     ("train", ["--img_size", "big"], "argument --img_size: expected an integer, got 'big'"),
     ("train", ["--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N"),
+    ("train", ["--accum_steps", "0"], "argument --accum_steps: must be >= 1, got 0"),
+    ("train", ["--warmup_epochs", "-1"], "argument --warmup_epochs: must be >= 0"),
+    ("train", ["--frozen_bf16"], "argument --frozen_bf16: needs --precision bf16 (got fp32)"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(program, argv, expected, capsys):
     assert expected in parse_error(program, argv, capsys)

@@ -204,14 +204,14 @@ def test_build_dataset_takes_its_sizes_from_the_model_config(fixture_data):
 
 
 def test_build_dataset_generates_toy_on_first_use(tmp_path, monkeypatch):
-    import data.toy
+    import data.loaders
     calls = []
 
     def fake_ensure(root):
         calls.append(root)
         make_refer_dataset(root, "toy", "unc", num_images=4, special_images=False)
 
-    monkeypatch.setattr(data.toy, "ensure_toy_dataset", fake_ensure)
+    monkeypatch.setitem(data.loaders.GENERATED, "toy", fake_ensure)
     config = SegmenterConfig(preset="tiny", img_size=16, token_length=16)
     assert len(build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)) > 0
     assert len(build_dataset(str(tmp_path), "toy", "unc", "val", config, eval_mode=True)) > 0

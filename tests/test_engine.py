@@ -80,6 +80,9 @@ def test_poly_schedule():
     factor = poly_lr_lambda(100, power=0.9)
     assert factor(0) == 1.0 and factor(100) == 0.0
     assert factor(50) == pytest.approx(0.5 ** 0.9)
+    warm = poly_lr_lambda(100, power=0.9, warmup_iterations=10)
+    assert warm(0) == pytest.approx(0.1) and warm(4) == pytest.approx(0.5 * 0.96 ** 0.9)
+    assert warm(10) == factor(10) and warm(50) == factor(50)  # then the poly decay, unshifted
 
 
 def test_vpd_weight_decay_rule_on_the_full_size_model():

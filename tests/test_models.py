@@ -288,3 +288,21 @@ def test_tiny_frozen_text_encoder_keeps_words_apart():
     cosine = word_vectors @ word_vectors.T
     off_diagonal = cosine[~torch.eye(len(words), dtype=torch.bool)]
     assert off_diagonal.mean() < 0.3 and off_diagonal.max() < 0.7, off_diagonal
+
+
+def test_frozen_weights_held_in_bf16_hand_on_fp32():
+    """--frozen_bf16: the VAE and CLIP are stored in bf16, the trainable parts stay fp32, and the
+    model still runs without autocast (fp32 validation) and gives nearly the same logits."""
+    reference = create_segmenter("tiny", img_size=32, token_length=TOKEN_LENGTH).eval()
+    model = create_segmenter("tiny", img_size=32, token_length=TOKEN_LENGTH).eval()
+    model.hold_frozen_weights_in(torch.bfloat16)
+    assert {p.dtype for p in model.backbone.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.backbone.unet.parameters()} == {torch.float32}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    input_ids = torch.randint(0, 49406, (2, TOKEN_LENGTH), generator=generator)
+    with torch.no_grad():
+        logits, expected = model(input_ids, images=images), reference(input_ids, images=images)
+    assert logits.dtype == torch.float32
+    assert (logits.argmax(1) == expected.argmax(1)).float().mean() > 0.95

@@ -42,13 +42,18 @@ def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None, amsg
                              foreach=None if fused else True, amsgrad=amsgrad)
 
 
-def poly_lr_lambda(total_iterations, power=0.9):
-    """(1 - it / total) ^ power, stepped every iteration, no warm-up."""
+def poly_lr_lambda(total_iterations, power=0.9, warmup_iterations=0):
+    """(1 - it / total) ^ power, stepped every iteration (VPD's schedule), times a linear warm-up
+    over the first `warmup_iterations` steps when there are any (VPD has none)."""
     def factor(iteration):
-        return max(0.0, 1.0 - iteration / max(total_iterations, 1)) ** power
+        poly = max(0.0, 1.0 - iteration / max(total_iterations, 1)) ** power
+        if warmup_iterations and iteration < warmup_iterations:
+            return poly * (iteration + 1) / warmup_iterations
+        return poly
     return factor
 
 
-def build_scheduler(optimizer, total_iterations, power=0.9):
+def build_scheduler(optimizer, total_iterations, power=0.9, warmup_iterations=0):
     # LambdaLR multiplies each group's initial lr (already scaled by its lr_scale).
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_iterations, power))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lr_lambda(total_iterations, power, warmup_iterations))
