@@ -13,6 +13,7 @@ from PIL import Image
 
 from engine.inference import ReferringSegmenter
 from tests.programs import SMALL_RUN, environment, main_here
+from tools.app_screenshot import screenshot
 from utils.paths import REPO_ROOT
 
 pytestmark = pytest.mark.xdist_group("app")
@@ -101,34 +102,7 @@ def test_large_images_and_a_missing_model_get_a_message():
 
 def test_in_a_browser(app_url, tmp_path):
     """Headless Chromium: pick the example, type an expression, press Segment, see the result."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--disable-sync", "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not look for drivers online
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-    try:
-        driver.get(app_url)
-        wait = WebDriverWait(driver, 120)
-        example = wait.until(expected_conditions.element_to_be_clickable(
-            (By.XPATH, "//*[contains(@class, 'gallery') or contains(@class, 'example')]//*[contains(., 'toy_000701')]")))
-        example.click()
-        wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#picture img")))
-        driver.find_element(By.CSS_SELECTOR, "#expressions textarea").send_keys("the red square")
-        driver.find_element(By.CSS_SELECTOR, "#segment").click()
-        wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#result img")))
-        wait.until(expected_conditions.text_to_be_present_in_element((By.CSS_SELECTOR, "#message"), "expression(s) in"))
-        assert "the red square" in driver.find_element(By.CSS_SELECTOR, "#legend").text
-        driver.save_screenshot(str(tmp_path / "app.png"))
-        with Image.open(tmp_path / "app.png") as screenshot:
-            assert screenshot.size[0] >= 1000
-    finally:
-        driver.quit()
+    legend = screenshot(app_url, tmp_path / "app.png", ["the red square"], example="toy_000701")
+    assert "the red square" in legend
+    with Image.open(tmp_path / "app.png") as picture:
+        assert picture.size[0] >= 1000
