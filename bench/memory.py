@@ -92,7 +92,7 @@ class LargestOutput(TorchDispatchMode):
 @dataclass
 class MemoryAccount:
     variant: str
-    parameters: dict = field(default_factory=dict)  # "trainable fp32" / "frozen bf16" -> bytes
+    parameters: dict = field(default_factory=dict)  # "trainable float32" / "frozen bfloat16" -> bytes
     off_device: int = 0  # the VAE encoder under cached latents
     gradients: int = 0
     optimizer_state: int = 0
@@ -193,23 +193,22 @@ def _account(model, plain, config, batch_size, variant, fused_adamw, amsgrad):
     # The recomputed unit: measured without checkpointing (the saved bytes of each unit's
     # forward), applied to the checkpointed variants.
     if plain is not None:
-        _, by_unit = saved_activations(plain, inputs, masks, dtype, units=CHECKPOINTED_UNITS)
+        _, by_unit, _ = saved_activations(plain, inputs, masks, dtype, units=CHECKPOINTED_UNITS)
         result.largest_recomputed_unit = max(by_unit.values(), default=0)
         del plain
 
     largest = LargestOutput()
     with largest:
-        result.saved_activations, _, loss = saved_activations(model, inputs, masks, dtype,
-                                                              keep_graph=True)
+        result.saved_activations, _, loss = saved_activations(model, inputs, masks, dtype)
         loss.backward()
     result.largest_operation = largest.largest
     return result
 
 
-def saved_activations(model, inputs, masks, dtype, units=(), keep_graph=False):
+def saved_activations(model, inputs, masks, dtype, units=()):
     """Bytes autograd saves for backward in the forward and the loss (fake or real tensors), each
-    storage once, the parameters' storages left out; and those bytes by outermost module whose
-    class name is in `units`. With keep_graph, also returns the loss (to run backward on)."""
+    storage once, the parameters' storages left out; those bytes by outermost module whose class
+    name is in `units`; and the loss (to run backward on)."""
     parameter_keys = {storage_key(p) for p in model.parameters()}
     saved, by_unit, active = {}, {}, []
 
@@ -237,14 +236,13 @@ def saved_activations(model, inputs, masks, dtype, units=(), keep_graph=False):
     finally:
         for hook in hooks:
             hook.remove()
-    total = sum(saved.values())
-    return (total, by_unit, loss) if keep_graph else (total, by_unit)
+    return sum(saved.values()), by_unit, loss
 
 
 def measure_cpu_step(config, batch_size, variant):
-    """Bytes the CPU allocator hands out during one real training step of `variant` (forward,
-    loss, backward, AdamW), over what is held before it (the parameters, the optimizer state of
-    a first step, the batch): (peak growth, bytes still held after the step)."""
+    """Peak bytes the CPU allocator holds during one real training step of `variant` (forward,
+    loss, backward, AdamW) over what is held before it (the parameters, the optimizer state of a
+    first step, the batch)."""
     from torch.profiler import ProfilerActivity, profile
 
     settings = VARIANTS[variant]
@@ -273,7 +271,7 @@ def measure_cpu_step(config, batch_size, variant):
     for _, nbytes in events:
         level += nbytes
         peak = max(peak, level)
-    return peak, level
+    return peak
 
 
 def format_bytes(count):
@@ -316,8 +314,8 @@ def main(argv=None):
     print(f"- command: `{command_line('bench/memory.py')}`")
     print(f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     print(f"- versions: {library_versions()}")
-    print("- method: meta-device forward and backward; saved tensors via saved_tensors_hooks "
-          "(each storage once); see bench/memory.py")
+    print("- method: forward and backward on fake tensors (FakeTensorMode); saved tensors via "
+          "saved_tensors_hooks (each storage once); see bench/memory.py")
     print()
     accounts = [account(config, args.batch_size, variant, fused_adamw=args.fused_adamw,
                         amsgrad=False) for variant in args.variants]
@@ -331,7 +329,7 @@ def main(argv=None):
         for entry in accounts:
             if "bf16" in entry.variant and not args.model == "tiny":
                 continue
-            peak, _ = measure_cpu_step(config, args.batch_size, entry.variant)
+            peak = measure_cpu_step(config, args.batch_size, entry.variant)
             low, high = entry.lower - entry.resident, entry.upper - entry.resident
             print(f"| {entry.variant} | {format_bytes(low)} - {format_bytes(high)} | "
                   f"{format_bytes(peak)} | {'yes' if low <= peak <= high else 'NO'} |")
