@@ -297,6 +297,9 @@ def main(argv=None) -> int:
             traceback.print_exc(file=sys.stderr)
             rows.append(Row(variant, error=f"{type(error).__name__}: "
                                            f"{str(error).splitlines()[0][:120] if str(error) else ''}"))
+        # The row as soon as it is measured: a run cut short still leaves the rows it finished.
+        print(format_table(rows[-1:], device, args.peak_tflops).splitlines()[-1], file=sys.stderr,
+              flush=True)
         release(device)
 
     flop_text = ", ".join(f"{kind} {count / 1e9:.2f} GFLOP" for kind, count in flops.items())

@@ -210,9 +210,11 @@ class MapRecordingAttnProcessor:
         # Scores and softmax in float32 even under autocast: the maps are features too. Cheap, as
         # only cross-attention (L text tokens) at 1/2 and 1/4 of the latent takes this path.
         device_type = query.device.type
-        # (The meta device, used to count FLOPs without weights, has no autocast to switch off.)
-        no_autocast = (torch.autocast(device_type=device_type, enabled=False)
-                       if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+        # The meta device, used to count FLOPs without weights, has no autocast to switch off. (A
+        # string test, not torch.amp.is_autocast_available: torch.compile cannot trace that call
+        # and would split the UNet's graph at every cross-attention layer.)
+        no_autocast = (contextlib.nullcontext() if device_type == "meta"
+                       else torch.autocast(device_type=device_type, enabled=False))
         with no_autocast:
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
             if attention_mask is not None:
