@@ -26,6 +26,7 @@ from models.presets import INIT_SEED
 from refer.check import preflight
 from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
                               model_state_from_checkpoint, save_checkpoint, set_rng_state)
+from utils.cpu_threads import CpuThreads
 from utils.dist import all_gather_objects, cleanup, init_distributed
 from utils.errors import InputError
 from utils.io import remove_stale_temporaries
@@ -207,6 +208,12 @@ def train(args, config, dist_info, stop):
                                              run_id, epoch, iteration, best), path)
 
         # 4. The epochs.
+        cpu_threads = None
+        if device.type == "cpu" and not args.fixed_cpu_threads:
+            def threads_changed(old, new, others):
+                logger.info(f"other processes use {others:.1f} of {cpu_threads.cores} cores: "
+                            f"{new} torch thread(s), was {old} (--fixed_cpu_threads: keep them)")
+            cpu_threads = CpuThreads(on_change=threads_changed)
         accumulation = f" x {args.accum_steps} accumulated" if args.accum_steps > 1 else ""
         logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "
                     f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)"
@@ -219,7 +226,8 @@ def train(args, config, dist_info, stop):
                                               start_iteration=start_iteration, stop=stop,
                                               show_progress=show_progress, print_freq=args.print_freq,
                                               on_interval=record.iteration,
-                                              accum_steps=args.accum_steps)
+                                              accum_steps=args.accum_steps,
+                                              cpu_threads=cpu_threads)
             except NonFiniteLossError as error:
                 logger.error(str(error))
                 return 1

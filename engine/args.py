@@ -346,6 +346,14 @@ def _device(parser):
                             "process takes the GPU of its local rank (default: auto)")
 
 
+def _cpu_threads(parser):
+    group = parser.add_argument_group("cpu threads")
+    group.add_argument("--fixed_cpu_threads", action="store_true",
+                       help="on a CPU keep OMP_NUM_THREADS threads throughout (default: one thread "
+                            "per core that other processes leave free, rechecked every 5 s; "
+                            "utils/cpu_threads.py)")
+
+
 def _threads(parser):
     group = parser.add_argument_group("threads")
     group.add_argument("--threads", type=positive_int, default=None,
@@ -379,14 +387,15 @@ GROUPS = {
     "evaluation": _evaluation, "validation_precision": _validation_precision,
     "model_input": _model_input, "test_outputs": _test_outputs, "demo": _demo,
     "precision": _precision, "speed": _speed, "latent_cache": _latent_cache, "device": _device,
-    "threads": _threads, "distributed": _distributed, "vpd_compat": _vpd_compat,
+    "threads": _threads, "cpu_threads": _cpu_threads, "distributed": _distributed,
+    "vpd_compat": _vpd_compat,
 }
 
 # Each program's flags, by group. The benchmarks add flags of their own that no other program has.
 PROGRAM_GROUPS = {
     "train": ("data", "split", "model", "input", "weights", "batch", "seed", "optimization",
               "run_output", "evaluation", "validation_precision", "precision", "speed",
-              "latent_cache", "device", "distributed", "vpd_compat"),
+              "latent_cache", "device", "cpu_threads", "distributed", "vpd_compat"),
     "test": ("data", "split", "model_input", "model", "input", "weights", "evaluation",
              "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
     "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device"),

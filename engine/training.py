@@ -87,7 +87,7 @@ def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
                     start_iteration=0, stop=None, show_progress=True, print_freq=10,
-                    on_interval=None, accum_steps=1):
+                    on_interval=None, accum_steps=1, cpu_threads=None):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
 
     With `accum_steps` K > 1 every optimizer step sums the gradients of K batches (each loss
@@ -100,7 +100,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     images_per_second)` sees the interval's mean loss (the run record), and without a progress
     bar (a log file, not a terminal) a progress line is logged. `stop` (a StopRequest) is checked
     after every optimizer step: the epoch then ends early, to be saved and resumed at that very
-    batch.
+    batch. `cpu_threads` (a utils.cpu_threads.CpuThreads) is polled after every step.
 
     Returns a dict: mean loss, last lr, images seen, seconds, iterations (batches) done in this
     epoch (counting the skipped ones), and whether a stop was requested.
@@ -153,6 +153,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
                 get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
                                   f"{mean_loss:.4f} | lr {lr:.2e} | {images_per_second:.1f} img/s")
             interval_start, interval_loss, interval_steps, interval_images = now, 0.0, 0, 0
+        if cpu_threads is not None:
+            cpu_threads.poll()
         if last_micro_step and stop is not None and stop.agreed(device):
             break
     progress.close()
