@@ -211,8 +211,9 @@ def train(args, config, dist_info, stop):
         cpu_threads = None
         if device.type == "cpu" and not args.fixed_cpu_threads:
             def threads_changed(old, new, others):
+                hint = " (--fixed_cpu_threads keeps them)" if new < old else ""
                 logger.info(f"other processes use {others:.1f} of {cpu_threads.cores} cores: "
-                            f"{new} torch thread(s), was {old} (--fixed_cpu_threads: keep them)")
+                            f"{new} torch thread(s), was {old}{hint}")
             cpu_threads = CpuThreads(on_change=threads_changed)
         accumulation = f" x {args.accum_steps} accumulated" if args.accum_steps > 1 else ""
         logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "

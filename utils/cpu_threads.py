@@ -8,7 +8,9 @@ passive OpenMP wait policy in between, at a ~25 % cost on the idle machine. So a
 with its OMP_NUM_THREADS threads and, every few seconds, uses one thread per core not taken by
 other processes (never fewer than 1, never more than it started with).
 
-Linux only (/proc); elsewhere `CpuThreads.poll` never changes anything.
+A change of thread count changes the summation order inside some CPU kernels: results agree to
+float rounding, not bit for bit (tests run with one thread, which never changes). Linux only
+(/proc); elsewhere `CpuThreads.poll` never changes anything.
 """
 from __future__ import annotations
 
