@@ -185,3 +185,20 @@ def test_gtoy_tables_on_one_and_two_processes_and_from_the_saved_masks(tmp_path)
                           torch.tensor([dataset.no_target[index]]))
     recomputed = metric.compute()
     assert all(recomputed[key] == pytest.approx(two[key]) for key in recomputed)
+
+
+def test_no_target_area_rule_empties_small_masks_before_scoring():
+    from bench.no_target_rule import scores
+    # 100-pixel masks. A no-target sentence with 3 stray pixels, a target sentence whose
+    # 2-pixel mask hits its 10-pixel target, and a target sentence found well (I 40, U 50).
+    samples = {"area": torch.tensor([3, 2, 45]), "I": torch.tensor([0, 2, 40]),
+               "U": torch.tensor([3, 10, 50]), "target": torch.tensor([0, 10, 45]),
+               "no_target": torch.tensor([True, False, False])}
+    empty_rule = scores(samples, 100, 0.0)
+    assert (empty_rule["TP"], empty_rule["FN"], empty_rule["FP"], empty_rule["TN"]) == (0, 1, 0, 2)
+    assert empty_rule["gIoU"] == pytest.approx(100 * (0 + 0.2 + 0.8) / 3)
+    area_rule = scores(samples, 100, 0.03)  # masks of <= 3 pixels count as "no target"
+    assert (area_rule["TP"], area_rule["FN"], area_rule["FP"], area_rule["TN"]) == (1, 0, 1, 1)
+    assert area_rule["gIoU"] == pytest.approx(100 * (1 + 0 + 0.8) / 3)
+    # cIoU: the emptied target mask adds I = 0 and U = its target's 10 pixels.
+    assert area_rule["cIoU"] == pytest.approx(100 * 40 / (10 + 50))
