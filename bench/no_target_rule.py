@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     source = read_model_source(args.checkpoint)
-    model, _ = build_from_source(source, source.config)
+    # The rule is measured on the raw argmax masks: the checkpoint's own area setting is left out.
+    model, _ = build_from_source(source, source.config.replace(no_target_area=0.0))
     model.eval()
     results = {}
     for split in evaluation_splits(args.dataset, args.splitBy):

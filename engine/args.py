@@ -34,6 +34,7 @@ PAPER_DEFAULTS = dict(
     lr=5e-5,
     workers=4,
     attn_grad=False,
+    no_target_area=0.0,
     splitBy="unc",
 )
 
@@ -47,8 +48,9 @@ DATASET_DEFAULTS = {
     "refcocog": dict(token_length=77, splitBy="umd"),
     "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
                 workers=1, attn_grad=True),
+    # no_target_area: chosen on gtoy's val split (bench/RESULTS.md, "The no-target decision").
     "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
-                 workers=1, attn_grad=True),
+                 workers=1, attn_grad=True, no_target_area=0.005),
 }
 
 # Datasets that cannot join another in joint training: images of their own, or expressions
@@ -94,6 +96,16 @@ def positive_float(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def area_fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.005, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -178,6 +190,10 @@ def _model(parser):
     group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
                        help="let the cross-attention maps fed to the decoder carry gradient "
                             "(default: off, as in VPD; on for toy)")
+    group.add_argument("--no_target_area", type=area_fraction, default=None,
+                       help="generalized datasets (gtoy, grefcoco): a mask covering at most this "
+                            "fraction of the image counts as 'no target' and is emptied (default: "
+                            "0, only an empty mask; gtoy: 0.005, chosen on its val split)")
 
 
 def _input(parser):
@@ -464,7 +480,7 @@ def resolve_defaults(args, model_flags=True):
 
 
 # The model's settings: what SegmenterConfig records and test.py / demo.py read from checkpoints.
-MODEL_FLAGS = ("model", "img_size", "token_length", "attn_grad")
+MODEL_FLAGS = ("model", "img_size", "token_length", "attn_grad", "no_target_area")
 
 
 def held_out_splits(dataset, splitBy):
@@ -483,6 +499,10 @@ def check_args(parser, args, program):
         if len(args.datasets) > 1 and args.splitBy:
             parser.error("argument --splitBy: in a joint list give each dataset's partition "
                          "after a colon, e.g. refcoco,refcocog:google")
+        if getattr(args, "no_target_area", None) and not all(
+                DATASETS[dataset].generalized for dataset, _ in args.datasets):
+            parser.error(f"argument --no_target_area: only for datasets whose expressions may "
+                         f"refer to nothing ({', '.join(n for n, d in DATASETS.items() if d.generalized)})")
         for dataset, splitBy in args.datasets:
             partitions = DATASETS[dataset].splits
             if splitBy not in partitions:
@@ -531,14 +551,15 @@ def model_config(args):
     """train.py: the SegmenterConfig the flags describe."""
     return SegmenterConfig(preset=args.model, token_length=args.token_length,
                            img_size=args.img_size, attn_grad=bool(args.attn_grad),
-                           sd_path=args.sd_path, clip_path=args.clip_path)
+                           no_target_area=args.no_target_area, sd_path=args.sd_path,
+                           clip_path=args.clip_path)
 
 
 def reconcile_model_config(config, args, source):
     """test.py / demo.py: the checkpoint's config, with --sd_path / --clip_path applied. A model
     flag given explicitly must agree with the checkpoint (one-line error naming both values)."""
     fields = {"model": "preset", "img_size": "img_size", "token_length": "token_length",
-              "attn_grad": "attn_grad"}
+              "attn_grad": "attn_grad", "no_target_area": "no_target_area"}
     for flag, field in fields.items():
         given = getattr(args, flag, None)
         if given is not None and given != getattr(config, field):

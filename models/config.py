@@ -38,6 +38,9 @@ class SegmenterConfig:
             file); None for presets that need no weights (tiny) or a random init (vpd, benchmarks).
         clip_path: a transformers CLIP folder replacing the text encoder inside sd_path.
         pad_token_id: id the tokenizer pads sentences with (CLIP ViT-L/14: end-of-text, 49407).
+        no_target_area: `predict` answers "no target" (an empty mask) when the mask covers at most
+            this fraction of the image; 0 = only an empty mask does (VPD; the classic datasets).
+            For expressions that may refer to nothing (gRefCOCO): bench/no_target_rule.py.
     """
 
     preset: str = "vpd"
@@ -48,6 +51,7 @@ class SegmenterConfig:
     sd_path: str | None = None
     clip_path: str | None = None
     pad_token_id: int = CLIP_EOT_ID
+    no_target_area: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.preset, str) or not self.preset:
@@ -61,6 +65,10 @@ class SegmenterConfig:
                 or self.decoder_hidden < 1):
             raise ConfigError(f"decoder_hidden must be a positive integer or None, got "
                               f"{self.decoder_hidden!r}")
+        if (isinstance(self.no_target_area, bool) or not isinstance(self.no_target_area, (int, float))
+                or not 0.0 <= self.no_target_area < 1.0):
+            raise ConfigError(f"no_target_area must be a fraction in [0, 1), got {self.no_target_area!r}")
+        object.__setattr__(self, "no_target_area", float(self.no_target_area))
         if not isinstance(self.attn_grad, bool):
             raise ConfigError(f"attn_grad must be true or false, got {self.attn_grad!r}")
         for name in ("sd_path", "clip_path"):

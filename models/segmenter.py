@@ -189,13 +189,19 @@ class VPDSegmenter(nn.Module):
         """Boolean masks (N, H, W) of what each sentence refers to.
 
         Inputs as `forward`. The masks are the argmax of the logits at the model's output size, or
-        at `output_size` (e.g. an image's own size) after bilinear upsampling of the logits.
+        at `output_size` (e.g. an image's own size) after bilinear upsampling of the logits. A
+        mask covering at most `config.no_target_area` of the image is emptied ("no target").
         """
         logits = self(input_ids, images=images, latents=latents, attention_mask=attention_mask,
                       image_index=image_index)
         if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
             logits = F.interpolate(logits.float(), size=tuple(output_size), mode="bilinear", align_corners=False)
-        return logits.argmax(dim=1).bool()
+        masks = logits.argmax(dim=1).bool()
+        if self.config.no_target_area > 0:
+            area = masks.flatten(1).sum(dim=1)
+            no_target = area <= self.config.no_target_area * masks[0].numel()
+            masks = masks & ~no_target[:, None, None]
+        return masks
 
     def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy; masks (N, H, W) with 0 = background, 1 = object."""

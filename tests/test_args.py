@@ -131,6 +131,9 @@ def test_vpd_command_lines(capsys):
     ("train", ["--accum_steps", "0"], "argument --accum_steps: must be >= 1, got 0"),
     ("train", ["--warmup_epochs", "-1"], "argument --warmup_epochs: must be >= 0"),
     ("train", ["--frozen_bf16"], "argument --frozen_bf16: needs --precision bf16 (got fp32)"),
+    ("train", ["--no_target_area", "1.5"], "argument --no_target_area: must be in [0, 1), got 1.5"),
+    ("train", ["--dataset", "refcoco", "--no_target_area", "0.01"],
+     "argument --no_target_area: only for datasets whose expressions may refer to nothing"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(program, argv, expected, capsys):
     assert expected in parse_error(program, argv, capsys)
@@ -154,3 +157,11 @@ def test_model_config_from_flags_and_from_a_checkpoint():
     with pytest.raises(ValueError, match="--token_length 40 contradicts c.pth, which holds a model "
                                          "with token_length 12"):
         reconcile_model_config(saved, test_args, "c.pth")
+
+
+def test_no_target_area_is_part_of_the_model_config_and_gtoy_sets_it():
+    args = parse_args("train", ["--dataset", "gtoy"])
+    assert model_config(args).no_target_area == DATASET_DEFAULTS["gtoy"]["no_target_area"] > 0
+    assert model_config(parse_args("train", ["--dataset", "toy"])).no_target_area == 0.0
+    args = parse_args("train", ["--dataset", "gtoy", "--no_target_area", "0"])
+    assert model_config(args).no_target_area == 0.0

@@ -31,11 +31,35 @@ def test_config_validates_and_round_trips(tmp_path):
     for bad, message in (({"token_length": 1}, "token_length must be an integer >= 2, got 1"),
                          ({"img_size": 0}, "img_size must be an integer >= 1, got 0"),
                          ({"attn_grad": "yes"}, "attn_grad must be true or false"),
-                         ({"decoder_hidden": -4}, "decoder_hidden must be a positive integer")):
+                         ({"decoder_hidden": -4}, "decoder_hidden must be a positive integer"),
+                         ({"no_target_area": 1.0}, r"no_target_area must be a fraction in \[0, 1\)"),
+                         ({"no_target_area": True}, "no_target_area must be a fraction")):
         with pytest.raises(ConfigError, match=message):
             SegmenterConfig(preset="tiny", **bad)
     with pytest.raises(ConfigError, match="settings this version does not know: colour"):
         SegmenterConfig.from_dict({"preset": "tiny", "colour": "red"})
+
+
+def test_a_config_saved_before_no_target_area_loads_with_the_empty_mask_rule():
+    values = SegmenterConfig(preset="tiny", token_length=TOKEN_LENGTH).to_dict()
+    del values["no_target_area"]
+    assert SegmenterConfig.from_dict(values).no_target_area == 0.0
+
+
+def test_predict_empties_masks_no_larger_than_no_target_area():
+    model = create_segmenter("tiny", token_length=TOKEN_LENGTH, img_size=64).eval()
+    # Logits with foreground on the first 0, 10, 100 and 1000 pixels of a 64 x 64 output.
+    areas = torch.tensor([0, 10, 100, 1000])
+    logits = torch.zeros(4, 2, 64, 64)
+    logits[:, 1].view(4, -1)[:] = torch.where(torch.arange(64 * 64) < areas[:, None], 1.0, -1.0)
+    model.forward = lambda *args, **kwargs: logits
+    input_ids, images = inputs(batch=4)
+    plain = model.predict(input_ids, images=images)
+    assert plain.flatten(1).sum(1).tolist() == areas.tolist()  # 0 (default): the argmax itself
+    model.config = model.config.replace(no_target_area=100 / (64 * 64))  # at most 100 pixels
+    ruled = model.predict(input_ids, images=images)
+    assert ruled.flatten(1).sum(1).tolist() == [0, 0, 0, 1000]
+    assert torch.equal(ruled[3], plain[3])
 
 
 def test_the_model_keeps_its_resolved_config():
