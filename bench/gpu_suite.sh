@@ -2,7 +2,8 @@
 # The full-size GPU rows of bench/RESULTS.md, on one GPU, in one command:
 #   bash bench/gpu_suite.sh [RESULTS_DIR]      (default: bench/gpu-results)
 # 1. eager variants of the `vpd` preset (SD 1.5 sizes, random weights: nothing to download),
-#    512 px, batch 4, 40 tokens, including the 24 GB recipe bf16+grad_checkpoint;
+#    512 px, batch 4, 40 tokens, including the 24 GB recipe bf16+grad_checkpoint, also with the
+#    fused AdamW that train.py uses on GPUs (its peak against bench/memory.py's bounds);
 # 2. the README toy run on the GPU for 2 epochs with --cache_latents (the real loop and data path);
 # 3. torch.compile against the same stack in eager mode.
 # Each part writes its own file as it ends and has its own time limit (PART_SECONDS_*), so a part
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 timeout "${PART_SECONDS_EAGER:-300}" "$PYTHON" bench/bench_model.py "${common[@]}" --variants \
     fp32 bf16 fp16 channels_last grad_checkpoint cached_latents fused_adamw \
-    bf16+grad_checkpoint bf16+channels_last+fused_adamw+cached_latents \
+    bf16+grad_checkpoint bf16+grad_checkpoint+fused_adamw bf16+channels_last+fused_adamw+cached_latents \
     >"$dir/eager.md" 2>"$dir/eager.log"
 echo "eager: exit $?"
 

@@ -9,7 +9,8 @@ empty-mask rule (a = 0). It is the cheap alternative a no-target head must beat 
     python bench/no_target_rule.py checkpoints/model_best_gtoy.pth --dataset gtoy
 
 A sentence whose mask the rule empties counts as GRES's "predicted no-target" (ReLA's metric,
-utils/metrics.py): I = 0 and U = the target's area.
+utils/metrics.py): I = 0 and U = the target's area. To keep a fraction with the model:
+`python tools/export_model.py CKPT DIR --no_target_area A` (or train with `--no_target_area A`).
 """
 from __future__ import annotations
 

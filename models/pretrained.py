@@ -156,13 +156,16 @@ def load_pretrained(path, sd_path=None, clip_path=None) -> VPDSegmenter:
     return model.eval()
 
 
-def export_model_folder(path, directory, sd_path=None) -> SegmenterConfig:
+def export_model_folder(path, directory, sd_path=None, no_target_area=None) -> SegmenterConfig:
     """A training checkpoint (ours or VPD's released one) -> a model folder, without building the
     model: VPD's names are converted to ours, the frozen VAE / CLIP are left out when they come from
     Stable Diffusion (the vpd preset), and the weights are checked against the architecture on the
-    meta device. `sd_path` is recorded in the folder's config. Returns the config written."""
+    meta device. `sd_path` and `no_target_area`, where given, replace the checkpoint's in the
+    folder's config. Returns the config written."""
     source = read_model_source(path)
     config = source.config if sd_path is None else source.config.replace(sd_path=str(sd_path))
+    if no_target_area is not None:
+        config = config.replace(no_target_area=no_target_area)
     meta_model = build_model_on_meta(config)
     weights = dict(source.weights)
     if detect_layout(weights) == "vpd":

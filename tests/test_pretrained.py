@@ -132,6 +132,10 @@ def test_vpd_released_checkpoint_exports_to_a_loadable_folder(tmp_path):
     assert (config.preset, config.token_length, config.img_size) == ("tiny", TOKEN_LENGTH, 64)
     export_model_folder(path, tmp_path / "folder")
     loaded = load_pretrained(tmp_path / "folder")
+    assert loaded.config.no_target_area == 0.0
+    # The exported folder may record a no-target rule chosen after training (bench/no_target_rule.py).
+    export_model_folder(path, tmp_path / "ruled", no_target_area=0.005)
+    assert load_pretrained(tmp_path / "ruled").config.no_target_area == 0.005
     input_ids, images = inputs()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids, images=images), source_model.eval()(input_ids, images=images))

@@ -66,7 +66,7 @@ def test_train_sh_two_processes_writes_log_and_checkpoints(two_process_run, toy_
     assert last["epoch"] == EPOCHS and last["iteration"] == 0
     assert last["config"] == {"preset": "tiny", "token_length": 16, "img_size": 32, "attn_grad": True,
                               "decoder_hidden": 64, "sd_path": None, "clip_path": None,
-                              "pad_token_id": 49407}
+                              "pad_token_id": 49407, "no_target_area": 0.0}
     assert last["args"]["model"] == "tiny" and 0 <= last["best"]["score"] <= 100
     # Each process gets half the train refs, in whole batches of 4; the schedule counted every
     # step of both epochs.

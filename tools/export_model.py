@@ -3,12 +3,14 @@ config.json + model.safetensors, the layout `from_pretrained` reads (no pickle).
 
     python tools/export_model.py checkpoints/model_best_refcoco.pth models/refcoco
     python tools/export_model.py vpd_ris_refcoco.pth models/vpd_refcoco --sd_path /weights/sd15
+    python tools/export_model.py checkpoints/model_best_gtoy.pth models/gtoy --no_target_area 0.005
 
 The frozen VAE and CLIP of the vpd preset are not stored: they come back from the Stable Diffusion
 weights (`--sd_path` here is recorded in the folder's config; it can be given again when loading).
 """
 import argparse
 
+from engine.args import area_fraction
 from models.pretrained import export_model_folder
 from utils.logging import run_cli
 
@@ -20,8 +22,13 @@ def main(argv=None):
     parser.add_argument("--sd_path", default=None,
                         help="Stable Diffusion v1.5 weights to record in the folder's config "
                              "(default: what the checkpoint records; VPD's record none)")
+    parser.add_argument("--no_target_area", type=area_fraction, default=None,
+                        help="generalized datasets: the 'no target' mask area to record, e.g. the "
+                             "fraction bench/no_target_rule.py chose on val (default: the "
+                             "checkpoint's)")
     args = parser.parse_args(argv)
-    config = export_model_folder(args.checkpoint, args.out_dir, sd_path=args.sd_path)
+    config = export_model_folder(args.checkpoint, args.out_dir, sd_path=args.sd_path,
+                                 no_target_area=args.no_target_area)
     print(f"wrote {args.out_dir}: {config.preset}, {config.token_length} tokens, {config.img_size} px"
           f"{'' if config.sd_path else '; pass sd_path when loading it'}")
     return 0
