@@ -6,7 +6,7 @@ the rule "no target when the mask covers less than a fraction `a` of the image" 
 the fraction is chosen on val (best gIoU) and reported on every held-out split, next to the
 empty-mask rule (a = 0). It is the cheap alternative a no-target head must beat (issue #13).
 
-    python bench/no_target_rule.py checkpoints/model_best_gtoy.pth --dataset gtoy
+    python bench/no_target_rule.py --checkpoint checkpoints/model_best_gtoy.pth --dataset gtoy
 
 A sentence whose mask the rule empties counts as GRES's "predicted no-target" (ReLA's metric,
 utils/metrics.py): I = 0 and U = the target's area. To keep a fraction with the model:
@@ -14,71 +14,75 @@ utils/metrics.py): I = 0 and U = the target's area. To keep a fraction with the 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
+from bench.common import resolve_device
 from data.loaders import build_dataset, build_loader
-from engine.precision import autocast
-from engine.training import model_inputs
+from engine.args import parse_args
+from engine.evaluation import evaluate
 from models.pretrained import build_from_source, read_model_source
 from refer.refer import evaluation_splits
 from utils.metrics import GRESMetric, intersection_and_union
-from utils.paths import DEFAULT_DATA_ROOT
 
 AREA_FRACTIONS = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05)
 
 
-@torch.no_grad()
-def per_sentence(model, loader):
-    """Per sentence: predicted area, I and U of the argmax mask, target area, no-target flag."""
-    columns = {"area": [], "I": [], "U": [], "target": [], "no_target": []}
-    for batch in loader:
-        with autocast(torch.device("cpu"), torch.float32):
-            predictions = model.predict(**model_inputs(batch, torch.device("cpu")))
+class SentenceColumns:
+    """evaluate()'s `on_predictions`: per sentence the predicted area, I and U of the argmax
+    mask, the target's area and whether it has none."""
+
+    def __init__(self):
+        self.columns = {"area": [], "I": [], "U": [], "target": [], "no_target": []}
+        self.pixels = 0
+
+    def __call__(self, batch, predictions, ious):
         targets = batch["mask"][batch["image_index"]]
         intersection, union = intersection_and_union(predictions, targets)
-        columns["area"].append(predictions.flatten(1).sum(1))
-        columns["I"].append(intersection)
-        columns["U"].append(union)
-        columns["target"].append(targets.flatten(1).sum(1))
-        columns["no_target"].append(batch["no_target"])
-    return {key: torch.cat(values) for key, values in columns.items()}, predictions.shape[-2:].numel()
+        for key, value in (("area", predictions.flatten(1).sum(1)), ("I", intersection),
+                           ("U", union), ("target", targets.flatten(1).sum(1)),
+                           ("no_target", batch["no_target"])):
+            self.columns[key].append(value)
+        self.pixels = predictions.shape[-2:].numel()
+
+    def samples(self):
+        return {key: torch.cat(values) for key, values in self.columns.items()}
 
 
 def scores(samples, pixels, fraction):
+    """GRES metrics when masks of at most `fraction` of the `pixels` count as "no target"."""
     predicted_none = samples["area"] <= fraction * pixels
-    # An emptied mask: no intersection, and the union is the target alone.
-    intersection = torch.where(predicted_none, torch.zeros_like(samples["I"]), samples["I"])
+    # An emptied mask's union is its target alone (GRESMetric zeroes its intersection).
     union = torch.where(predicted_none, samples["target"], samples["U"])
     metric = GRESMetric()
-    metric.update(intersection, union, predicted_none, samples["no_target"].bool())
+    metric.update(samples["I"], union, predicted_none, samples["no_target"].bool())
     return metric.compute()
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a GRES checkpoint or model folder (train.py's output)")
-    parser.add_argument("--dataset", default="gtoy", help="a generalized dataset: gtoy or grefcoco")
-    parser.add_argument("--splitBy", default="unc", help="REFER partition (default: unc)")
-    parser.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT, help="REFER data folder")
-    parser.add_argument("--eval_batch_size", type=int, default=16, help="sentences per batch")
-    args = parser.parse_args(argv)
-
+    args = parse_args("bench_no_target", argv, description=__doc__.splitlines()[0])
+    if args.checkpoint is None:
+        raise SystemExit("error: --checkpoint is required (a GRES checkpoint or model folder)")
+    device = resolve_device(args.device)
     source = read_model_source(args.checkpoint)
     # The rule is measured on the raw argmax masks: the checkpoint's own area setting is left out.
     model, _ = build_from_source(source, source.config.replace(no_target_area=0.0))
-    model.eval()
+    model.to(device)
     results = {}
     for split in evaluation_splits(args.dataset, args.splitBy):
         dataset = build_dataset(args.refer_data_root, args.dataset, args.splitBy, split, model.config,
                                 eval_mode=True)
         if not getattr(dataset, "generalized", False):
             raise SystemExit(f"error: {args.dataset} has no no-target sentences (not a GRES dataset)")
-        loader = build_loader(dataset, args.eval_batch_size, 0, shuffle=False, eval_mode=True)
-        samples, pixels = per_sentence(model, loader)
-        results[split] = {fraction: scores(samples, pixels, fraction) for fraction in AREA_FRACTIONS}
+        loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
+                              drop_last=False, eval_mode=True, pin_memory=args.pin_mem)
+        columns = SentenceColumns()
+        evaluate(model, loader, device, torch.float32, on_predictions=columns, show_progress=False,
+                 desc=split)
+        samples = columns.samples()
+        results[split] = {fraction: scores(samples, columns.pixels, fraction)
+                          for fraction in AREA_FRACTIONS}
         print(f"{split}: {len(samples['area'])} sentences, {int(samples['no_target'].sum())} "
               f"without a target", file=sys.stderr)
 

@@ -420,6 +420,7 @@ PROGRAM_GROUPS = {
     "bench_loader": ("input", "batch", "threads"),
     "count_flops": ("model", "input"),
     "bench_memory": ("model", "input", "batch", "seed"),
+    "bench_no_target": ("data", "model_input", "evaluation", "device"),
 }
 
 
