@@ -26,16 +26,16 @@ import sys
 
 import numpy as np
 
-from .toy import (CATEGORY_IDS, COLOURS, PALETTE, SHAPES, _GENERIC_NOUNS, _JPEG_QUALITY, _PLURAL,
-                  _SPLIT_CODES, _capitalise, _expressions_for_scene, _group, _image_sizes,
-                  _render_image, _sample_scene, install_generated, toy_params)
+from .toy import (CATEGORY_IDS, COLOURS, EVAL_IMAGES, PALETTE, SHAPES, TRAIN_IMAGES, _GENERIC_NOUNS,
+                  _JPEG_QUALITY, _PLURAL, _SPLIT_CODES, _capitalise, _expressions_for_scene, _group,
+                  _image_sizes, _render_image, _sample_scene, install_generated, toy_params)
 
 __all__ = ["GTOY_DATASET_NAME", "GTOY_GENERATOR_VERSION", "ensure_gtoy_dataset",
            "build_gtoy_dataset", "parse_generalized"]
 
 GTOY_DATASET_NAME = "gtoy"
 # Bump whenever the generator's output changes, so cached datasets are rebuilt.
-GTOY_GENERATOR_VERSION = 1
+GTOY_GENERATOR_VERSION = 2  # 2: the toy's default size, 2100 train images
 REFS_FILE = "grefs(unc).json"
 NO_TARGET_SHARE = 0.10     # of all refs, as in gRefCOCO
 _COUNT_WORDS = {2: "two", 3: "three"}
@@ -129,7 +129,28 @@ def _no_target_expression(objects, rng, used):
     return None
 
 
-def build_gtoy_dataset(out_dir, seed=0, num_train_images=700, num_eval_images=110,
+def _gtoy_image(seed, group, index, sizes, path):
+    """Scene, refs and JPEG of one gtoy image: (width, height, objects, [(target indices,
+    sentences)]), an empty target list for a no-target ref."""
+    # Its own seed sequence (offset 100), so gtoy and toy scenes differ.
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 100 + _SPLIT_CODES[group], index]))
+    width, height = sizes[int(rng.integers(len(sizes)))]
+    objects = _sample_scene(width, height, rng)
+    single = _expressions_for_scene(objects, min(width, height), rng)
+    _render_image(width, height, objects, rng).save(path, "JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    used = {sentence for sentences in single for sentence in sentences}
+    targets_and_sentences = [([k], sentences) for k, sentences in enumerate(single) if sentences]
+    targets_and_sentences += _multi_target_expressions(objects, rng, used)
+    # One no-target ref for about NO_TARGET_SHARE of all refs.
+    expected_refs = len(targets_and_sentences)
+    if rng.random() < NO_TARGET_SHARE * expected_refs / (1 - NO_TARGET_SHARE):
+        sentence = _no_target_expression(objects, rng, used)
+        if sentence:
+            targets_and_sentences.append(([], [sentence]))
+    return width, height, objects, targets_and_sentences
+
+
+def build_gtoy_dataset(out_dir, seed=0, num_train_images=TRAIN_IMAGES, num_eval_images=EVAL_IMAGES,
                        image_size=128) -> dict:
     """Write the gtoy dataset into ``out_dir`` (see :func:`ensure_gtoy_dataset`)."""
     params = gtoy_params(seed, num_train_images, num_eval_images, image_size)
@@ -142,14 +163,9 @@ def build_gtoy_dataset(out_dir, seed=0, num_train_images=700, num_eval_images=11
     images, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
     for image_id, (group, split, index) in enumerate(plan, start=1):
-        # Its own seed sequence (offset 100), so gtoy and toy scenes differ.
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 100 + _SPLIT_CODES[group], index]))
-        width, height = sizes[int(rng.integers(len(sizes)))]
-        objects = _sample_scene(width, height, rng)
-        single = _expressions_for_scene(objects, min(width, height), rng)
         file_name = f"gtoy_{image_id:06d}.jpg"
-        _render_image(width, height, objects, rng).save(
-            os.path.join(img_dir, file_name), "JPEG", quality=_JPEG_QUALITY, subsampling=0)
+        width, height, objects, targets_and_sentences = _gtoy_image(
+            seed, group, index, sizes, os.path.join(img_dir, file_name))
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         ids = []
         for o in objects:
@@ -164,15 +180,6 @@ def build_gtoy_dataset(out_dir, seed=0, num_train_images=700, num_eval_images=11
                 "area": round(o["area"], 2),
                 "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                 "iscrowd": 0, "color": o["colour"]})
-        used = {sentence for sentences in single for sentence in sentences}
-        targets_and_sentences = [([k], sentences) for k, sentences in enumerate(single) if sentences]
-        targets_and_sentences += _multi_target_expressions(objects, rng, used)
-        # One no-target ref for about NO_TARGET_SHARE of all refs.
-        expected_refs = len(targets_and_sentences)
-        if rng.random() < NO_TARGET_SHARE * expected_refs / (1 - NO_TARGET_SHARE):
-            sentence = _no_target_expression(objects, rng, used)
-            if sentence:
-                targets_and_sentences.append(([], [sentence]))
         for targets, sentences in targets_and_sentences:
             ref_id += 1
             entries = []
@@ -201,13 +208,13 @@ def build_gtoy_dataset(out_dir, seed=0, num_train_images=700, num_eval_images=11
             "several": sum(len(r["ann_id"]) > 1 for r in refs)}
 
 
-def gtoy_params(seed=0, num_train_images=700, num_eval_images=110, image_size=128) -> dict:
+def gtoy_params(seed=0, num_train_images=TRAIN_IMAGES, num_eval_images=EVAL_IMAGES, image_size=128) -> dict:
     params = toy_params(seed, num_train_images, num_eval_images, image_size)
     params["generator_version"] = f"gtoy-{GTOY_GENERATOR_VERSION}"
     return params
 
 
-def ensure_gtoy_dataset(data_root, seed=0, num_train_images=700, num_eval_images=110,
+def ensure_gtoy_dataset(data_root, seed=0, num_train_images=TRAIN_IMAGES, num_eval_images=EVAL_IMAGES,
                         image_size=128) -> str:
     """Make sure ``{data_root}/gtoy`` holds the dataset for these parameters; return its path.
     Built once, atomically (as the toy: data/toy.py install_generated)."""

@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.dist import is_distributed, rank_and_world_size
 
-from .gtoy import ensure_gtoy_dataset
+from .gtoy import ensure_gtoy_dataset, gtoy_params
 from .joint import JointReferDataset, held_out_image_ids
 from .refer_dataset import ReferDataset
-from .toy import ensure_toy_dataset
+from .toy import ensure_toy_dataset, stored_params, toy_params
 
-# The embedded datasets, generated on first use: name -> ensure(data_root).
-GENERATED = {"toy": ensure_toy_dataset, "gtoy": ensure_gtoy_dataset}
+# The embedded datasets, generated on first use: name -> (ensure(data_root), default parameters).
+GENERATED = {"toy": (ensure_toy_dataset, toy_params), "gtoy": (ensure_gtoy_dataset, gtoy_params)}
 
 __all__ = ["build_dataset", "build_train_set", "build_loader", "collate_eval", "set_loader_epoch",
            "ShardedEvalSampler", "ResumableTrainSampler"]
@@ -31,9 +31,15 @@ __all__ = ["build_dataset", "build_train_set", "build_loader", "collate_eval", "
 def build_dataset(data_root: str, dataset: str, splitBy: str, split: str, config,
                   eval_mode: bool, exclude_image_ids=None) -> ReferDataset:
     """ReferDataset of one split, sized by the model's config (``img_size``, ``token_length``,
-    ``pad_token_id``). The embedded toy datasets are generated on first use."""
-    if dataset in GENERATED and not os.path.isfile(os.path.join(data_root, dataset, "instances.json")):
-        GENERATED[dataset](data_root)
+    ``pad_token_id``). The embedded toy datasets are generated on first use, and rebuilt when a
+    newer generator version is out."""
+    if dataset in GENERATED:
+        # Generated when missing, and again when an older generator wrote it (the data of another
+        # version differs); data of this version built with other parameters (tests) is kept.
+        ensure, default_params = GENERATED[dataset]
+        params = stored_params(os.path.join(data_root, dataset))
+        if params is None or params.get("generator_version") != default_params()["generator_version"]:
+            ensure(data_root)
     return ReferDataset(data_root, dataset=dataset, splitBy=splitBy, split=split,
                         img_size=config.img_size, token_length=config.token_length,
                         eval_mode=eval_mode, pad_token_id=config.pad_token_id,

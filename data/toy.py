@@ -84,11 +84,14 @@ __all__ = [
     "resolve_expression",
     "parse_expression",
     "render_expression",
+    "scene_captions",
+    "split_images",
+    "stored_params",
 ]
 
 TOY_DATASET_NAME = "toy"
 # Bump whenever the generator's output changes, so cached datasets are rebuilt.
-TOY_GENERATOR_VERSION = 2
+TOY_GENERATOR_VERSION = 3
 
 # Well separated colours (RGB).  Order matters for determinism.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -105,6 +108,12 @@ SHAPES = ("circle", "square", "triangle", "diamond", "star")
 CATEGORY_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 
 SPLITS = ("train", "val", "testA", "testB")
+
+# Default size: 2100 train images (~5700 refs), 110 val and 110 test images (~300 refs each). Three
+# times the train images of version 2 lifted val oIoU after ~23 k training sentences from ~48 to
+# 49-63 (bench/RESULTS.md, "The 5-minute toy run"): the toy run was overfitting its 700 images.
+TRAIN_IMAGES = 2100
+EVAL_IMAGES = 110
 
 # Object areas, as fractions of min(W, H)^2: a geometric ladder (ratio ~1.5). At the toy's
 # default 64 px the smallest is ~11 px across (3 latent cells), enough to tell shapes apart.
@@ -157,7 +166,7 @@ _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # --------------------------------------------------------------------------- #
 # Parameters
 # --------------------------------------------------------------------------- #
-def toy_params(seed: int = 0, num_train_images: int = 700, num_eval_images: int = 110,
+def toy_params(seed: int = 0, num_train_images: int = TRAIN_IMAGES, num_eval_images: int = EVAL_IMAGES,
                image_size: int = 128) -> dict:
     """The parameter dict stored in ``instances.json['info']['params']``."""
     if num_train_images < 1 or num_eval_images < 2:
@@ -460,8 +469,24 @@ def _capitalise(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_images: int = 700,
-                      num_eval_images: int = 110, image_size: int = 128) -> dict:
+def _toy_image(seed, group, index, sizes, path) -> tuple[int, int, list[dict], list[list[str]]]:
+    """Scene, expressions and JPEG of one toy image: (width, height, objects, expressions)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[group], index]))
+    width, height = sizes[int(rng.integers(len(sizes)))]
+    min_side = min(width, height)
+    for _ in range(100):
+        objects = _sample_scene(width, height, rng)
+        exprs = _expressions_for_scene(objects, min_side, rng)
+        if sum(1 for e in exprs if e) >= 2:
+            break
+    else:  # pragma: no cover - practically unreachable (sizes always distinct)
+        raise RuntimeError("could not build a scene with two describable objects")
+    _render_image(width, height, objects, rng).save(path, "JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    return width, height, objects, exprs
+
+
+def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_images: int = TRAIN_IMAGES,
+                      num_eval_images: int = EVAL_IMAGES, image_size: int = 128) -> dict:
     """Write the toy dataset into ``out_dir`` (non-atomically; see :func:`ensure_toy_dataset`).
 
     Writes ``instances.json``, ``refs(unc).p`` and ``images/``.  Returns small stats.
@@ -481,19 +506,8 @@ def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_image
     images, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
     for image_id, (group, split, idx) in enumerate(plan, start=1):
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[group], idx]))
-        width, height = sizes[int(rng.integers(len(sizes)))]
-        min_side = min(width, height)
-        for _ in range(100):
-            objects = _sample_scene(width, height, rng)
-            exprs = _expressions_for_scene(objects, min_side, rng)
-            if sum(1 for e in exprs if e) >= 2:
-                break
-        else:  # pragma: no cover - practically unreachable (sizes always distinct)
-            raise RuntimeError("could not build a scene with two describable objects")
         file_name = f"toy_{image_id:06d}.jpg"
-        _render_image(width, height, objects, rng).save(
-            os.path.join(img_dir, file_name), "JPEG", quality=_JPEG_QUALITY, subsampling=0)
+        width, height, objects, exprs = _toy_image(seed, group, idx, sizes, os.path.join(img_dir, file_name))
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for o, sents in zip(objects, exprs):
             ann_id += 1
@@ -535,6 +549,15 @@ def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_image
         pickle.dump(refs, f, protocol=_PICKLE_PROTOCOL)
     return {"images": len(images), "annotations": len(annotations), "refs": len(refs),
             "sentences": sent_id}
+
+
+def stored_params(root: str | os.PathLike) -> dict | None:
+    """The generation parameters a generated dataset's instances.json records (None if unreadable)."""
+    try:
+        with open(os.path.join(root, "instances.json")) as f:
+            return json.load(f).get("info", {}).get("params")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _is_complete(root: str, params: dict, refs_file: str = "refs(unc).p") -> bool:
@@ -589,14 +612,14 @@ def install_generated(data_root: str | os.PathLike, name: str, params: dict, bui
     return root
 
 
-def ensure_toy_dataset(data_root: str | os.PathLike, seed: int = 0, num_train_images: int = 700,
-                       num_eval_images: int = 110, image_size: int = 128) -> str:
+def ensure_toy_dataset(data_root: str | os.PathLike, seed: int = 0, num_train_images: int = TRAIN_IMAGES,
+                       num_eval_images: int = EVAL_IMAGES, image_size: int = 128) -> str:
     """Make sure ``{data_root}/toy`` holds the toy dataset for these parameters; return its path.
 
     Args:
         data_root: folder that holds REFER datasets (``{data_root}/refcoco``, ...).
         seed: master seed; same seed and parameters -> byte-identical annotation files.
-        num_train_images: images in the ``train`` split (default 700 -> ~2000 refs).
+        num_train_images: images in the ``train`` split (default 2100 -> ~5700 refs).
         num_eval_images: images in ``val`` (default 110 -> ~300 refs), and again as many
             held-out test images, split in halves into ``testA`` and ``testB``.
         image_size: longest image side in pixels (default 128); images are WxH in
@@ -611,6 +634,36 @@ def ensure_toy_dataset(data_root: str | os.PathLike, seed: int = 0, num_train_im
         data_root, TOY_DATASET_NAME, params,
         lambda folder: build_toy_dataset(folder, **{k: v for k, v in params.items()
                                                     if k != "generator_version"}))
+
+
+# --------------------------------------------------------------------------- #
+# Images and captions for pre-training the tiny preset's frozen / initial parts
+# --------------------------------------------------------------------------- #
+def split_images(data_root: str | os.PathLike, split: str, img_size: int):
+    """Every distinct image of a toy split as the segmenter's input transform gives it:
+    ``(file names, tensor (N, 3, S, S) in [-1, 1])`` (tools/pretrain_tiny_*.py)."""
+    import torch
+
+    from .refer_dataset import ReferDataset
+    from .transforms import load_rgb
+
+    dataset = ReferDataset(os.fspath(data_root), TOY_DATASET_NAME, "unc", split, img_size=img_size)
+    images = dataset.unique_images()
+    return ([os.path.basename(path) for _, path in images],
+            torch.stack([dataset.transform.image_to_tensor(load_rgb(path)) for _, path in images]))
+
+
+def scene_captions(root: str | os.PathLike) -> dict[str, str]:
+    """Image file name -> its caption, the objects from left to right ("blue triangle and red
+    star"): the toy's alt-text, what tools/pretrain_tiny_unet.py conditions its denoiser on."""
+    with open(os.path.join(root, "instances.json")) as f:
+        inst = json.load(f)
+    shapes = {c["id"]: c["name"] for c in inst["categories"]}
+    objects = defaultdict(list)
+    for ann in inst["annotations"]:
+        objects[ann["image_id"]].append((ann["bbox"][0], f"{ann['color']} {shapes[ann['category_id']]}"))
+    return {image["file_name"]: " and ".join(name for _, name in sorted(objects[image["id"]]))
+            for image in inst["images"]}
 
 
 # --------------------------------------------------------------------------- #

@@ -35,22 +35,32 @@ PAPER_DEFAULTS = dict(
     workers=4,
     attn_grad=False,
     no_target_area=0.0,
+    cache_latents=None,
+    eval_batch_size=8,
+    channels_last=False,
     splitBy="unc",
 )
 
+# The generated datasets keep their latent cache beside their images: rebuilt data (another
+# generator version or size) moves the folder aside with its latents. Filled in by resolve_defaults.
+GENERATED_LATENTS = os.path.join("{refer_data_root}", "{dataset}", "latents")
+
 # Per-dataset overrides of PAPER_DEFAULTS. VPD's README passes --token_length 40 for RefCOCO and
 # RefCOCO+ and 77 with --splitBy umd for RefCOCOg. `toy` is sized so the README's first command
-# trains on two CPU cores in minutes (tiny model: random UNet and text encoder, the small VAE that
-# ships with the repository; nothing to download); chosen from measured CPU runs (bench/RESULTS.md).
+# trains on two CPU cores in minutes (tiny model: the small pre-trained UNet and VAE that ship with
+# the repository, a random frozen text encoder; nothing to download; latents cached beside the
+# data); chosen from measured CPU runs (bench/RESULTS.md).
 DATASET_DEFAULTS = {
     "refcoco": dict(token_length=40),
     "refcoco+": dict(token_length=40),
     "refcocog": dict(token_length=77, splitBy="umd"),
-    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
-                workers=1, attn_grad=True),
+    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=6, lr=1e-3,
+                workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
+                channels_last=True),
     # no_target_area: chosen on gtoy's val split (bench/RESULTS.md, "The no-target decision").
-    "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=22, lr=1e-3,
-                 workers=1, attn_grad=True, no_target_area=0.005),
+    "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=4, lr=1e-3,
+                 workers=0, attn_grad=True, no_target_area=0.005, cache_latents=GENERATED_LATENTS,
+                 eval_batch_size=64, channels_last=True),
 }
 
 # Datasets that cannot join another in joint training: images of their own, or expressions
@@ -167,7 +177,7 @@ def _data(parser):
     group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
                        help="folder holding images/ and the refcoco*/ folders (see refer/README.md)")
     group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
-                       help="data loader processes per GPU (default: 4; toy: 1)")
+                       help="data loader processes per GPU (default: 4; toy, gtoy: 0)")
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
                        help="page-locked loader memory (default: on when a GPU is used)")
 
@@ -282,9 +292,9 @@ def _run_output(parser):
 
 def _evaluation(parser):
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--eval_batch_size", type=positive_int, default=8,
+    group.add_argument("--eval_batch_size", type=positive_int, default=None,
                        help="images per process per evaluation step; all sentences of each "
-                            "image are evaluated together (default: 8)")
+                            "image are evaluated together (default: 8; toy, gtoy: 64)")
 
 
 def _validation_precision(parser):
@@ -339,8 +349,9 @@ def _speed(parser):
     group.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     group.add_argument("--grad_checkpoint", action="store_true",
                        help="gradient checkpointing in the UNet (less memory, ~30%% slower)")
-    group.add_argument("--channels_last", action="store_true",
-                       help="channels_last memory format for the convolutional parts")
+    group.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format for the convolutional parts (default: off; "
+                            "toy, gtoy: on, ~6%% faster on a CPU)")
     group.add_argument("--frozen_bf16", action="store_true",
                        help="hold the frozen VAE and CLIP text encoder in bf16 (needs --precision "
                             "bf16; their norms then see bf16-rounded weights: not VPD's numerics)")
@@ -352,7 +363,8 @@ def _latent_cache(parser):
                        help="folder caching the frozen VAE's latents (fp16, one file per image); "
                             "missing images are encoded before training/evaluation starts, then "
                             "items read latents instead of images (test.py ignores it with "
-                            "--vis_dir)")
+                            "--vis_dir); none: encode the images every time (default: none; "
+                            "toy, gtoy: latents/ in the dataset's folder)")
 
 
 def _device(parser):
@@ -469,6 +481,11 @@ def resolve_defaults(args, model_flags=True):
         values = [DATASET_DEFAULTS.get(name, {}).get(key, paper_value) for name in names] or [paper_value]
         # A joint list takes the largest token length of its members; other settings agree.
         setattr(args, key, max(values) if key == "token_length" else values[0])
+    if getattr(args, "cache_latents", None) == GENERATED_LATENTS:
+        args.cache_latents = GENERATED_LATENTS.format(refer_data_root=args.refer_data_root,
+                                                      dataset=names[0])
+    elif str(getattr(args, "cache_latents", None)).lower() == "none":
+        args.cache_latents = None
     if hasattr(args, "dataset"):
         args.datasets = dataset_members(args)
         if len(args.datasets) == 1:

@@ -31,29 +31,35 @@ __all__ = [
     "TINY_VAE_CONFIG",
     "TINY_CLIP_CONFIG",
     "TINY_VAE_DIR",
+    "TINY_UNET_DIR",
     "build_model",
     "build_model_on_meta",
     "create_segmenter",
     "random_components",
+    "random_tiny_unet",
     "random_tiny_vae",
+    "load_tiny_unet",
+    "load_tiny_vae",
+    "tiny_text_encoder",
 ]
 
-# Random initialisation is seeded with this inside a forked RNG scope: the frozen random parts of
-# `tiny` (VAE, CLIP) are identical in every run, so checkpoints that omit them stay valid, and the
+# Random initialisation is seeded with this inside a forked RNG scope: the frozen random part of
+# `tiny` (its CLIP) is identical in every run, so checkpoints that omit it stay valid, and the
 # caller's global RNG stream is left untouched.
 INIT_SEED = 0
 
 # SD v1.5's UNet at toy size, shaped for speed on a CPU: one layer per block, and cross-attention
 # only where VPD records its maps (strides 2 and 4 of the latent, which feed c2 and c3), so the
-# 16x16 self-attention of the first level is gone; ~4x the images/s of SD's full block layout at
-# this width, with the same classes and the same read-out.
+# 16x16 self-attention of the first level is gone. Like SD's, it is pre-trained once as a
+# text-conditioned denoiser (tools/pretrain_tiny_unet.py, on the toy's train images and their
+# captions) and shipped in TINY_UNET_DIR: the segmenter fine-tunes it, as VPD fine-tunes SD's.
 TINY_UNET_CONFIG = dict(
     sample_size=16,
     in_channels=4,
     out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 64, 64),
+    block_out_channels=(16, 32, 32, 32),
     layers_per_block=1,
     attention_head_dim=4,  # diffusers' SD naming: this is the number of heads
     norm_num_groups=8,
@@ -88,6 +94,7 @@ TINY_CLIP_CONFIG = dict(
 )
 
 TINY_VAE_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "vae"
+TINY_UNET_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "unet"
 
 # CLIP's own init puts the token embeddings at std 0.02, far below what its (random) layers add, so
 # a random *frozen* CLIP returns nearly the same vector for every word at a position (mean cosine
@@ -121,13 +128,49 @@ def random_tiny_vae(seed: int = INIT_SEED) -> AutoencoderKL:
         return AutoencoderKL.from_config(TINY_VAE_CONFIG)
 
 
-def _load_tiny_vae() -> AutoencoderKL:
-    if not (TINY_VAE_DIR / "config.json").is_file():
+def random_tiny_unet(seed: int = INIT_SEED) -> UNet2DConditionModel:
+    """TINY_UNET_CONFIG, randomly initialised (the starting point of tools/pretrain_tiny_unet.py)."""
+    with _seeded(seed):
+        return UNet2DConditionModel.from_config(TINY_UNET_CONFIG)
+
+
+def tiny_text_encoder() -> CLIPTextModel:
+    """The tiny preset's frozen CLIP text model: random (seeded), unit-scale word embeddings."""
+    with _seeded(INIT_SEED):
+        clip = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_CONFIG))
+        with torch.no_grad():
+            nn.init.normal_(clip.get_input_embeddings().weight, std=TINY_CLIP_TOKEN_EMBEDDING_STD)
+    return clip
+
+
+def _load_shipped(model_class, directory: Path, config: dict, tool: str):
+    """A pre-trained tiny component that ships with the repository (diffusers layout)."""
+    if not (directory / "config.json").is_file():
         raise FileNotFoundError(
-            f"the tiny preset's pretrained VAE is missing: expected a diffusers AutoencoderKL folder "
-            f"(config.json + diffusion_pytorch_model.safetensors) at {TINY_VAE_DIR}; it ships with the "
-            f"repository, and `python tools/pretrain_tiny_vae.py` rebuilds it")
-    return AutoencoderKL.from_pretrained(TINY_VAE_DIR, local_files_only=True)
+            f"the tiny preset's pretrained {directory.name} is missing: expected a diffusers "
+            f"{model_class.__name__} folder (config.json + diffusion_pytorch_model.safetensors) at "
+            f"{directory}; it ships with the repository, and `python {tool}` rebuilds it")
+    model = model_class.from_pretrained(directory, local_files_only=True)
+
+    def plain(value):  # diffusers configs hold lists where ours hold tuples
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    stale = {key: (plain(model.config[key]), plain(value)) for key, value in config.items()
+             if key in model.config and plain(model.config[key]) != plain(value)}
+    if stale:
+        raise ConfigError(f"{directory} was trained for another architecture "
+                          f"({', '.join(f'{k}: {v[0]} there, {v[1]} here' for k, v in stale.items())}); "
+                          f"rebuild it with `python {tool}`")
+    return model
+
+
+def load_tiny_vae() -> AutoencoderKL:
+    return _load_shipped(AutoencoderKL, TINY_VAE_DIR, TINY_VAE_CONFIG, "tools/pretrain_tiny_vae.py")
+
+
+def load_tiny_unet() -> UNet2DConditionModel:
+    return _load_shipped(UNet2DConditionModel, TINY_UNET_DIR, TINY_UNET_CONFIG,
+                         "tools/pretrain_tiny_unet.py")
 
 
 def _vpd_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
@@ -144,16 +187,12 @@ def _vpd_components(sd_path: str | Path | None, clip_path: str | Path | None) ->
 
 
 def _tiny_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
-    """Random UNet and CLIP (unit-scale word embeddings), the shipped pretrained tiny VAE.
-
-    There are no other weights to load: sd_path / clip_path are ignored.
+    """The shipped pre-trained tiny UNet and VAE, the random frozen tiny CLIP (unit-scale word
+    embeddings). There are no other weights to load: sd_path / clip_path are ignored.
     """
-    unet, _, clip = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_CLIP_CONFIG)
-    with _seeded(INIT_SEED), torch.no_grad():
-        nn.init.normal_(clip.get_input_embeddings().weight, std=TINY_CLIP_TOKEN_EMBEDDING_STD)
     if torch.get_default_device().type == "meta":
-        return unet, random_tiny_vae(), clip
-    return unet, _load_tiny_vae(), clip
+        return random_tiny_unet(), random_tiny_vae(), tiny_text_encoder()
+    return load_tiny_unet(), load_tiny_vae(), tiny_text_encoder()
 
 
 @dataclass(frozen=True)
@@ -164,7 +203,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "vpd": Preset(components=_vpd_components, decoder_hidden=640),
-    "tiny": Preset(components=_tiny_components, decoder_hidden=64),
+    "tiny": Preset(components=_tiny_components, decoder_hidden=32),
 }
 
 

@@ -95,6 +95,18 @@ def test_dataset_defaults_and_flags_win():
     assert PAPER_DEFAULTS["token_length"] == 77
 
 
+def test_generated_datasets_cache_their_latents_beside_their_images(tmp_path):
+    """toy / gtoy: --cache_latents defaults to latents/ in the dataset's own folder (rebuilt data
+    takes its latents with it); `none` turns it off; the real datasets cache nothing unless told."""
+    for program, extra in (("train", []), ("test", ["--checkpoint", "x.pth"])):
+        for dataset in ("toy", "gtoy"):
+            args = parse_args(program, ["--dataset", dataset, "--refer_data_root", str(tmp_path)] + extra)
+            assert args.cache_latents == str(tmp_path / dataset / "latents")
+    assert parse_args("train", ["--dataset", "toy", "--cache_latents", "none"]).cache_latents is None
+    assert parse_args("train", ["--dataset", "toy", "--cache_latents", "mine"]).cache_latents == "mine"
+    assert parse_args("train", ["--dataset", "refcoco"]).cache_latents is None
+
+
 def test_test_and_demo_leave_the_model_settings_to_the_checkpoint():
     args = parse_args("test", ["--dataset", "toy", "--checkpoint", "x.pth"])
     assert (args.model, args.img_size, args.token_length, args.attn_grad) == (None, None, None, None)

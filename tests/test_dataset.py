@@ -203,19 +203,37 @@ def test_build_dataset_takes_its_sizes_from_the_model_config(fixture_data):
     assert item["input_ids"][0, -1] == 3  # padded with the config's id
 
 
-def test_build_dataset_generates_toy_on_first_use(tmp_path, monkeypatch):
+def test_build_dataset_generates_toy_on_first_use_and_after_a_generator_update(tmp_path, monkeypatch):
     import data.loaders
+    from data.toy import toy_params
     calls = []
+    version = {"params": toy_params()}
 
     def fake_ensure(root):
         calls.append(root)
         make_refer_dataset(root, "toy", "unc", num_images=4, special_images=False)
+        instances_path = os.path.join(root, "toy", "instances.json")
+        with open(instances_path) as f:
+            instances = json.load(f)
+        instances["info"] = {"params": version["params"]}
+        with open(instances_path, "w") as f:
+            json.dump(instances, f)
 
-    monkeypatch.setitem(data.loaders.GENERATED, "toy", fake_ensure)
+    monkeypatch.setitem(data.loaders.GENERATED, "toy", (fake_ensure, toy_params))
     config = SegmenterConfig(preset="tiny", img_size=16, token_length=16)
     assert len(build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)) > 0
     assert len(build_dataset(str(tmp_path), "toy", "unc", "val", config, eval_mode=True)) > 0
-    assert calls == [str(tmp_path)]  # not regenerated once instances.json exists
+    assert calls == [str(tmp_path)]  # not regenerated once it exists
+    # This generator with other parameters (the tests' small toys): kept.
+    version["params"] = toy_params(num_train_images=24)
+    fake_ensure(str(tmp_path))
+    build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)
+    assert len(calls) == 2
+    # Written by an older generator: rebuilt.
+    version["params"] = dict(toy_params(), generator_version=toy_params()["generator_version"] - 1)
+    fake_ensure(str(tmp_path))
+    build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)
+    assert len(calls) == 4
 
 
 # ------------------------------------------------------------------------- images/transforms

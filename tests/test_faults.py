@@ -49,8 +49,8 @@ def test_loader_worker_error_ends_test_py_with_one_line(broken_root, finished_ru
     root, bad_image = broken_root
     started = time.time()
     result = run([sys.executable, "test.py", "--dataset", "toy", "--refer_data_root", root,
-                  "--checkpoint", str(finished_run / "model_best_toy.pth"), "--workers", "2"],
-                 timeout=120)
+                  "--checkpoint", str(finished_run / "model_best_toy.pth"), "--workers", "2",
+                  "--cache_latents", "none"], timeout=120)  # images read by the workers
     assert result.returncode == 2 and time.time() - started < 100
     assert result.stderr.strip().startswith(f"error: image {bad_image} (ref_id ")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -60,7 +60,8 @@ def test_loader_worker_error_under_train_sh_exits_2(broken_root, tmp_path):
     root, bad_image = broken_root
     result = run(["bash", "train.sh", "toy", str(tmp_path / "logs"), "2", "--refer_data_root", root,
                   "--output-dir", str(tmp_path / "ckpt"), "--epochs", "1",
-                  *[flag if flag != "0" else "2" for flag in SMALL_RUN]], timeout=180)
+                  *[flag if flag != "0" else "2" for flag in SMALL_RUN], "--cache_latents", "none"],
+                 timeout=180)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert errors and all(line.startswith(f"error: image {bad_image} (ref_id ") for line in errors), errors

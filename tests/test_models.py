@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from models import (
@@ -19,14 +19,17 @@ from models import (
     install_attention_map_processors,
 )
 from data.tokenizer import CLIPTokenizer
-from data.toy import ensure_toy_dataset
+from data.toy import ensure_toy_dataset, scene_captions, split_images
 from data.transforms import ImageMaskTransform, load_rgb
+from models.config import ConfigError
 from models.presets import (
     TINY_CLIP_CONFIG,
     TINY_UNET_CONFIG,
+    TINY_UNET_DIR,
     TINY_VAE_CONFIG,
     TINY_VAE_DIR,
     random_components,
+    random_tiny_unet,
     random_tiny_vae,
 )
 
@@ -274,6 +277,50 @@ def test_tiny_vae_is_the_shipped_pretrained_one(tmp_path):
     model = create_segmenter("tiny", token_length=TOKEN_LENGTH)
     for name, tensor in shipped.encoder.state_dict().items():
         assert torch.equal(model.backbone.vae.encoder.state_dict()[name], tensor), name
+
+
+def test_tiny_unet_is_the_shipped_pretrained_denoiser(tmp_path):
+    """The tiny preset's UNet is the text-conditioned denoiser of tools/pretrain_tiny_unet.py: on
+    toy images it never saw (another seed), it predicts the noise far better than a random UNet of
+    the same config, and better with the images' captions than with empty ones."""
+    from diffusers import DDPMScheduler
+
+    assert (TINY_UNET_DIR / "config.json").is_file()
+    ensure_toy_dataset(str(tmp_path), seed=7, num_train_images=8, num_eval_images=4)
+    names, images = split_images(str(tmp_path), "train", 64)
+    captions = scene_captions(tmp_path / "toy")
+    tokenizer = CLIPTokenizer(16)
+    model = create_segmenter("tiny", token_length=16).eval()
+    with torch.no_grad():
+        latents = model.encode_images(images)
+        latents = latents / latents.std()  # the tool trains on unit-variance latents, as SD
+        context = model.text_encoder(torch.stack([tokenizer(captions[name])[0] for name in names]))
+        empty = model.text_encoder(tokenizer.pad(tokenizer.ids_from_bpe([]))[0][None]).expand_as(context)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((4,) + latents.shape, generator=generator)
+    timesteps = torch.tensor([100, 300, 500, 700]).repeat_interleave(len(latents))
+    noisy = scheduler.add_noise(latents.repeat(4, 1, 1, 1), noise.flatten(0, 1), timesteps)
+
+    def error(unet, text):
+        with torch.no_grad():
+            prediction = unet(noisy, timesteps, encoder_hidden_states=text.repeat(4, 1, 1)).sample
+        return F.mse_loss(prediction, noise.flatten(0, 1)).item()
+
+    shipped = UNet2DConditionModel.from_pretrained(TINY_UNET_DIR, local_files_only=True).eval()
+    captioned, uncaptioned = error(shipped, context), error(shipped, empty)
+    assert captioned < uncaptioned < 0.5 * error(random_tiny_unet().eval(), context), (captioned, uncaptioned)
+    for name, tensor in model.backbone.unet.state_dict().items():  # and the segmenter starts from it
+        assert torch.equal(shipped.state_dict()[name], tensor), name
+
+
+def test_tiny_unet_of_another_architecture_is_refused(monkeypatch):
+    """A shipped UNet trained for other widths than TINY_UNET_CONFIG's: one error saying how to
+    rebuild it, not a shape mismatch deep in load_state_dict."""
+    monkeypatch.setitem(TINY_UNET_CONFIG, "block_out_channels", (8, 16, 16, 16))
+    with pytest.raises(ConfigError, match=r"block_out_channels.*pretrain_tiny_unet\.py"):
+        create_segmenter("tiny", token_length=TOKEN_LENGTH)
 
 
 def test_tiny_frozen_text_encoder_keeps_words_apart():

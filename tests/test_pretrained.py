@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from models import SegmenterConfig, build_model, create_segmenter, load_pretrained
+from models import PRESETS, SegmenterConfig, build_model, create_segmenter, load_pretrained
 from models.config import ConfigError
 from models.pretrained import (config_from_checkpoint, export_model_folder, read_model_source,
                                save_pretrained)
@@ -64,7 +64,8 @@ def test_predict_empties_masks_no_larger_than_no_target_area():
 
 def test_the_model_keeps_its_resolved_config():
     model = create_segmenter("tiny", token_length=TOKEN_LENGTH)
-    assert model.config.decoder_hidden == 64 and model.config.token_length == model.token_length
+    assert model.config.decoder_hidden == PRESETS["tiny"].decoder_hidden == 32
+    assert model.config.token_length == model.token_length
     assert build_model(model.config).config == model.config
 
 

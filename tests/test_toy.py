@@ -185,7 +185,7 @@ def test_valid_refer_structure(default_toy):
     # every split present; sizes in the intended range
     per_split = Counter(r["split"] for r in refs)
     assert set(per_split) == set(SPLITS)
-    assert 1500 <= per_split["train"] <= 2500
+    assert 5000 <= per_split["train"] <= 6500
     assert 200 <= per_split["val"] <= 450
     # at least one ann per ref and one ref per describable ann
     assert len({r["ann_id"] for r in refs}) == len(refs)

@@ -65,7 +65,7 @@ def test_train_sh_two_processes_writes_log_and_checkpoints(two_process_run, toy_
     last = last_state(two_process_run["output_dir"])
     assert last["epoch"] == EPOCHS and last["iteration"] == 0
     assert last["config"] == {"preset": "tiny", "token_length": 16, "img_size": 32, "attn_grad": True,
-                              "decoder_hidden": 64, "sd_path": None, "clip_path": None,
+                              "decoder_hidden": 32, "sd_path": None, "clip_path": None,
                               "pad_token_id": 49407, "no_target_area": 0.0}
     assert last["args"]["model"] == "tiny" and 0 <= last["best"]["score"] <= 100
     # Each process gets half the train refs, in whole batches of 4; the schedule counted every
@@ -211,7 +211,8 @@ def test_test_sh_reads_the_model_from_the_checkpoint(two_process_run, toy_root, 
     tables = {}
     # 1 process without any model flag, with panels and masks; 2 processes likewise; and VPD's
     # own test.sh command line (--resume, --ddp_trained_weights, -j) with an agreeing --img_size.
-    common = ["--refer_data_root", toy_root, "--workers", "0", "--split", "all"]
+    # Images, not cached latents, on every path: --vis_dir draws them, so it reads them.
+    common = ["--refer_data_root", toy_root, "--workers", "0", "--split", "all", "--cache_latents", "none"]
     # test.sh on 2 processes, no model flag.
     result = run(["bash", "test.sh", "toy", checkpoint, "--save_masks", str(tmp_path / "masks_2"),
                   *common, "--results_json", str(tmp_path / "results_nproc2.json")], NPROC="2")

@@ -294,7 +294,7 @@ def test_vpd_released_layout_loads_with_nothing_missing():
 def test_other_token_length_gives_a_clear_shape_error():
     state = create_segmenter("tiny", token_length=TOKEN_LENGTH).state_dict()
     target = create_segmenter("tiny", token_length=TOKEN_LENGTH + 2)
-    with pytest.raises(CheckpointError, match=r"--token_length.*decoder\.fuse_c3\.0\.conv\.weight: checkpoint \(64, 138, 3, 3\) vs model \(64, 140"):
+    with pytest.raises(CheckpointError, match=r"--token_length.*decoder\.fuse_c3\.0\.conv\.weight: checkpoint \(32, 74, 3, 3\) vs model \(32, 76"):
         load_segmenter_state(target, state)
 
 

@@ -19,18 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from data.refer_dataset import ReferDataset
-from data.toy import ensure_toy_dataset
-from data.transforms import load_rgb
+from data.toy import ensure_toy_dataset, split_images
 from models.presets import TINY_VAE_DIR, random_tiny_vae
 from utils.paths import DEFAULT_DATA_ROOT
-
-
-def load_split_images(data_root, split, img_size):
-    """Every distinct image of a toy split, as the segmenter's input transform gives it."""
-    dataset = ReferDataset(data_root, "toy", "unc", split, img_size=img_size)
-    return torch.stack([dataset.transform.image_to_tensor(load_rgb(path))
-                        for _, path in dataset.unique_images()])
 
 
 def main():
@@ -48,8 +39,8 @@ def main():
 
     torch.manual_seed(args.seed)
     ensure_toy_dataset(args.data_root)
-    train_images = load_split_images(args.data_root, "train", args.img_size)
-    val_images = load_split_images(args.data_root, "val", args.img_size)
+    _, train_images = split_images(args.data_root, "train", args.img_size)
+    _, val_images = split_images(args.data_root, "val", args.img_size)
     vae = random_tiny_vae(seed=args.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)

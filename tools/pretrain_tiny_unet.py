@@ -1,0 +1,122 @@
+"""Pre-train the `tiny` preset's UNet as a text-conditioned denoiser on toy images, and write it
+where the preset loads it from.
+
+VPD's premise is that a UNet pre-trained for text-to-image diffusion already knows where each word
+of a sentence is in an image (its cross-attention maps), so segmentation starts from there. The
+`tiny` preset mirrors it: its UNet (same diffusers `UNet2DConditionModel` class,
+TINY_UNET_CONFIG) is trained here once, as Stable Diffusion's was (noise prediction on the frozen
+VAE's latents, conditioned on the frozen CLIP text model's output), on the toy's *train* images
+only, each captioned with its objects from left to right ("blue triangle and red star"); it ships in
+`models/configs/tiny/unet/` and every toy run fine-tunes it. Against a random UNet of the same
+size, the toy's val oIoU after 18.9 k training sentences went from 34.7 to 48.2 (bench/RESULTS.md,
+"The toy run in 5 minutes").
+
+    python tools/pretrain_tiny_unet.py                  # ~14 min on 2 CPU cores, rewrites the shipped UNet
+    python tools/pretrain_tiny_unet.py --out /tmp/unet  # somewhere else
+
+Run it after tools/pretrain_tiny_vae.py whenever the VAE or the tiny CLIP changes: the UNet is
+trained on their outputs. Objective: SD's (epsilon prediction, its scaled-linear noise schedule
+over 1000 steps, 10 % empty captions); the latents are scaled to unit variance for the noise
+schedule, as SD's 0.18215 does, while the segmenter reads them unscaled, as VPD does.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from data.tokenizer import CLIPTokenizer
+from data.toy import TOY_DATASET_NAME, ensure_toy_dataset, scene_captions, split_images
+from models.presets import TINY_UNET_DIR, load_tiny_vae, random_tiny_unet, tiny_text_encoder
+from models.text_encoder import FrozenCLIPTextEncoder
+from utils.paths import DEFAULT_DATA_ROOT
+
+TOKEN_LENGTH = 16  # the toy's (engine/args.py DATASET_DEFAULTS)
+
+
+@torch.no_grad()
+def encode_split(data_root, split, img_size, vae, text_encoder, tokenizer):
+    """(latents, caption embeddings, captions) of every image of a toy split."""
+    names, images = split_images(data_root, split, img_size)
+    captions = scene_captions(os.path.join(data_root, TOY_DATASET_NAME))
+    captions = [captions[name] for name in names]
+    ids = torch.stack([tokenizer(caption)[0] for caption in captions])
+    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(64)])
+    context = torch.cat([text_encoder(chunk) for chunk in ids.split(64)])
+    return latents, context, captions
+
+
+def denoising_loss(unet, scheduler, latents, context, generator):
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps,
+                      encoder_hidden_states=context).sample
+    return F.mse_loss(prediction, noise)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_root", default=DEFAULT_DATA_ROOT,
+                        help="where the toy dataset is (or is written) (default: refer/data in the repository)")
+    parser.add_argument("--out", default=str(TINY_UNET_DIR), help="diffusers folder to write (config.json + weights)")
+    parser.add_argument("--img_size", type=int, default=64, help="training image size (the toy default)")
+    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
+    parser.add_argument("--caption_dropout", type=float, default=0.1,
+                        help="share of empty captions (SD trains with some, for guidance)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, batch order and noise")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    ensure_toy_dataset(args.data_root)
+    vae = load_tiny_vae().eval()
+    text_encoder = FrozenCLIPTextEncoder(tiny_text_encoder()).eval()
+    tokenizer = CLIPTokenizer(TOKEN_LENGTH)
+    latents, context, captions = encode_split(args.data_root, "train", args.img_size, vae,
+                                              text_encoder, tokenizer)
+    val_latents, val_context, _ = encode_split(args.data_root, "val", args.img_size, vae,
+                                               text_encoder, tokenizer)
+    scale = 1.0 / latents.std().item()
+    latents, val_latents = latents * scale, val_latents * scale
+    with torch.no_grad():  # the empty caption: start and end of text, then padding
+        empty = text_encoder(tokenizer.pad(tokenizer.ids_from_bpe([]))[0][None])
+    print(f"{len(latents)} train images, latent scale {scale:.3f}; captions such as {captions[0]!r}")
+
+    unet = random_tiny_unet(seed=args.seed).train()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")  # SD v1.5's
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2, foreach=True)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        index = torch.randint(len(latents), (args.batch_size,), generator=generator)
+        batch_context = context[index].clone()
+        batch_context[torch.rand(args.batch_size, generator=generator) < args.caption_dropout] = empty
+        loss = denoising_loss(unet, scheduler, latents[index], batch_context, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if step % 100 == 0 or step == args.steps:
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
+                  flush=True)
+
+    unet.eval()
+    with torch.no_grad():  # held-out noise-prediction error, with its captions and without
+        val_generator = torch.Generator().manual_seed(args.seed + 1)
+        captioned = denoising_loss(unet, scheduler, val_latents, val_context, val_generator).item()
+        val_generator = torch.Generator().manual_seed(args.seed + 1)
+        uncaptioned = denoising_loss(unet, scheduler, val_latents, empty.expand_as(val_context),
+                                     val_generator).item()
+    print(f"val noise-prediction MSE {captioned:.4f} with captions, {uncaptioned:.4f} without")
+    unet.save_pretrained(args.out, safe_serialization=True)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
