@@ -58,7 +58,7 @@ DATASET_DEFAULTS = {
                 workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
                 channels_last=True),
     # no_target_area: chosen on gtoy's val split (bench/RESULTS.md, "The no-target decision").
-    "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=4, lr=1e-3,
+    "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=8, lr=1e-3,
                  workers=0, attn_grad=True, no_target_area=0.005, cache_latents=GENERATED_LATENTS,
                  eval_batch_size=64, channels_last=True),
 }
