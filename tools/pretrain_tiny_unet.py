@@ -29,19 +29,19 @@ from diffusers import DDPMScheduler
 
 from data.tokenizer import CLIPTokenizer
 from data.toy import TOY_DATASET_NAME, ensure_toy_dataset, scene_captions, split_images
+from engine.args import DATASET_DEFAULTS
 from models.presets import TINY_UNET_DIR, load_tiny_vae, random_tiny_unet, tiny_text_encoder
 from models.text_encoder import FrozenCLIPTextEncoder
 from utils.paths import DEFAULT_DATA_ROOT
 
-TOKEN_LENGTH = 16  # the toy's (engine/args.py DATASET_DEFAULTS)
+TOKEN_LENGTH = DATASET_DEFAULTS["toy"]["token_length"]
 
 
 @torch.no_grad()
-def encode_split(data_root, split, img_size, vae, text_encoder, tokenizer):
+def encode_split(data_root, split, img_size, vae, text_encoder, tokenizer, captions_by_name):
     """(latents, caption embeddings, captions) of every image of a toy split."""
     names, images = split_images(data_root, split, img_size)
-    captions = scene_captions(os.path.join(data_root, TOY_DATASET_NAME))
-    captions = [captions[name] for name in names]
+    captions = [captions_by_name[name] for name in names]
     ids = torch.stack([tokenizer(caption)[0] for caption in captions])
     latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(64)])
     context = torch.cat([text_encoder(chunk) for chunk in ids.split(64)])
@@ -75,10 +75,11 @@ def main():
     vae = load_tiny_vae().eval()
     text_encoder = FrozenCLIPTextEncoder(tiny_text_encoder()).eval()
     tokenizer = CLIPTokenizer(TOKEN_LENGTH)
+    captions_by_name = scene_captions(os.path.join(args.data_root, TOY_DATASET_NAME))
     latents, context, captions = encode_split(args.data_root, "train", args.img_size, vae,
-                                              text_encoder, tokenizer)
+                                              text_encoder, tokenizer, captions_by_name)
     val_latents, val_context, _ = encode_split(args.data_root, "val", args.img_size, vae,
-                                               text_encoder, tokenizer)
+                                               text_encoder, tokenizer, captions_by_name)
     scale = 1.0 / latents.std().item()
     latents, val_latents = latents * scale, val_latents * scale
     with torch.no_grad():  # the empty caption: start and end of text, then padding
