@@ -72,7 +72,7 @@ def main(argv=None):
     show_progress = progress_enabled(dist_info.is_main)
     use_cache = bool(args.cache_latents) and not args.vis_dir
     if args.cache_latents and args.vis_dir:
-        logger.info("--vis_dir draws the images: --cache_latents is not used")
+        logger.info("--vis_dir draws the images, so they are read instead of the cached latents")
     if use_cache and config.img_size % model.vae_scale_factor:
         raise InputError(f"--cache_latents needs the model's image size to be a multiple of the "
                          f"VAE's downsampling factor {model.vae_scale_factor}; it is {config.img_size}")

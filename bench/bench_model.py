@@ -4,7 +4,8 @@ TFLOP/s, and each variant's outputs checked against fp32 eager. Prints a Markdow
 A variant is one setting or several joined by '+' (settings not named keep the fp32 eager
 default): fp32, bf16, fp16 (autocast; fp16 with a GradScaler), channels_last, compile
 (torch.compile of the UNet, as train.py --compile), grad_checkpoint, cached_latents (the VAE is
-skipped: latents rounded to fp16 as the on-disk cache stores them are passed in), fused_adamw.
+skipped: latents rounded to fp16 as the on-disk cache stores them are passed in), fused_adamw
+(torch's fused AdamW kernel, which train.py uses; the other variants step with foreach AdamW).
 
     python bench/bench_model.py --model tiny --img_size 64 --batch-size 8 --steps 5           # CPU
     python bench/bench_model.py --model vpd --img_size 512 --batch-size 4 --estimate_refcoco  # GPU
@@ -33,9 +34,10 @@ from models import SegmenterConfig, build_model
 from utils.optim import build_optimizer
 
 FLAGS = ("channels_last", "compile", "grad_checkpoint", "cached_latents", "fused_adamw")
-CPU_VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "grad_checkpoint", "cached_latents")
-# compile takes minutes on a CPU and fused AdamW is a CUDA kernel: GPU-only unless asked for.
-CUDA_VARIANTS = CPU_VARIANTS + ("compile", "fused_adamw",
+CPU_VARIANTS = ("fp32", "bf16", "fp16", "channels_last", "grad_checkpoint", "cached_latents",
+                "fused_adamw")
+# compile takes minutes on a CPU: GPU-only unless asked for.
+CUDA_VARIANTS = CPU_VARIANTS + ("compile",
                                 "bf16+channels_last+compile+fused_adamw",
                                 "bf16+channels_last+compile+fused_adamw+cached_latents")
 

@@ -54,7 +54,7 @@ DATASET_DEFAULTS = {
     "refcoco": dict(token_length=40),
     "refcoco+": dict(token_length=40),
     "refcocog": dict(token_length=77, splitBy="umd"),
-    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=6, lr=1e-3,
+    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=5, lr=1e-3,
                 workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
                 channels_last=True),
     # no_target_area: chosen on gtoy's val split (bench/RESULTS.md, "The no-target decision").
@@ -164,6 +164,12 @@ def dataset_members(args):
     return members
 
 
+def _add_refer_data_root(group):
+    group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
+                       help="folder holding images/ and the refcoco*/ folders (see refer/README.md); "
+                            "the toy datasets are generated in it")
+
+
 def _data(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="refcoco", type=dataset_list,
@@ -174,8 +180,7 @@ def _data(parser):
                        help="REFER partition: unc (refcoco, refcoco+), umd or google (refcocog) "
                             "(default: umd for refcocog, else unc; in a joint list give it per "
                             "dataset, refcocog:google)")
-    group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
-                       help="folder holding images/ and the refcoco*/ folders (see refer/README.md)")
+    _add_refer_data_root(group)
     group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
                        help="data loader processes per GPU (default: 4; toy, gtoy: 0)")
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
@@ -399,6 +404,24 @@ def _distributed(parser):
                             "environment is used when present")
 
 
+def _tiny_pretraining(parser):
+    group = parser.add_argument_group(
+        "pre-training a part of the tiny preset on the toy's train images",
+        "tools/pretrain_tiny_vae.py and tools/pretrain_tiny_unet.py; each sets its own defaults")
+    _add_refer_data_root(group)
+    group.add_argument("--out", default=None,
+                       help="diffusers folder to write (config.json + weights) (default: the "
+                            "folder the tiny preset loads it from)")
+    group.add_argument("--img_size", type=positive_int, default=64,
+                       help="training image size (the toy's)")
+    group.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
+    group.add_argument("--batch_size", type=positive_int, default=None, help="images per step")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="AdamW learning rate, decayed to 0 on a cosine")
+    group.add_argument("--seed", type=nonnegative_int, default=0,
+                       help="initialisation, batch order and noise")
+
+
 def _vpd_compat(parser):
     group = parser.add_argument_group(
         "accepted from VPD / LAVT command lines", "these change nothing here; each prints a warning")
@@ -416,7 +439,7 @@ GROUPS = {
     "model_input": _model_input, "test_outputs": _test_outputs, "demo": _demo,
     "precision": _precision, "speed": _speed, "latent_cache": _latent_cache, "device": _device,
     "threads": _threads, "cpu_threads": _cpu_threads, "distributed": _distributed,
-    "vpd_compat": _vpd_compat,
+    "tiny_pretraining": _tiny_pretraining, "vpd_compat": _vpd_compat,
 }
 
 # Each program's flags, by group. The benchmarks add flags of their own that no other program has.
@@ -433,6 +456,8 @@ PROGRAM_GROUPS = {
     "count_flops": ("model", "input"),
     "bench_memory": ("model", "input", "batch", "seed"),
     "bench_no_target": ("data", "model_input", "evaluation", "device"),
+    "pretrain_tiny_vae": ("tiny_pretraining",),
+    "pretrain_tiny_unet": ("tiny_pretraining",),
 }
 
 

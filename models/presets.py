@@ -32,6 +32,7 @@ __all__ = [
     "TINY_CLIP_CONFIG",
     "TINY_VAE_DIR",
     "TINY_UNET_DIR",
+    "SD15_NOISE_SCHEDULE",
     "build_model",
     "build_model_on_meta",
     "create_segmenter",
@@ -92,6 +93,11 @@ TINY_CLIP_CONFIG = dict(
     eos_token_id=49407,
     pad_token_id=49407,
 )
+
+# Stable Diffusion v1.5's training noise schedule (its scheduler_config.json): the tiny UNet is
+# pre-trained with it, as SD's was (diffusers.DDPMScheduler(**SD15_NOISE_SCHEDULE)).
+SD15_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                           beta_schedule="scaled_linear")
 
 TINY_VAE_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "vae"
 TINY_UNET_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "unet"

@@ -74,6 +74,7 @@ def test_parameter_groups_by_role_without_decay_on_vectors():
     assert groups["head_no_decay"]["weight_decay"] == 0.0 and len(groups["head_no_decay"]["params"]) == 2
     optimizer = build_optimizer(model, lr=1.0, weight_decay=0.01, unet_lr_scale=0.1)
     assert sorted(group["lr"] for group in optimizer.param_groups) == [0.1, 0.1, 1.0, 1.0]
+    assert optimizer.defaults["fused"]  # the fused kernel on a CPU too (the fastest there)
 
 
 def test_poly_schedule():

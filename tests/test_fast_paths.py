@@ -17,6 +17,7 @@ from data import build_loader, collate_eval
 import data.latent_cache as latent_cache
 from data.latent_cache import LatentCache, LatentCacheError, fill_latent_cache
 from engine.training import model_inputs
+import data.refer_dataset as refer_dataset
 from data.refer_dataset import ReferDataset
 from models import create_segmenter
 from models.fingerprint import vae_fingerprint
@@ -236,6 +237,33 @@ def test_dataset_reads_latents_without_opening_images(refer_data, tmp_path):
         train_set[0]
     with pytest.raises(ValueError, match="img_size"):
         train_set.use_latent_cache(LatentCache(str(tmp_path / "cache"), cache.fingerprint, 32))
+
+
+def test_a_small_split_keeps_its_cached_items_in_memory(refer_data, tmp_path, monkeypatch):
+    model = _model()
+    dataset = _dataset(refer_data, "val", eval_mode=True)
+    cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
+    fill_latent_cache(model.encode_images, dataset, cache, batch_size=2, show_progress=False)
+    moved = str(tmp_path / "moved")
+
+    # Above the limit every item is read from the cache each time.
+    monkeypatch.setattr(refer_dataset, "IN_MEMORY_ITEMS_MAX_BYTES", len(dataset) * SIZE ** 2)
+    dataset.use_latent_cache(cache)
+    [dataset[index] for index in range(len(dataset))]
+    os.rename(cache.root, moved)
+    with pytest.raises(LookupError, match="fill the cache"):
+        dataset[0]
+    os.rename(moved, cache.root)
+
+    monkeypatch.undo()
+    dataset.use_latent_cache(cache)
+    first = [dataset[index] for index in range(len(dataset))]
+    os.rename(cache.root, moved)  # from now on a cache read would fail
+    for index, expected in enumerate(first):
+        item = dataset[index]
+        assert torch.equal(item["latents"], expected["latents"])
+        assert item["mask"].dtype == torch.int64 and torch.equal(item["mask"], expected["mask"])
+        assert torch.equal(item["input_ids"], expected["input_ids"])
 
 
 def test_missing_latent_is_reported(refer_data, tmp_path):

@@ -23,6 +23,7 @@ from data.toy import ensure_toy_dataset, scene_captions, split_images
 from data.transforms import ImageMaskTransform, load_rgb
 from models.config import ConfigError
 from models.presets import (
+    SD15_NOISE_SCHEDULE,
     TINY_CLIP_CONFIG,
     TINY_UNET_CONFIG,
     TINY_UNET_DIR,
@@ -296,8 +297,7 @@ def test_tiny_unet_is_the_shipped_pretrained_denoiser(tmp_path):
         latents = latents / latents.std()  # the tool trains on unit-variance latents, as SD
         context = model.text_encoder(torch.stack([tokenizer(captions[name])[0] for name in names]))
         empty = model.text_encoder(tokenizer.pad(tokenizer.ids_from_bpe([]))[0][None]).expand_as(context)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(**SD15_NOISE_SCHEDULE)
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn((4,) + latents.shape, generator=generator)
     timesteps = torch.tensor([100, 300, 500, 700]).repeat_interleave(len(latents))

@@ -8,10 +8,11 @@ TINY_UNET_CONFIG) is trained here once, as Stable Diffusion's was (noise predict
 VAE's latents, conditioned on the frozen CLIP text model's output), on the toy's *train* images
 only, each captioned with its objects from left to right ("blue triangle and red star"); it ships in
 `models/configs/tiny/unet/` and every toy run fine-tunes it. Against a random UNet of the same
-size, the toy's val oIoU after 18.9 k training sentences went from 34.7 to 48.2 (bench/RESULTS.md,
-"The toy run in 5 minutes").
+size, the toy's val oIoU after 18.9 k training sentences went from 34.7 to 48.2, and longer
+pre-training kept paying (bench/RESULTS.md, "The toy run in 5 minutes").
 
-    python tools/pretrain_tiny_unet.py                  # ~14 min on 2 CPU cores, rewrites the shipped UNet
+    python tools/pretrain_tiny_unet.py                  # 4800 steps, ~28 min on 2 idle CPU cores;
+                                                        # rewrites the shipped UNet
     python tools/pretrain_tiny_unet.py --out /tmp/unet  # somewhere else
 
 Run it after tools/pretrain_tiny_vae.py whenever the VAE or the tiny CLIP changes: the UNet is
@@ -19,7 +20,6 @@ trained on their outputs. Objective: SD's (epsilon prediction, its scaled-linear
 over 1000 steps, 10 % empty captions); the latents are scaled to unit variance for the noise
 schedule, as SD's 0.18215 does, while the segmenter reads them unscaled, as VPD does.
 """
-import argparse
 import os
 import time
 
@@ -29,10 +29,10 @@ from diffusers import DDPMScheduler
 
 from data.tokenizer import CLIPTokenizer
 from data.toy import TOY_DATASET_NAME, ensure_toy_dataset, scene_captions, split_images
-from engine.args import DATASET_DEFAULTS
-from models.presets import TINY_UNET_DIR, load_tiny_vae, random_tiny_unet, tiny_text_encoder
+from engine.args import DATASET_DEFAULTS, get_parser
+from models.presets import (SD15_NOISE_SCHEDULE, TINY_UNET_DIR, load_tiny_vae, random_tiny_unet,
+                            tiny_text_encoder)
 from models.text_encoder import FrozenCLIPTextEncoder
-from utils.paths import DEFAULT_DATA_ROOT
 
 TOKEN_LENGTH = DATASET_DEFAULTS["toy"]["token_length"]
 
@@ -57,28 +57,21 @@ def denoising_loss(unet, scheduler, latents, context, generator):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", default=DEFAULT_DATA_ROOT,
-                        help="where the toy dataset is (or is written) (default: refer/data in the repository)")
-    parser.add_argument("--out", default=str(TINY_UNET_DIR), help="diffusers folder to write (config.json + weights)")
-    parser.add_argument("--img_size", type=int, default=64, help="training image size (the toy default)")
-    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
+    parser = get_parser("pretrain_tiny_unet", __doc__.split("\n\n")[0])
+    parser.set_defaults(out=str(TINY_UNET_DIR), steps=4800, batch_size=64, lr=1e-3)
     parser.add_argument("--caption_dropout", type=float, default=0.1,
                         help="share of empty captions (SD trains with some, for guidance)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation, batch order and noise")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    ensure_toy_dataset(args.data_root)
+    ensure_toy_dataset(args.refer_data_root)
     vae = load_tiny_vae().eval()
     text_encoder = FrozenCLIPTextEncoder(tiny_text_encoder()).eval()
     tokenizer = CLIPTokenizer(TOKEN_LENGTH)
-    captions_by_name = scene_captions(os.path.join(args.data_root, TOY_DATASET_NAME))
-    latents, context, captions = encode_split(args.data_root, "train", args.img_size, vae,
+    captions_by_name = scene_captions(os.path.join(args.refer_data_root, TOY_DATASET_NAME))
+    latents, context, captions = encode_split(args.refer_data_root, "train", args.img_size, vae,
                                               text_encoder, tokenizer, captions_by_name)
-    val_latents, val_context, _ = encode_split(args.data_root, "val", args.img_size, vae,
+    val_latents, val_context, _ = encode_split(args.refer_data_root, "val", args.img_size, vae,
                                                text_encoder, tokenizer, captions_by_name)
     scale = 1.0 / latents.std().item()
     latents, val_latents = latents * scale, val_latents * scale
@@ -87,8 +80,7 @@ def main():
     print(f"{len(latents)} train images, latent scale {scale:.3f}; captions such as {captions[0]!r}")
 
     unet = random_tiny_unet(seed=args.seed).train()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")  # SD v1.5's
+    scheduler = DDPMScheduler(**SD15_NOISE_SCHEDULE)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2, foreach=True)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     generator = torch.Generator().manual_seed(args.seed)

@@ -13,34 +13,26 @@ training), so the segmenter could not learn colour words (bench/RESULTS.md, toy 
 Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents near unit scale
 (the segmenter reads the posterior mode unscaled, like VPD).
 """
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
 from data.toy import ensure_toy_dataset, split_images
+from engine.args import get_parser
 from models.presets import TINY_VAE_DIR, random_tiny_vae
-from utils.paths import DEFAULT_DATA_ROOT
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", default=DEFAULT_DATA_ROOT,
-                        help="where the toy dataset is (or is written) (default: refer/data in the repository)")
-    parser.add_argument("--out", default=str(TINY_VAE_DIR), help="diffusers folder to write (config.json + weights)")
-    parser.add_argument("--img_size", type=int, default=64, help="training image size (the toy default)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine decay)")
+    parser = get_parser("pretrain_tiny_vae", __doc__.split("\n\n")[0])
+    parser.set_defaults(out=str(TINY_VAE_DIR), steps=1000, batch_size=32, lr=2e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the KL term")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    ensure_toy_dataset(args.data_root)
-    _, train_images = split_images(args.data_root, "train", args.img_size)
-    _, val_images = split_images(args.data_root, "val", args.img_size)
+    ensure_toy_dataset(args.refer_data_root)
+    _, train_images = split_images(args.refer_data_root, "train", args.img_size)
+    _, val_images = split_images(args.refer_data_root, "val", args.img_size)
     vae = random_tiny_vae(seed=args.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)

@@ -34,10 +34,11 @@ def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None, amsg
     groups = parameter_groups(model, weight_decay, unet_lr_scale, decays)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
-    if fused is None:  # the fused kernel is the fastest AdamW on GPUs
-        fused = all(p.is_cuda for group in groups for p in group["params"])
-    # Elsewhere the multi-tensor (foreach) path: PyTorch only picks it by default for CUDA tensors,
-    # and the per-parameter loop costs ~15% of a tiny model's CPU step.
+    if fused is None:  # the fused kernel is the fastest AdamW on GPUs and on CPUs
+        fused = all(p.device.type in ("cuda", "cpu") for group in groups for p in group["params"])
+    # Elsewhere the multi-tensor (foreach) path: PyTorch only picks it by default for CUDA tensors.
+    # On a CPU the per-parameter loop cost ~15 % of the toy's step and foreach still ~8 %; the
+    # fused kernel takes 6.6 ms there against foreach's 19.3 (bench/RESULTS.md).
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused,
                              foreach=None if fused else True, amsgrad=amsgrad)
 
