@@ -256,8 +256,8 @@ class ReferDataset(Dataset):
                               f"fill the cache first (data.latent_cache.fill_latent_cache)")
         mask = self.transform.mask_to_tensor(decode_rle(self._rles[index]))
         if self._items_in_memory is not None:
-            split_bytes = len(self) * (latents.nbytes + mask.numel())
-            if not self._items_in_memory and split_bytes > IN_MEMORY_ITEMS_MAX_BYTES:
+            if not self._items_in_memory and (len(self) * (latents.nbytes + mask.numel())
+                                              > IN_MEMORY_ITEMS_MAX_BYTES):
                 self._items_in_memory = None  # too large a split: read every item from the cache
             else:
                 self._items_in_memory[index] = (latents, mask.to(torch.uint8))

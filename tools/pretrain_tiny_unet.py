@@ -21,7 +21,6 @@ over 1000 steps, 10 % empty captions); the latents are scaled to unit variance f
 schedule, as SD's 0.18215 does, while the segmenter reads them unscaled, as VPD does.
 """
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from engine.args import DATASET_DEFAULTS, get_parser
 from models.presets import (SD15_NOISE_SCHEDULE, TINY_UNET_DIR, load_tiny_vae, random_tiny_unet,
                             tiny_text_encoder)
 from models.text_encoder import FrozenCLIPTextEncoder
+from utils.optim import fit_with_cosine_adamw
 
 TOKEN_LENGTH = DATASET_DEFAULTS["toy"]["token_length"]
 
@@ -81,23 +81,16 @@ def main():
 
     unet = random_tiny_unet(seed=args.seed).train()
     scheduler = DDPMScheduler(**SD15_NOISE_SCHEDULE)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2, foreach=True)
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     generator = torch.Generator().manual_seed(args.seed)
 
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
+    def captioned_denoising_loss(step):
         index = torch.randint(len(latents), (args.batch_size,), generator=generator)
         batch_context = context[index].clone()
         batch_context[torch.rand(args.batch_size, generator=generator) < args.caption_dropout] = empty
-        loss = denoising_loss(unet, scheduler, latents[index], batch_context, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
-                  flush=True)
+        return denoising_loss(unet, scheduler, latents[index], batch_context, generator)
+
+    fit_with_cosine_adamw(unet.parameters(), captioned_denoising_loss, args.steps, args.lr,
+                          weight_decay=1e-2)
 
     unet.eval()
     with torch.no_grad():  # held-out noise-prediction error, with its captions and without

@@ -13,14 +13,13 @@ training), so the segmenter could not learn colour words (bench/RESULTS.md, toy 
 Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents near unit scale
 (the segmenter reads the posterior mode unscaled, like VPD).
 """
-import time
-
 import torch
 import torch.nn.functional as F
 
 from data.toy import ensure_toy_dataset, split_images
 from engine.args import get_parser
 from models.presets import TINY_VAE_DIR, random_tiny_vae
+from utils.optim import fit_with_cosine_adamw
 
 
 def main():
@@ -34,27 +33,19 @@ def main():
     _, train_images = split_images(args.refer_data_root, "train", args.img_size)
     _, val_images = split_images(args.refer_data_root, "val", args.img_size)
     vae = random_tiny_vae(seed=args.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, foreach=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     generator = torch.Generator().manual_seed(args.seed)
 
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
+    def reconstruction_loss(step):
         batch = train_images[torch.randint(len(train_images), (args.batch_size,), generator=generator)]
         # Flips: the toy world has no preferred orientation, and they double the image variety.
         if step % 2:
             batch = batch.flip(-1)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-        loss = (F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
+        return (F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
                 + args.kl_weight * posterior.kl().mean())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
-                  flush=True)
+
+    fit_with_cosine_adamw(vae.parameters(), reconstruction_loss, args.steps, args.lr, weight_decay=0.0)
 
     vae.eval()
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""Optimizer and learning-rate schedule of the VPD recipe."""
+"""Optimizer and learning-rate schedule of the VPD recipe, and the loop of the tiny pre-training tools."""
+import time
+
 import torch
 
 
@@ -58,3 +60,21 @@ def build_scheduler(optimizer, total_iterations, power=0.9, warmup_iterations=0)
     # LambdaLR multiplies each group's initial lr (already scaled by its lr_scale).
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(total_iterations, power, warmup_iterations))
+
+
+def fit_with_cosine_adamw(parameters, step_loss, steps, lr, weight_decay, log_every=100):
+    """Minimise `step_loss(step)` (step = 1 .. steps; it draws its own batch) with foreach AdamW
+    whose lr decays to 0 on a cosine, printing the loss every `log_every` steps and at the last:
+    the loop of tools/pretrain_tiny_vae.py and tools/pretrain_tiny_unet.py."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, foreach=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == steps:
+            print(f"step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
+                  flush=True)
