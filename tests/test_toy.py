@@ -55,6 +55,10 @@ def _digest(root):
     return out
 
 
+# The tests on the default dataset share one worker, so that it is generated once (~18 s).
+ON_DEFAULT_TOY = pytest.mark.xdist_group("default_toy")
+
+
 @pytest.fixture(scope="module")
 def default_toy(tmp_path_factory):
     """The dataset with default parameters (what a newcomer gets)."""
@@ -135,6 +139,7 @@ def test_half_written_dataset_is_replaced(tmp_path):
 
 
 # ----------------------------------------------------------------------------- structure
+@ON_DEFAULT_TOY
 def test_valid_refer_structure(default_toy):
     inst, refs, root = default_toy["inst"], default_toy["refs"], default_toy["root"]
     images = {im["id"]: im for im in inst["images"]}
@@ -199,6 +204,7 @@ def test_valid_refer_structure(default_toy):
     assert len(sizes) >= 3                       # several sizes, to exercise resizing
 
 
+@ON_DEFAULT_TOY
 def test_readable_by_repo_refer_api(default_toy):
     refer = REFER(default_toy["data_root"], "toy", "unc")
     for split in SPLITS:
@@ -211,6 +217,7 @@ def test_readable_by_repo_refer_api(default_toy):
 
 
 # ----------------------------------------------------------------------------- pixels
+@ON_DEFAULT_TOY
 def test_mask_colour_matches_object_colour(default_toy):
     inst, root = default_toy["inst"], default_toy["root"]
     images = {im["id"]: im for im in inst["images"]}
@@ -253,6 +260,7 @@ def _scene(inst):
     return images, objects
 
 
+@ON_DEFAULT_TOY
 def test_expressions_unique_and_resolve_to_their_object(default_toy):
     inst, refs = default_toy["inst"], default_toy["refs"]
     images, objects = _scene(inst)
@@ -269,6 +277,7 @@ def test_expressions_unique_and_resolve_to_their_object(default_toy):
             assert hit == [target], (r["image_id"], s["sent"], hit, target)
 
 
+@ON_DEFAULT_TOY
 def test_expression_variety(default_toy):
     sents = [s["sent"] for r in default_toy["refs"] for s in r["sentences"]]
     kinds = Counter()
@@ -282,6 +291,7 @@ def test_expression_variety(default_toy):
     assert set(PALETTE) <= vocab and set(SHAPES) <= vocab
 
 
+@ON_DEFAULT_TOY
 def test_text_blind_baselines_are_weak(default_toy):
     inst, refs = default_toy["inst"], default_toy["refs"]
     images, objects = _scene(inst)
@@ -303,8 +313,11 @@ def test_text_blind_baselines_are_weak(default_toy):
     assert confusable > 0.6 * len(objects)
 
 
-def test_cli_prints_summary(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "toy.py"), str(tmp_path)],
+@ON_DEFAULT_TOY
+def test_cli_prints_summary(default_toy):
+    # On the fixture's data root: the CLI finds the dataset complete and only summarises it.
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "toy.py"),
+                          default_toy["data_root"]],
                          check=True, capture_output=True, text=True, timeout=60).stdout
     for word in ("train", "val", "testA", "testB", "refs", "objects per image"):
         assert word in out
