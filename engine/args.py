@@ -412,8 +412,8 @@ def _tiny_pretraining(parser):
     group.add_argument("--out", default=None,
                        help="diffusers folder to write (config.json + weights) (default: the "
                             "folder the tiny preset loads it from)")
-    group.add_argument("--img_size", type=positive_int, default=64,
-                       help="training image size (the toy's)")
+    group.add_argument("--img_size", type=positive_int, default=DATASET_DEFAULTS["toy"]["img_size"],
+                       help="training image size (default: the toy's, %(default)s)")
     group.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
     group.add_argument("--batch_size", type=positive_int, default=None, help="images per step")
     group.add_argument("--lr", type=positive_float, default=None,
