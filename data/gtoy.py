@@ -13,7 +13,8 @@ Per image, besides the toy's single-object expressions (data/toy.py), there are:
   purple star", "the green thing", "the triangle" (singular, like a single-object expression, so
   only looking at the image tells them apart).
 
-About 10 % of the refs name nothing (gRefCOCO: ~10 %) and about a quarter name several objects.
+About 10 % of the refs and of the sentences name nothing (gRefCOCO: ~10 % of its expressions) and
+about a quarter name several objects.
 Expressions of several objects or none are parsed back (:func:`parse_generalized`) and must
 resolve to exactly their targets (single-object ones are checked by the toy's own parser); no
 sentence repeats within an image. Deterministic for a seed, like the toy.
@@ -35,9 +36,10 @@ __all__ = ["GTOY_DATASET_NAME", "GTOY_GENERATOR_VERSION", "ensure_gtoy_dataset",
 
 GTOY_DATASET_NAME = "gtoy"
 # Bump whenever the generator's output changes, so cached datasets are rebuilt.
-GTOY_GENERATOR_VERSION = 2  # 2: the toy's default size, 2100 train images
+# 2: the toy's default size, 2100 train images; 3: no-target refs have as many sentences as others
+GTOY_GENERATOR_VERSION = 3
 REFS_FILE = "grefs(unc).json"
-NO_TARGET_SHARE = 0.10     # of all refs, as in gRefCOCO
+NO_TARGET_SHARE = 0.10     # of all refs and sentences, as in gRefCOCO
 _COUNT_WORDS = {2: "two", 3: "three"}
 _WORD_TO_COUNT = {word: count for count, word in _COUNT_WORDS.items()}
 _SINGULAR = {plural: noun for noun, plural in _PLURAL.items() if noun != "one"}
@@ -115,9 +117,12 @@ def _multi_target_expressions(objects, rng, used, max_refs=2):
     return found
 
 
-def _no_target_expression(objects, rng, used):
-    """A singular expression that no object of the scene answers to, or None."""
+def _no_target_expressions(objects, rng, used, count):
+    """Up to ``count`` singular expressions that no object of the scene answers to."""
+    found = []
     for _ in range(50):
+        if len(found) == count:
+            break
         kind = rng.integers(3)
         colour = COLOURS[rng.integers(len(COLOURS))] if kind != 2 else None
         shape = SHAPES[rng.integers(len(SHAPES))] if kind != 1 else None
@@ -125,8 +130,8 @@ def _no_target_expression(objects, rng, used):
         sentence = f"the {colour + ' ' if colour else ''}{noun}"
         if sentence not in used and resolve_generalized(sentence, objects) == []:
             used.add(sentence)
-            return sentence
-    return None
+            found.append(sentence)
+    return found
 
 
 def _gtoy_image(seed, group, index, sizes, path):
@@ -141,12 +146,14 @@ def _gtoy_image(seed, group, index, sizes, path):
     used = {sentence for sentences in single for sentence in sentences}
     targets_and_sentences = [([k], sentences) for k, sentences in enumerate(single) if sentences]
     targets_and_sentences += _multi_target_expressions(objects, rng, used)
-    # One no-target ref for about NO_TARGET_SHARE of all refs.
+    # One no-target ref for about NO_TARGET_SHARE of all refs, with as many sentences as a ref of
+    # the image drawn at random, so that the share holds for sentences (what the metrics count) too.
     expected_refs = len(targets_and_sentences)
     if rng.random() < NO_TARGET_SHARE * expected_refs / (1 - NO_TARGET_SHARE):
-        sentence = _no_target_expression(objects, rng, used)
-        if sentence:
-            targets_and_sentences.append(([], [sentence]))
+        count = len(targets_and_sentences[int(rng.integers(expected_refs))][1])
+        sentences = _no_target_expressions(objects, rng, used, count)
+        if sentences:
+            targets_and_sentences.append(([], sentences))
     return width, height, objects, targets_and_sentences
 
 

@@ -11,7 +11,7 @@ import torch
 
 from PIL import Image
 
-from data.gtoy import ensure_gtoy_dataset
+from data.gtoy import ensure_gtoy_dataset, resolve_generalized
 from data.loaders import build_loader
 from data.refer_dataset import ReferDataset
 from refer import REFER, ReferValueError, RefsFileError
@@ -147,6 +147,31 @@ def test_sharded_sums_equal_the_whole():
     first.counts += second.counts  # what the all-reduce does across processes
     first.iou_sum += second.iou_sum
     assert first.compute() == pytest.approx(whole.compute())
+
+
+# ------------------------------------------------------------------------ gtoy, the generator
+def test_gtoy_has_about_ten_percent_no_target_refs_and_sentences(tmp_path):
+    """gRefCOCO's share of expressions with no target (~10 %) holds for the refs the training
+    samples and for the sentences the metrics count; each such sentence names nothing in its
+    image (the annotations' colours and shapes), and no sentence repeats within an image."""
+    root = str(tmp_path / "data")
+    ensure_gtoy_dataset(root, num_train_images=300, num_eval_images=10, image_size=64)
+    refer = REFER(root, "gtoy", "unc")
+    refs = [ref for ref in refer.Refs.values() if ref["split"] == "train"]
+    no_target = [ref for ref in refs if refer.is_no_target(ref)]
+    sentences = sum(len(ref["sentences"]) for ref in refs)
+    assert 0.07 < len(no_target) / len(refs) < 0.13
+    assert 0.07 < sum(len(ref["sentences"]) for ref in no_target) / sentences < 0.13
+    assert max(len(ref["sentences"]) for ref in no_target) > 1
+    for ref in no_target:
+        objects = [{"colour": ann["color"], "shape": refer.Cats[ann["category_id"]]}
+                   for ann in refer.imgToAnns[ref["image_id"]]]
+        for sentence in ref["sentences"]:
+            assert resolve_generalized(sentence["sent"], objects) == [], sentence["sent"]
+    by_image = {}
+    for ref in refer.Refs.values():
+        by_image.setdefault(ref["image_id"], []).extend(s["sent"] for s in ref["sentences"])
+    assert all(len(set(sents)) == len(sents) for sents in by_image.values())
 
 
 # ------------------------------------------------------------------------ gtoy, end to end

@@ -3,7 +3,7 @@ config.json + model.safetensors, the layout `from_pretrained` reads (no pickle).
 
     python tools/export_model.py checkpoints/model_best_refcoco.pth models/refcoco
     python tools/export_model.py vpd_ris_refcoco.pth models/vpd_refcoco --sd_path /weights/sd15
-    python tools/export_model.py checkpoints/model_best_gtoy.pth models/gtoy --no_target_area 0.005
+    python tools/export_model.py checkpoints/model_best_gtoy.pth models/gtoy --no_target_area 0.01
 
 The frozen VAE and CLIP of the vpd preset are not stored: they come back from the Stable Diffusion
 weights (`--sd_path` here is recorded in the folder's config; it can be given again when loading).
