@@ -77,7 +77,9 @@ class ReferDataset(Dataset):
         self.eval_mode = eval_mode
         self.sentence_seed = None  # see set_sentence_seed
         self.latent_cache = None  # see use_latent_cache
-        self._items_in_memory = None  # index -> (fp16 latents, uint8 mask), see use_latent_cache
+        # ({image key: fp16 latents}, {index: uint8 mask}): a small split's items, once read (an
+        # image's latents once for all its refs); None: read from the cache. See use_latent_cache.
+        self._in_memory = None
         self.text_source = None  # see swap_text_within_images
         self.transform = ImageMaskTransform(img_size)
 
@@ -219,7 +221,7 @@ class ReferDataset(Dataset):
             raise ValueError(f"latent cache of {cache.img_size}px images for a dataset of "
                              f"img_size={self.img_size}")
         self.latent_cache = cache
-        self._items_in_memory = {} if cache is not None else None  # sized up at the first read
+        self._in_memory = ({}, {}) if cache is not None else None  # sized up at the first read
 
     def sentences(self, index: int) -> list[str]:
         return [sentence["sent"] for sentence in self.refs[index]["sentences"]]
@@ -245,22 +247,26 @@ class ReferDataset(Dataset):
         return self.transform(image, mask)
 
     def _latents_and_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._items_in_memory is not None and index in self._items_in_memory:
-            latents, mask = self._items_in_memory[index]
-            return latents.float(), mask.long()
         key = self.image_key(index)
-        latents = self.latent_cache.get(key)
+        if self._in_memory is not None and index in self._in_memory[1]:
+            latents_by_image, masks = self._in_memory
+            return latents_by_image[key].float(), masks[index].long()
+        latents = self._in_memory[0].get(key) if self._in_memory is not None else None
+        if latents is None:
+            latents = self.latent_cache.get(key)
         if latents is None:
             raise LookupError(f"no cached latent for image {key} (ref_id "
                               f"{self.refs[index]['ref_id']}) in {self.latent_cache.directory}; "
                               f"fill the cache first (data.latent_cache.fill_latent_cache)")
         mask = self.transform.mask_to_tensor(decode_rle(self._rles[index]))
-        if self._items_in_memory is not None:
-            if not self._items_in_memory and (len(self) * (latents.nbytes + mask.numel())
-                                              > IN_MEMORY_ITEMS_MAX_BYTES):
-                self._items_in_memory = None  # too large a split: read every item from the cache
+        if self._in_memory is not None:
+            latents_by_image, masks = self._in_memory
+            if not masks and (len(self.unique_images()) * latents.nbytes + len(self) * mask.numel()
+                              > IN_MEMORY_ITEMS_MAX_BYTES):
+                self._in_memory = None  # too large a split: read every item from the cache
             else:
-                self._items_in_memory[index] = (latents, mask.to(torch.uint8))
+                latents_by_image[key] = latents
+                masks[index] = mask.to(torch.uint8)
         return latents.float(), mask
 
     def __getitem__(self, index: int) -> dict:

@@ -255,7 +255,13 @@ def test_a_small_split_keeps_its_cached_items_in_memory(refer_data, tmp_path, mo
         dataset[0]
     os.rename(moved, cache.root)
 
-    monkeypatch.undo()
+    # An image's latents are held once for all its refs: a limit that fits one latent per image
+    # and one mask per ref (not one latent per ref) keeps the split in memory.
+    images = len(dataset.unique_images())
+    assert images < len(dataset)
+    latent_bytes = cache.get(dataset.image_key(0)).nbytes
+    monkeypatch.setattr(refer_dataset, "IN_MEMORY_ITEMS_MAX_BYTES",
+                        images * latent_bytes + len(dataset) * SIZE ** 2)
     dataset.use_latent_cache(cache)
     first = [dataset[index] for index in range(len(dataset))]
     os.rename(cache.root, moved)  # from now on a cache read would fail
