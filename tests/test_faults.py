@@ -256,7 +256,7 @@ def test_two_nodes_with_separate_output_dirs_stop_on_resume_instead_of_diverging
         finished_run, toy_root, tmp_path):
     """Two launchers on this machine play two nodes (NNODES=2), each with its own --output-dir, as
     a cluster without a shared folder has it, after a crash: node 0's folder holds the run's last
-    checkpoint (only rank 0 writes), node 1's none. Started again, every rank must stop with a
+    checkpoint (rank 0 writes them), node 1's none. Started again, every rank must stop with a
     message naming the mismatch, not resume at different epochs."""
     port = str(free_port())
     last = copy_run(finished_run, tmp_path / "node0") / "checkpoint_last_toy.pth"
@@ -273,16 +273,6 @@ def test_two_nodes_with_separate_output_dirs_stop_on_resume_instead_of_diverging
     for output in outputs:
         assert expected in output and f"epoch {epoch}, iteration 0): every node must see the same --output-dir" in output
     assert not (tmp_path / "node1" / "checkpoint_last_toy.pth").exists()
-
-
-def kill_tree(pid):
-    """SIGKILL a process and all its descendants (torchrun starts each rank in a session of its own)."""
-    for child in children_of(pid):
-        kill_tree(child)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def children_of(pid):
