@@ -52,7 +52,11 @@ class SentenceColumns:
 
 def scores(samples, pixels, fraction):
     """GRES metrics when masks of at most `fraction` of the `pixels` count as "no target"."""
-    predicted_none = samples["area"] <= fraction * pixels
+    return decision_scores(samples, samples["area"] <= fraction * pixels)
+
+
+def decision_scores(samples, predicted_none):
+    """GRES metrics when the sentences where `predicted_none` holds count as "no target"."""
     # An emptied mask's union is its target alone (GRESMetric zeroes its intersection).
     union = torch.where(predicted_none, samples["target"], samples["U"])
     metric = GRESMetric()

@@ -227,3 +227,26 @@ def test_no_target_area_rule_empties_small_masks_before_scoring():
     assert area_rule["gIoU"] == pytest.approx(100 * (1 + 0 + 0.8) / 3)
     # cIoU: the emptied target mask adds I = 0 and U = its target's 10 pixels.
     assert area_rule["cIoU"] == pytest.approx(100 * 40 / (10 + 50))
+
+
+def test_the_no_target_head_prototype_trains_its_head_and_empties_masks():
+    """bench/no_target_head.py's segmenter: a third output channel carries the head's logit; its
+    loss reaches the head; predict empties the masks the head calls "no target"."""
+    from bench.no_target_head import NoTargetHeadSegmenter
+    from models import create_segmenter
+
+    model = NoTargetHeadSegmenter(create_segmenter("tiny", token_length=16, img_size=32), 0.2).train()
+    input_ids, latents = torch.randint(0, 1000, (4, 16)), torch.randn(4, 4, 8, 8)
+    logits = model(input_ids, latents=latents)
+    assert logits.shape == (4, 3, 32, 32) and torch.equal(logits[:, 2], logits[:, 2, :1, :1].expand(4, 32, 32))
+    masks = torch.zeros(4, 32, 32, dtype=torch.long)
+    masks[:2, 8:16, 8:16] = 1  # two sentences with a target, two without
+    model.loss(logits, masks).backward()
+    assert model.no_target_head.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model.no_target_head.bias.fill_(100.0)  # "no target" for every sentence
+        assert not model.predict(input_ids, latents=latents).any()
+        model.no_target_head.bias.fill_(-100.0)
+        assert torch.equal(model.predict(input_ids, latents=latents),
+                           model(input_ids, latents=latents)[:, :2].argmax(1).bool())
