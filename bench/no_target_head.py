@@ -16,6 +16,7 @@ should be. Same machine and seed as a plain `bash train.sh gtoy LOGDIR 1` for th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -97,8 +98,10 @@ def main(argv=None) -> int:
     args, train_flags = parser.parse_known_args(argv)
     train_flags = [flag for flag in train_flags if flag != "--"]
 
-    sys.path.insert(0, REPO_ROOT)
-    import train  # the program, for its loop
+    # The program itself, for its loop (a top-level file, not a package module).
+    spec = importlib.util.spec_from_file_location("train_program", os.path.join(REPO_ROOT, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
 
     train.build_model = lambda config: NoTargetHeadSegmenter(models.build_model(config), args.head_weight)
     # VPD's weight-decay rule reads each tensor's name in VPD's model; the head decays, as VPD's
