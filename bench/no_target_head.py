@@ -42,7 +42,7 @@ class NoTargetHeadSegmenter(VPDSegmenter):
 
     def __init__(self, base: VPDSegmenter, head_weight: float):
         super().__init__(base.backbone, base.text_encoder, base.text_adapter, base.decoder, base.config)
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # a fixed init, as models.presets seeds the other parts
         self.no_target_head = nn.Linear(2 * base.decoder.hidden, 1)
         self.head_weight = head_weight
         self._hidden = None
