@@ -26,13 +26,12 @@ from torch import nn
 
 import engine.training
 import models
-from bench.no_target_rule import decision_scores
+from bench.no_target_rule import SentenceColumns, decision_scores
 from data.loaders import build_dataset, build_loader
 from engine.training import model_inputs
 from models.segmenter import VPDSegmenter
 from refer.refer import evaluation_splits
 from utils.checkpoint import load_checkpoint
-from utils.metrics import intersection_and_union
 from utils.paths import REPO_ROOT
 
 
@@ -70,21 +69,18 @@ class NoTargetHeadSegmenter(VPDSegmenter):
 
 
 def sentence_columns(model, loader):
-    """Per sentence: predicted area, I, U of the argmax mask, target area, no-target flag, head logit."""
-    columns = {"area": [], "I": [], "U": [], "target": [], "no_target": [], "head": []}
+    """no_target_rule's columns of the argmax masks (area, I, U, target area, no-target flag), plus
+    the head's logit per sentence; and the pixels of a mask."""
+    columns, heads = SentenceColumns(), []
     model.eval()
     with torch.no_grad():
         for batch in loader:
             logits = model(**model_inputs(batch, torch.device("cpu")))
-            masks = logits[:, :2].argmax(dim=1).bool()
-            targets = batch["mask"][batch["image_index"]]
-            intersection, union = intersection_and_union(masks, targets)
-            for key, value in (("area", masks.flatten(1).sum(1)), ("I", intersection), ("U", union),
-                               ("target", targets.flatten(1).sum(1)), ("no_target", batch["no_target"]),
-                               ("head", logits[:, 2, 0, 0])):
-                columns[key].append(value)
-            pixels = masks.shape[-2:].numel()
-    return {key: torch.cat(values) for key, values in columns.items()}, pixels
+            columns(batch, logits[:, :2].argmax(dim=1).bool(), None)
+            heads.append(logits[:, 2, 0, 0])
+    samples = columns.samples()
+    samples["head"] = torch.cat(heads)
+    return samples, columns.pixels
 
 
 def main(argv=None) -> int:
