@@ -27,6 +27,8 @@ import sys
 
 import numpy as np
 
+from utils.process_map import process_map
+
 from .toy import (CATEGORY_IDS, COLOURS, EVAL_IMAGES, PALETTE, SHAPES, TRAIN_IMAGES, _GENERIC_NOUNS,
                   _JPEG_QUALITY, _PLURAL, _SPLIT_CODES, _capitalise, _expressions_for_scene, _group,
                   _image_sizes, _render_image, _sample_scene, install_generated, toy_params)
@@ -158,8 +160,9 @@ def _gtoy_image(seed, group, index, sizes, path):
 
 
 def build_gtoy_dataset(out_dir, seed=0, num_train_images=TRAIN_IMAGES, num_eval_images=EVAL_IMAGES,
-                       image_size=128) -> dict:
-    """Write the gtoy dataset into ``out_dir`` (see :func:`ensure_gtoy_dataset`)."""
+                       image_size=128, processes=None) -> dict:
+    """Write the gtoy dataset into ``out_dir`` (see :func:`ensure_gtoy_dataset`); the images on
+    ``processes`` cores, as the toy's (:func:`data.toy.build_toy_dataset`)."""
     params = gtoy_params(seed, num_train_images, num_eval_images, image_size)
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -167,12 +170,14 @@ def build_gtoy_dataset(out_dir, seed=0, num_train_images=TRAIN_IMAGES, num_eval_
     plan = ([("train", "train", i) for i in range(num_train_images)]
             + [("val", "val", i) for i in range(num_eval_images)]
             + [("test", "testA" if i < num_eval_images // 2 else "testB", i) for i in range(num_eval_images)])
+    file_names = [f"gtoy_{image_id:06d}.jpg" for image_id in range(1, len(plan) + 1)]
+    scenes = process_map(_gtoy_image, [(seed, group, index, sizes, os.path.join(img_dir, file_name))
+                                       for (group, _, index), file_name in zip(plan, file_names)],
+                         processes)
     images, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
-    for image_id, (group, split, index) in enumerate(plan, start=1):
-        file_name = f"gtoy_{image_id:06d}.jpg"
-        width, height, objects, targets_and_sentences = _gtoy_image(
-            seed, group, index, sizes, os.path.join(img_dir, file_name))
+    for image_id, ((_, split, _), file_name, scene) in enumerate(zip(plan, file_names, scenes), start=1):
+        width, height, objects, targets_and_sentences = scene
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         ids = []
         for o in objects:

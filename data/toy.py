@@ -71,6 +71,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from refer.refer import load_refs_file
+from utils.process_map import process_map
 
 __all__ = [
     "TOY_DATASET_NAME",
@@ -487,10 +488,13 @@ def _toy_image(seed, group, index, sizes, path) -> tuple[int, int, list[dict], l
 
 
 def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_images: int = TRAIN_IMAGES,
-                      num_eval_images: int = EVAL_IMAGES, image_size: int = 128) -> dict:
+                      num_eval_images: int = EVAL_IMAGES, image_size: int = 128,
+                      processes: int | None = None) -> dict:
     """Write the toy dataset into ``out_dir`` (non-atomically; see :func:`ensure_toy_dataset`).
 
-    Writes ``instances.json``, ``refs(unc).p`` and ``images/``.  Returns small stats.
+    Writes ``instances.json``, ``refs(unc).p`` and ``images/``.  Returns small stats. The images
+    are made on ``processes`` cores (None: all, see utils.process_map); each has its own seed,
+    so the files are the same for any number.
     """
     params = toy_params(seed, num_train_images, num_eval_images, image_size)
     out_dir = os.fspath(out_dir)
@@ -504,11 +508,14 @@ def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_image
             + [("val", "val", i) for i in range(num_eval_images)]
             + [("test", "testA" if i < n_test_a else "testB", i) for i in range(n_test)])
 
+    file_names = [f"toy_{image_id:06d}.jpg" for image_id in range(1, len(plan) + 1)]
+    scenes = process_map(_toy_image, [(seed, group, idx, sizes, os.path.join(img_dir, file_name))
+                                      for (group, _, idx), file_name in zip(plan, file_names)],
+                         processes)
     images, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
-    for image_id, (group, split, idx) in enumerate(plan, start=1):
-        file_name = f"toy_{image_id:06d}.jpg"
-        width, height, objects, exprs = _toy_image(seed, group, idx, sizes, os.path.join(img_dir, file_name))
+    for image_id, ((_, split, _), file_name, scene) in enumerate(zip(plan, file_names, scenes), start=1):
+        width, height, objects, exprs = scene
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for o, sents in zip(objects, exprs):
             ann_id += 1

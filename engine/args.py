@@ -54,7 +54,7 @@ DATASET_DEFAULTS = {
     "refcoco": dict(token_length=40),
     "refcoco+": dict(token_length=40),
     "refcocog": dict(token_length=77, splitBy="umd"),
-    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=24, epochs=5, lr=1e-3,
+    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=20, epochs=5, lr=1e-3,
                 workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
                 channels_last=True),
     # no_target_area: chosen on gtoy's val split by gIoU (bench/RESULTS.md, gtoy run, sixth session).

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -24,16 +25,14 @@ from data.toy import (
 )
 from refer.refer import REFER
 from utils.paths import REPO_ROOT
+from utils.process_map import process_map
 
 # pycocotools 2.0.x + numpy 2 warn on every decode; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 SMALL = dict(num_train_images=24, num_eval_images=8, image_size=96)
-# Subprocesses load data/toy.py by path: importing the `data` package would pull in torch.
-_SUBPROCESS_PRELUDE = (
-    "import importlib.util, os, sys;"
-    "spec = importlib.util.spec_from_file_location('toy', os.path.join(sys.argv[1], 'data', 'toy.py'));"
-    "toy = importlib.util.module_from_spec(spec); spec.loader.exec_module(toy);")
+# Another interpreter, given the repository as its first argument.
+_SUBPROCESS_PRELUDE = "import sys; sys.path.insert(0, sys.argv[1]); from data import toy;"
 
 
 def _load(root):
@@ -55,7 +54,7 @@ def _digest(root):
     return out
 
 
-# The tests on the default dataset share one worker, so that it is generated once (~18 s).
+# The tests on the default dataset share one worker, so that it is generated once.
 ON_DEFAULT_TOY = pytest.mark.xdist_group("default_toy")
 
 
@@ -89,6 +88,20 @@ def test_deterministic_across_processes(tmp_path):
     dh, dt = _digest(here), _digest(str(tmp_path / "there" / "toy"))
     assert dh["instances.json"] == dt["instances.json"]
     assert dh["refs(unc).p"] == dt["refs(unc).p"]
+
+
+def test_the_files_do_not_depend_on_the_number_of_processes_making_them(tmp_path):
+    build_toy_dataset(str(tmp_path / "one"), seed=5, processes=1, **SMALL)
+    build_toy_dataset(str(tmp_path / "three"), seed=5, processes=3, **SMALL)
+    assert _digest(str(tmp_path / "one")) == _digest(str(tmp_path / "three"))
+
+
+def test_process_map_keeps_the_order_and_names_a_failed_worker():
+    values = [(float(v),) for v in range(12)]
+    assert process_map(math.sqrt, values, processes=3) == [math.sqrt(v) for v, in values]
+    with pytest.raises(RuntimeError, match=r"worker process of math.sqrt ended with status 1: "
+                                           r"ValueError: (math domain error|expected a nonnegative)"):
+        process_map(math.sqrt, [(1.0,), (-1.0,)], processes=2)
 
 
 def test_val_split_independent_of_train_size(tmp_path):
