@@ -5,9 +5,9 @@ images) that should not keep one core busy while the others wait. Fresh interpre
 (`subprocess`), not a multiprocessing pool: a forked child can hang once torch has started its
 OpenMP threads in the parent, and multiprocessing's "spawn" re-runs the calling program's own
 imports in every child (seconds for train.py). The function is imported in the child by its
-module name; arguments and results travel as pickles through a private temporary folder.
-
-    python -m utils.process_map IN OUT    # what a child runs; not meant to be run by hand
+module name, the repository first on its path (a `utils` or `data` folder in the working
+directory cannot shadow ours); arguments and results travel as pickles through a private
+temporary folder.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .paths import REPO_ROOT
+
 MAX_PROCESSES = 8
 # A child interpreter takes ~0.3 s to start and import its module: automatic sharing gives each
 # process at least this many calls.
@@ -39,8 +40,9 @@ def process_map(function: Callable, calls: Sequence[tuple], processes: int | Non
     This process computes the first share while child interpreters compute the others.
     `processes` (this one included): None picks one per available core, at most MAX_PROCESSES
     and at most one per MIN_CALLS_PER_PROCESS calls; a number is used as given (capped by the
-    number of calls). A function of the program being run (`__main__`) runs here alone. The children run in their own session, so Ctrl-C in a terminal reaches only
-    this process; a child's failure is raised here as a RuntimeError naming it.
+    number of calls). A function of the program being run (`__main__`) runs here alone. The
+    children run in their own session, so Ctrl-C in a terminal reaches only this process; a
+    child's failure is raised here as a RuntimeError naming it.
     """
     calls = list(calls)
     if function.__module__ == "__main__":  # a child could not import it by that name
@@ -78,13 +80,12 @@ def _start_child(folder: str, index: int, function: Callable, share: list):
                                            for kind in ("in", "out", "err"))
     with open(input_path, "wb") as handle:
         pickle.dump((function.__module__, function.__qualname__, share), handle)
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [REPO_ROOT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p])
+    code = (f"import sys; sys.path.insert(0, {REPO_ROOT!r}); "
+            f"from utils.process_map import _run_share; _run_share(*sys.argv[1:3])")
     with open(error_path, "wb") as errors:
-        child = subprocess.Popen([sys.executable, "-m", __name__, input_path, output_path],
+        child = subprocess.Popen([sys.executable, "-c", code, input_path, output_path],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                                 env=environment, start_new_session=True)
+                                 start_new_session=True)
     return child, output_path, error_path
 
 
@@ -97,7 +98,3 @@ def _run_share(input_path: str, output_path: str) -> None:
     results = [function(*args) for args in share]
     with open(output_path, "wb") as handle:
         pickle.dump(results, handle, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-if __name__ == "__main__":
-    _run_share(*sys.argv[1:3])
