@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data.tokenizer import EOT_ID, SOT_ID
 from utils.memory import process_status_kib
+from utils.process_map import available_cores
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,8 +38,7 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({usable} cores usable)"
+    return f"{model} ({available_cores()} cores usable)"
 
 
 def library_versions() -> str:

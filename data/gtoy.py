@@ -27,11 +27,9 @@ import sys
 
 import numpy as np
 
-from utils.process_map import process_map
-
 from .toy import (CATEGORY_IDS, COLOURS, EVAL_IMAGES, PALETTE, SHAPES, TRAIN_IMAGES, _GENERIC_NOUNS,
                   _JPEG_QUALITY, _PLURAL, _SPLIT_CODES, _capitalise, _expressions_for_scene, _group,
-                  _image_sizes, _render_image, _sample_scene, install_generated, toy_params)
+                  _render_image, _sample_scene, install_generated, make_images, toy_params)
 
 __all__ = ["GTOY_DATASET_NAME", "GTOY_GENERATOR_VERSION", "ensure_gtoy_dataset",
            "build_gtoy_dataset", "parse_generalized"]
@@ -166,17 +164,11 @@ def build_gtoy_dataset(out_dir, seed=0, num_train_images=TRAIN_IMAGES, num_eval_
     params = gtoy_params(seed, num_train_images, num_eval_images, image_size)
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
-    sizes = _image_sizes(image_size)
-    plan = ([("train", "train", i) for i in range(num_train_images)]
-            + [("val", "val", i) for i in range(num_eval_images)]
-            + [("test", "testA" if i < num_eval_images // 2 else "testB", i) for i in range(num_eval_images)])
-    file_names = [f"gtoy_{image_id:06d}.jpg" for image_id in range(1, len(plan) + 1)]
-    scenes = process_map(_gtoy_image, [(seed, group, index, sizes, os.path.join(img_dir, file_name))
-                                       for (group, _, index), file_name in zip(plan, file_names)],
-                         processes)
     images, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
-    for image_id, ((_, split, _), file_name, scene) in enumerate(zip(plan, file_names, scenes), start=1):
+    for image_id, split, file_name, scene in make_images(_gtoy_image, GTOY_DATASET_NAME, seed,
+                                                         num_train_images, num_eval_images,
+                                                         image_size, img_dir, processes):
         width, height, objects, targets_and_sentences = scene
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         ids = []

@@ -487,6 +487,25 @@ def _toy_image(seed, group, index, sizes, path) -> tuple[int, int, list[dict], l
     return width, height, objects, exprs
 
 
+def make_images(make_image, name: str, seed: int, num_train_images: int, num_eval_images: int,
+                image_size: int, img_dir: str, processes: int | None) -> list[tuple]:
+    """Every image of a generated dataset, in order: train, val, then as many test images split in
+    halves into testA and testB. ``make_image(seed, group, index, sizes, path)`` writes one image
+    and returns its scene; the images are made on ``processes`` cores (None: all, see
+    utils.process_map). Returns ``[(image_id, split, file_name, scene)]``, ids from 1."""
+    sizes = _image_sizes(image_size)
+    plan = ([("train", "train", i) for i in range(num_train_images)]
+            + [("val", "val", i) for i in range(num_eval_images)]
+            + [("test", "testA" if i < num_eval_images // 2 else "testB", i)
+               for i in range(num_eval_images)])
+    file_names = [f"{name}_{image_id:06d}.jpg" for image_id in range(1, len(plan) + 1)]
+    scenes = process_map(make_image, [(seed, group, index, sizes, os.path.join(img_dir, file_name))
+                                      for (group, _, index), file_name in zip(plan, file_names)],
+                         processes)
+    return [(image_id, split, file_name, scene) for image_id, ((_, split, _), file_name, scene)
+            in enumerate(zip(plan, file_names, scenes), start=1)]
+
+
 def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_images: int = TRAIN_IMAGES,
                       num_eval_images: int = EVAL_IMAGES, image_size: int = 128,
                       processes: int | None = None) -> dict:
@@ -500,21 +519,11 @@ def build_toy_dataset(out_dir: str | os.PathLike, seed: int = 0, num_train_image
     out_dir = os.fspath(out_dir)
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
-    sizes = _image_sizes(image_size)
-
-    n_test = num_eval_images
-    n_test_a = n_test // 2
-    plan = ([("train", "train", i) for i in range(num_train_images)]
-            + [("val", "val", i) for i in range(num_eval_images)]
-            + [("test", "testA" if i < n_test_a else "testB", i) for i in range(n_test)])
-
-    file_names = [f"toy_{image_id:06d}.jpg" for image_id in range(1, len(plan) + 1)]
-    scenes = process_map(_toy_image, [(seed, group, idx, sizes, os.path.join(img_dir, file_name))
-                                      for (group, _, idx), file_name in zip(plan, file_names)],
-                         processes)
     images, annotations, refs = [], [], []
     ann_id = ref_id = sent_id = 0
-    for image_id, ((_, split, _), file_name, scene) in enumerate(zip(plan, file_names, scenes), start=1):
+    for image_id, split, file_name, scene in make_images(_toy_image, TOY_DATASET_NAME, seed,
+                                                         num_train_images, num_eval_images,
+                                                         image_size, img_dir, processes):
         width, height, objects, exprs = scene
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for o, sents in zip(objects, exprs):
