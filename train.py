@@ -157,7 +157,8 @@ def train(args, config, dist_info, stop):
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
                 "warmup_epochs": args.warmup_epochs, "accum_steps": args.accum_steps,
-                "weight_decay_rule": args.weight_decay_rule, "processes": dist_info.world_size,
+                "weight_decay_rule": args.weight_decay_rule, "dice_weight": args.dice_weight,
+                "processes": dist_info.world_size,
                 "iterations_per_epoch": iterations_per_epoch}
     start_epoch, start_iteration, resume_position = 0, 0, None
     best = {"score": -1.0, "epoch": -1, "metric": score_name}
@@ -228,7 +229,8 @@ def train(args, config, dist_info, stop):
                                               show_progress=show_progress, print_freq=args.print_freq,
                                               on_interval=record.iteration,
                                               accum_steps=args.accum_steps,
-                                              cpu_threads=cpu_threads)
+                                              cpu_threads=cpu_threads,
+                                              dice_weight=args.dice_weight)
             except NonFiniteLossError as error:
                 logger.error(str(error))
                 return 1

@@ -27,6 +27,7 @@ from .training import WEIGHT_DECAY_RULES
 PAPER_DEFAULTS = dict(
     model="vpd",
     warmup_epochs=0.0,
+    dice_weight=0.0,
     img_size=512,
     token_length=77,
     batch_size=4,
@@ -56,7 +57,7 @@ DATASET_DEFAULTS = {
     "refcocog": dict(token_length=77, splitBy="umd"),
     "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=20, epochs=5, lr=1e-3,
                 workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
-                channels_last=True),
+                channels_last=True, dice_weight=1.0),
     # no_target_area: chosen on gtoy's val split by gIoU (bench/RESULTS.md, gtoy run, sixth session).
     "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=8, lr=1e-3,
                  workers=0, attn_grad=True, no_target_area=0.01, cache_latents=GENERATED_LATENTS,
@@ -264,6 +265,11 @@ def _optimization(parser):
     group.add_argument("--warmup_epochs", type=nonnegative_float, default=None,
                        help="epochs of linear learning-rate warm-up before the poly decay "
                             "(default: 0, as VPD)")
+    group.add_argument("--dice_weight", type=nonnegative_float, default=None,
+                       help="weight of a soft Dice term added to the cross-entropy loss (default: "
+                            "0, VPD's loss is cross-entropy alone; toy: "
+                            f"{DATASET_DEFAULTS['toy']['dice_weight']}, it lifts the slow seeds "
+                            "of the 5-epoch CPU run, bench/RESULTS.md)")
     group.add_argument("--accum_steps", type=positive_int, default=1,
                        help="gradient accumulation: batches per optimizer step, so the global "
                             "batch is batch-size x processes x accum_steps (VPD's 32 on 2 GPUs: "

@@ -32,6 +32,7 @@ SCHEDULE_FLAGS = {
     "warmup_epochs": "--warmup_epochs",
     "accum_steps": "--accum_steps",
     "weight_decay_rule": "--weight_decay_rule",
+    "dice_weight": "--dice_weight",
     "processes": "the number of processes (NPROC x nodes)",
     "iterations_per_epoch": "the train split (its number of refs)",
 }

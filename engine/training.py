@@ -54,13 +54,14 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def forward_backward(model, inputs, masks, device, dtype, scaler=None, loss_scale=1.0):
-    """Forward under autocast, the segmenter's loss in fp32, backward of `loss * loss_scale`
-    (1/K under gradient accumulation). Gradients add to those already there. Returns the
-    unscaled loss tensor."""
+def forward_backward(model, inputs, masks, device, dtype, scaler=None, loss_scale=1.0,
+                     dice_weight=0.0):
+    """Forward under autocast, the segmenter's loss in fp32 (with `dice_weight` times its Dice
+    term), backward of `loss * loss_scale` (1/K under gradient accumulation). Gradients add to
+    those already there. Returns the unscaled loss tensor."""
     with autocast(device, dtype):
         logits = model(**inputs)
-    loss = unwrap(model).loss(logits.float(), masks)
+    loss = unwrap(model).loss(logits.float(), masks, dice_weight=dice_weight)
     scaled = loss * loss_scale if loss_scale != 1.0 else loss
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss
@@ -87,7 +88,7 @@ def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
                     start_iteration=0, stop=None, show_progress=True, print_freq=10,
-                    on_interval=None, accum_steps=1, cpu_threads=None):
+                    on_interval=None, accum_steps=1, cpu_threads=None, dice_weight=0.0):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
 
     With `accum_steps` K > 1 every optimizer step sums the gradients of K batches (each loss
@@ -101,6 +102,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     bar (a log file, not a terminal) a progress line is logged. `stop` (a StopRequest) is checked
     after every optimizer step: the epoch then ends early, to be saved and resumed at that very
     batch. `cpu_threads` (a utils.cpu_threads.CpuThreads) is polled after every step.
+    `dice_weight` weighs the loss's Dice term (VPDSegmenter.loss).
 
     Returns a dict: mean loss, last lr, images seen, seconds, iterations (batches) done in this
     epoch (counting the skipped ones), and whether a stop was requested.
@@ -127,7 +129,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
                 else model.no_sync())
         with sync:
             loss = forward_backward(model, model_inputs(batch, device), masks, device, dtype,
-                                    scaler, loss_scale=1.0 / accum_steps)
+                                    scaler, loss_scale=1.0 / accum_steps, dice_weight=dice_weight)
         if last_micro_step:
             optimizer_step(optimizer, scaler)
             scheduler.step()

@@ -203,9 +203,21 @@ class VPDSegmenter(nn.Module):
             masks = masks & ~no_target[:, None, None]
         return masks
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Weighted cross-entropy; masks (N, H, W) with 0 = background, 1 = object."""
-        return F.cross_entropy(logits, masks.long(), weight=self.class_weights.to(logits.dtype))
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
+        """Weighted cross-entropy (VPD's loss); masks (N, H, W) with 0 = background, 1 = object.
+
+        `dice_weight` > 0 adds that multiple of a soft Dice loss on the object's probability, one
+        per image, averaged over the batch (not VPD's; the toy's default, bench/RESULTS.md). The
+        +1 in its ratio gives an empty mask a loss that pushes every pixel towards background.
+        """
+        loss = F.cross_entropy(logits, masks.long(), weight=self.class_weights.to(logits.dtype))
+        if dice_weight == 0:
+            return loss
+        probability = logits.softmax(dim=1)[:, 1].flatten(1)
+        target = masks.flatten(1).to(probability.dtype)
+        overlap = (probability * target).sum(dim=1)
+        dice = 1 - (2 * overlap + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)
+        return loss + dice_weight * dice.mean()
 
     # ------------------------------------------------------------------------------ model folders
     def save_pretrained(self, directory) -> None:

@@ -89,6 +89,8 @@ def test_dataset_defaults_and_flags_win():
     assert refcocog.token_length == 77 and refcocog.splitBy == "umd"
     toy = parse_args("train", ["--dataset", "toy"])
     assert toy.model == "tiny" and toy.sd_path is None and toy.img_size == DATASET_DEFAULTS["toy"]["img_size"]
+    # The Dice term is the toy's (bench/RESULTS.md), not VPD's: off for the real datasets.
+    assert toy.dice_weight == 1.0 and parse_args("train", ["--dataset", "refcoco"]).dice_weight == 0.0
     toy = parse_args("train", ["--dataset", "toy", "--img_size", "32", "--lr", "0.5"])
     assert toy.img_size == 32 and toy.lr == 0.5
     assert parse_args("train", ["--token_length", "20"]).token_length == 20

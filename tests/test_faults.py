@@ -206,6 +206,7 @@ def copy_run(source, destination):
     (["--epochs", "1"], "--epochs = 2, this run has 1"),
     (["--epochs", "2", "--batch-size", "2"], "--batch-size = 4, this run has 2"),
     (["--epochs", "2", "--lr", "0.5"], "--lr = 0.001, this run has 0.5"),
+    (["--epochs", "2", "--dice_weight", "0"], "--dice_weight = 1.0, this run has 0.0"),
     (["--epochs", "2", "--token_length", "20"], "holds another model than this run's flags describe "
                                                "(token_length: checkpoint 16, this run 20)"),
 ])

@@ -238,6 +238,26 @@ def test_loss_uses_registered_class_weights(model):
     torch.testing.assert_close(model.loss(logits, masks), expected)
 
 
+def test_dice_term_of_the_loss(model):
+    """dice_weight 0 is VPD's cross-entropy alone; the Dice term is ~0 for a confident right mask
+    (an empty one too), ~1 for a confident wrong one, and is averaged over the images."""
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[0, 2:5, 2:6] = 1  # image 1 keeps an empty mask (no target)
+    right = torch.stack([1 - masks, masks], dim=1).float() * 40 - 20
+    wrong = -right
+    for logits in (right, wrong, torch.randn(2, 2, 8, 8)):
+        assert model.loss(logits, masks, dice_weight=0.0) == model.loss(logits, masks)
+    def dice_term(logits):
+        return (model.loss(logits, masks, dice_weight=2.0) - model.loss(logits, masks)) / 2
+    assert dice_term(right).item() == pytest.approx(0.0, abs=1e-6)
+    # Wrong: each image predicts the complement of its mask (52 of 12 + 52 pixels; all 64 of an
+    # empty mask): no overlap, so 1 - 1 / (area predicted + area of the mask + 1) each.
+    assert dice_term(wrong).item() == pytest.approx(1 - 1 / 65, abs=1e-6)
+    logits = torch.randn(2, 2, 8, 8, requires_grad=True)
+    dice_term(logits).backward()
+    assert logits.grad.abs().sum() > 0
+
+
 def test_build_model_from_config_and_unknown_name():
     config = SegmenterConfig(preset="tiny", token_length=TOKEN_LENGTH)
     assert build_model(config).token_length == TOKEN_LENGTH
