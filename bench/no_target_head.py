@@ -54,8 +54,8 @@ class NoTargetHeadSegmenter(VPDSegmenter):
         head = self.no_target_head(pooled.to(self.no_target_head.weight.dtype))
         return torch.cat([logits, head[:, :, None, None].to(logits.dtype).expand(-1, 1, *logits.shape[-2:])], 1)
 
-    def loss(self, logits, masks):
-        mask_loss = super().loss(logits[:, :2], masks)
+    def loss(self, logits, masks, dice_weight=0.0):
+        mask_loss = super().loss(logits[:, :2], masks, dice_weight=dice_weight)
         no_target = (masks.flatten(1).sum(1) == 0).to(logits.dtype)
         return mask_loss + self.head_weight * F.binary_cross_entropy_with_logits(logits[:, 2, 0, 0], no_target)
 
