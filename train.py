@@ -123,13 +123,28 @@ def train(args, config, dist_info, stop):
     val_sets = {name: build_dataset(args.refer_data_root, name, splitBy, args.split, config,
                                     eval_mode=True) for name, splitBy in args.datasets}
     show_progress = progress_enabled(dist_info.is_main)
+    # Torch's CPU threads follow the cores other processes leave free from the latent cache on
+    # (not earlier: the data generator's finished processes would read as another process's load).
+    cpu_threads = None
+    if device.type == "cpu" and not args.fixed_cpu_threads:
+        def threads_changed(old, new, others):
+            hint = " (--fixed_cpu_threads keeps them)" if new < old else ""
+            logger.info(f"other processes use {others:.1f} of {cpu_threads.cores} cores: "
+                        f"{new} torch thread(s), was {old}{hint}")
+        cpu_threads = CpuThreads(on_change=threads_changed)
     if args.cache_latents:  # encode each image once; the datasets then read latents, not images
         if config.img_size % model.vae_scale_factor:
             raise InputError(f"--cache_latents needs --img_size to be a multiple of the VAE's "
                              f"downsampling factor {model.vae_scale_factor}; got {config.img_size}")
+
+        def between_cached_batches():
+            if cpu_threads is not None:
+                cpu_threads.poll()
+            return stop.requested
+
         attach_latent_cache(model, [train_set, *val_sets.values()], args.cache_latents, device,
                             dtype, args.eval_batch_size, show_progress, workers=args.workers,
-                            should_stop=lambda: stop.requested)
+                            should_stop=between_cached_batches)
         move_vae_off_device(model, device)
     check_stop()
     train_loader = build_loader(train_set, args.batch_size, args.workers, shuffle=True,
@@ -209,13 +224,6 @@ def train(args, config, dist_info, stop):
                                              run_id, epoch, iteration, best), path)
 
         # 4. The epochs.
-        cpu_threads = None
-        if device.type == "cpu" and not args.fixed_cpu_threads:
-            def threads_changed(old, new, others):
-                hint = " (--fixed_cpu_threads keeps them)" if new < old else ""
-                logger.info(f"other processes use {others:.1f} of {cpu_threads.cores} cores: "
-                            f"{new} torch thread(s), was {old}{hint}")
-            cpu_threads = CpuThreads(on_change=threads_changed)
         accumulation = f" x {args.accum_steps} accumulated" if args.accum_steps > 1 else ""
         logger.info(f"training: epochs {start_epoch + 1}-{args.epochs} of {iterations_per_epoch} "
                     f"iterations ({args.batch_size} images x {dist_info.world_size} process(es)"

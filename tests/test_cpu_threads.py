@@ -91,3 +91,33 @@ def test_own_ticks_count_this_process_and_its_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_train_py_follows_the_free_cores_while_it_fills_the_latent_cache(toy_root, tmp_path, monkeypatch):
+    """The governor is polled after every cached batch, not only from the first training step:
+    a core taken by another process is given up while the VAE encodes (measured in bench/RESULTS.md:
+    a busy run's cache took 26 s before, 11 s after)."""
+    import engine.latents
+    import utils.cpu_threads
+    from tests.programs import main_here, train_command
+
+    filling, polls = [], []
+    fill_latent_cache = engine.latents.fill_latent_cache
+
+    def recording_fill(*args, **kwargs):
+        filling.append(True)
+        try:
+            return fill_latent_cache(*args, **kwargs)
+        finally:
+            filling.pop()
+
+    class RecordingCpuThreads(CpuThreads):
+        def poll(self):
+            polls.append("caching" if filling else "training")
+            return super().poll()
+
+    monkeypatch.setattr(engine.latents, "fill_latent_cache", recording_fill)
+    monkeypatch.setattr(utils.cpu_threads, "CpuThreads", RecordingCpuThreads)
+    assert main_here("train.py", train_command(toy_root, tmp_path / "ckpt", 1, "--cache_latents",
+                                               str(tmp_path / "cache"))[2:]) == 0
+    assert "caching" in polls and "training" in polls

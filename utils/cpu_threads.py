@@ -66,7 +66,7 @@ def threads_for_free_cores(cores: int, others: float, max_threads: int) -> int:
 
 
 class CpuThreads:
-    """Adjusts torch.set_num_threads to the free cores; call `poll()` from the training loop.
+    """Adjusts torch.set_num_threads to the free cores; call `poll()` between steps of work.
 
     Must run on the thread that runs the model: OpenMP's thread count belongs to the thread
     that sets it. `poll` reads /proc at most every `interval` seconds; between two readings the
