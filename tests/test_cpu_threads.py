@@ -6,6 +6,9 @@ import sys
 import pytest
 import torch
 
+import engine.latents
+import utils.cpu_threads
+from tests.programs import main_here, train_command
 from utils.cpu_threads import CpuThreads, machine_ticks, own_ticks, threads_for_free_cores
 
 
@@ -97,10 +100,6 @@ def test_train_py_follows_the_free_cores_while_it_fills_the_latent_cache(toy_roo
     """The governor is polled after every cached batch, not only from the first training step:
     a core taken by another process is given up while the VAE encodes (measured in bench/RESULTS.md:
     a busy run's cache took 26 s before, 11 s after)."""
-    import engine.latents
-    import utils.cpu_threads
-    from tests.programs import main_here, train_command
-
     filling, polls = [], []
     fill_latent_cache = engine.latents.fill_latent_cache
 
