@@ -1,7 +1,9 @@
 """Checkpoint files: atomic writes, safe loads, and the last/best naming of a run."""
 import argparse
 import os
+import pickle
 import random
+import re
 
 import torch
 
@@ -87,6 +89,8 @@ def load_checkpoint(path):
                 if "mmap" not in str(error):
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(_unpickling_refusal(path, error)) from None
     except Exception as error:  # torch raises several unrelated types for a bad file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
@@ -96,6 +100,20 @@ def load_checkpoint(path):
     if isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
     return state
+
+
+def _unpickling_refusal(path, error):
+    """Why torch's safe unpickler refused a file, without torch's advice to turn the safety off."""
+    text = str(error)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return (f"{path} wants to run code when loaded: it pickles the global {named[1]}, which no "
+                f"checkpoint of model weights needs; it was not loaded (get the weights from a source "
+                f"that saves tensors only, e.g. a model folder with model.safetensors)")
+    reason = next((line.strip() for line in reversed(text.splitlines())
+                   if line.strip() and "weights_only" not in line and "torch.load" not in line), "")
+    return (f"{path} holds pickled objects other than tensors and plain data ({reason[:200]}); it "
+            f"was not loaded")
 
 
 def model_state_from_checkpoint(state, path="checkpoint"):
