@@ -11,7 +11,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data.tokenizer import EOT_ID, SOT_ID
+from data.tokenizer import CLIPTokenizer
 from utils.memory import process_status_kib
 from utils.process_map import available_cores
 
@@ -138,13 +138,14 @@ def synthetic_inputs(config, batch: int, seed: int = 0, device=torch.device("cpu
     padding) and half-size square masks, for a model of `config`."""
     generator = torch.Generator().manual_seed(seed)
     size, length = config.img_size, config.token_length
+    tokenizer = CLIPTokenizer(length, config.pad_token_id)
     images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
-    input_ids = torch.full((batch, length), config.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((batch, length), tokenizer.pad_id, dtype=torch.long)
     for row in range(batch):
         words = int(torch.randint(0, max(length - 1, 1), (), generator=generator))
-        input_ids[row, 0] = SOT_ID
-        input_ids[row, 1:1 + words] = torch.randint(0, SOT_ID, (words,), generator=generator)
-        input_ids[row, 1 + words] = EOT_ID
+        input_ids[row, 0] = tokenizer.sot_id
+        input_ids[row, 1:1 + words] = torch.randint(0, tokenizer.sot_id, (words,), generator=generator)
+        input_ids[row, 1 + words] = tokenizer.eot_id
     masks = torch.zeros(batch, size, size, dtype=torch.long)
     for row in range(batch):
         top, left = torch.randint(0, size // 2 + 1, (2,), generator=generator).tolist()

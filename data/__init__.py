@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "ReferDataset": "refer_dataset", "EmptySentenceError": "refer_dataset",
-    "CLIPTokenizer": "tokenizer", "SOT_ID": "tokenizer", "EOT_ID": "tokenizer",
+    "CLIPTokenizer": "tokenizer",
     "ImageMaskTransform": "transforms", "load_rgb": "transforms",
     "ImageFileNotFoundError": "transforms", "ImageReadError": "transforms",
     "build_dataset": "loaders", "build_loader": "loaders", "collate_eval": "loaders",

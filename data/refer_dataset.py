@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from refer.refer import REFER, EmptySplitError, ReferValueError, decode_rle
 from utils.logging import get_logger
 
-from .tokenizer import EOT_ID, CLIPTokenizer
+from .tokenizer import CLIPTokenizer
 from .transforms import ImageMaskTransform, load_rgb
 
 __all__ = ["ReferDataset", "EmptySentenceError", "EmptyMaskError", "ImageSizeMismatchError"]
@@ -51,7 +51,8 @@ class ReferDataset(Dataset):
             ``split='test'`` covers every test split (testA, testB, ...), as in REFER.
         img_size: side of the square image and mask.
         token_length: number of text tokens per sentence (truncated / padded).
-        pad_token_id: the id sentences are padded with (the model config's ``pad_token_id``).
+        pad_token_id: the id sentences are padded with (the model config's ``pad_token_id``;
+            None: CLIP's end-of-text id).
         exclude_image_ids: refs of these images are left out (joint training keeps every image
             of a val or test split out of training; ``excluded_ref_ids`` lists what was dropped).
         eval_mode: return all sentences of a ref instead of one random sentence.
@@ -67,7 +68,7 @@ class ReferDataset(Dataset):
 
     def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
                  split: str = "train", img_size: int = 512, token_length: int = 77,
-                 eval_mode: bool = False, pad_token_id: int = EOT_ID,
+                 eval_mode: bool = False, pad_token_id: int | None = None,
                  exclude_image_ids=None):
         self.dataset = dataset
         self.splitBy = splitBy
@@ -165,7 +166,7 @@ class ReferDataset(Dataset):
                 longest = max(longest, num_tokens)
                 num_truncated += num_tokens > self.token_length
                 ids = tokenizer.ids_from_bpe(bpe)
-                rows.append(ids + [tokenizer.PAD_ID] * (self.token_length - len(ids)))
+                rows.append(ids + [tokenizer.pad_id] * (self.token_length - len(ids)))
                 lengths.append(len(ids))
                 ref_sent_ids.append(sentence["sent_id"])
             if not ref_sent_ids:

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from data.tokenizer import EOT_ID, SOT_ID, CLIPTokenizer
+from data.tokenizer import CLIPTokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", CLIP ViT-L/14
+SOT_ID, EOT_ID = 49406, 49407
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_known_ids_and_padding(tokenizer):
     assert input_ids.shape == attention_mask.shape == (12,)
     assert input_ids.tolist() == CAT_IDS + [EOT_ID] * 5
     assert attention_mask.tolist() == [1] * 7 + [0] * 5
-    assert (SOT_ID, EOT_ID) == (49406, 49407)
+    assert (tokenizer.sot_id, tokenizer.eot_id) == (SOT_ID, EOT_ID)  # the vocabulary's own
 
 
 def test_normalises_case_and_whitespace(tokenizer):
@@ -64,3 +65,8 @@ def test_empty_text_raises(tokenizer, text):
 def test_too_short_token_length():
     with pytest.raises(ValueError, match="token_length=1"):
         CLIPTokenizer(token_length=1)
+
+
+def test_pads_with_the_models_id():
+    input_ids, attention_mask = CLIPTokenizer(token_length=10, pad_id=0)("a photo of a cat")
+    assert input_ids.tolist() == CAT_IDS + [0] * 3 and attention_mask.tolist() == [1] * 7 + [0] * 3
