@@ -5,7 +5,8 @@
 
 A thin command line over the inference API (engine/inference.py): the model's preset, token length
 and image size come from the checkpoint (or model folder); the vpd preset also needs the Stable
-Diffusion weights its frozen VAE and CLIP come from (--sd_path, or the path the checkpoint records).
+Diffusion weights its frozen VAE and CLIP come from (--sd_path, or the path the checkpoint records,
+or ./stable-diffusion-v1-5 when it exists).
 """
 import os
 
@@ -13,7 +14,6 @@ from PIL import Image
 
 from engine.args import parse_args, reconcile_model_config
 from engine.inference import ReferringSegmenter, to_rgb_image
-from models.pretrained import build_from_source, read_model_source
 from utils.errors import InputError
 from utils.logging import run_cli
 
@@ -32,9 +32,9 @@ def main(argv=None):
                          f".png or .jpg")
     image = to_rgb_image(args.image)  # a bad image fails before the model is loaded
 
-    source = read_model_source(args.checkpoint)
-    model, _ = build_from_source(source, reconcile_model_config(source.config, args, args.checkpoint))
-    segmenter = ReferringSegmenter(model, device=args.device, precision=args.precision)
+    segmenter = ReferringSegmenter.from_pretrained(
+        args.checkpoint, device=args.device, precision=args.precision,
+        configure=lambda config: reconcile_model_config(config, args, args.checkpoint))
     masks = segmenter(image, args.text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     segmenter.overlay(image, masks, args.text).save(args.out)

@@ -13,7 +13,7 @@ from engine.args import parse_args, reconcile_model_config
 from engine.evaluation import evaluate
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
-from models.pretrained import build_from_source, read_model_source
+from models import VPDSegmenter
 from refer.check import preflight
 from refer.refer import evaluation_splits
 from utils.dist import cleanup, init_distributed
@@ -55,13 +55,12 @@ def main(argv=None):
     device = dist_info.device
     dtype = resolve_precision(args.precision, device)
 
-    source = read_model_source(args.checkpoint)
-    config = reconcile_model_config(source.config, args, args.checkpoint)
-    model, report = build_from_source(source, config)
-    del source
+    model, report = VPDSegmenter.from_pretrained(
+        args.checkpoint, device=device, with_report=True,
+        configure=lambda config: reconcile_model_config(config, args, args.checkpoint))
+    config = model.config
     logger.info(f"loaded {args.checkpoint}: {config.preset}, {config.token_length} tokens, "
                 f"{config.img_size} px; {report}")
-    model.to(device).eval()
 
     splits = evaluation_splits(args.dataset, args.splitBy) if args.split == "all" else [args.split]
     preflight(args.refer_data_root, args.dataset, args.splitBy,

@@ -21,8 +21,8 @@ from engine.latents import attach_latent_cache, move_vae_off_device
 from engine.precision import resolve_precision
 from engine.signals import StopRequest
 from engine.training import NonFiniteLossError, train_one_epoch, weight_decay_rule
-from models import build_model, load_segmenter_state
-from models.presets import INIT_SEED
+from models import build_model, get_preset, load_segmenter_state
+from models.registry import INIT_SEED
 from refer.check import preflight
 from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
                               model_state_from_checkpoint, save_checkpoint, set_rng_state)
@@ -165,10 +165,13 @@ def train(args, config, dist_info, stop):
                          f"{args.accum_steps} accumulation steps")
 
     # 3. Optimisation, and where to start from.
-    optimizer = build_optimizer(model, args.lr, args.wd, args.unet_lr_scale, amsgrad=args.amsgrad,
+    recipe = get_preset(config.preset).recipe  # its optimizer groups and schedule
+    optimizer = build_optimizer(model, args.lr, args.wd, {**recipe.lr_scales, "unet": args.unet_lr_scale},
+                                amsgrad=args.amsgrad, group_of=recipe.group_of,
                                 decays=weight_decay_rule(model, args.weight_decay_rule))
     scheduler = build_scheduler(optimizer, args.epochs * steps_per_epoch,
-                                warmup_iterations=round(args.warmup_epochs * steps_per_epoch))
+                                warmup_iterations=round(args.warmup_epochs * steps_per_epoch),
+                                schedule=recipe.schedule)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
                 "warmup_epochs": args.warmup_epochs, "accum_steps": args.accum_steps,

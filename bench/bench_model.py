@@ -20,7 +20,6 @@ import datetime
 import gc
 import sys
 import traceback
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +112,8 @@ def parse_bench_args(argv=None):
 # ------------------------------------------------------------------------------------ the model
 def build(args, variant: Variant, device: torch.device):
     """The benchmarked preset with random weights (speed does not depend on the values)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random initialisation.*")
-        model = build_model(SegmenterConfig(preset=args.model, token_length=args.token_length,
-                                            img_size=args.img_size, attn_grad=args.attn_grad))
+    model = build_model(SegmenterConfig(preset=args.model, token_length=args.token_length,
+                                        img_size=args.img_size, attn_grad=args.attn_grad), pretrained=False)
     model.to(device)
     if variant.grad_checkpoint:
         model.backbone.enable_gradient_checkpointing()
@@ -312,7 +309,7 @@ def main(argv=None) -> int:
     print(f"- device: {device} = {device_name(device)}; torch threads {torch.get_num_threads()}")
     print(f"- versions: {library_versions()}")
     print(f"- model: {parameters / 1e6:.1f} M parameters, {trainable / 1e6:.1f} M trainable "
-          f"({'random UNet and CLIP, shipped tiny VAE' if args.model == 'tiny' else 'random weights'})")
+          f"(random weights)")
     print(f"- FLOPs per training step (forward + backward, FlopCounterMode): {flop_text}")
     print(f"- timing: {args.warmup} warm-up + {args.steps} timed iterations per measurement"
           f"{'; CUDA synchronised' if device.type == 'cuda' else ''}\n")

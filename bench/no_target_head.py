@@ -29,9 +29,9 @@ import models
 from bench.no_target_rule import SentenceColumns, decision_scores
 from data.loaders import build_dataset, build_loader
 from engine.training import model_inputs
+from models.pretrained import load_model, read_model_source
 from models.segmenter import VPDSegmenter
 from refer.refer import evaluation_splits
-from utils.checkpoint import load_checkpoint
 from utils.paths import REPO_ROOT
 
 
@@ -112,11 +112,11 @@ def main(argv=None) -> int:
     if status:
         return status
 
-    state = load_checkpoint(os.path.join(output_dir, "model_best_gtoy.pth"))
-    config = models.SegmenterConfig.from_dict(state["config"])
-    model = NoTargetHeadSegmenter(models.build_model(config), args.head_weight)
-    model.load_state_dict(state["model"])
-    print(f"\nbest epoch {state['epoch']}; head weight {args.head_weight}\n")
+    best = read_model_source(os.path.join(output_dir, "model_best_gtoy.pth"))
+    model, _ = load_model(best, lambda config, pretrained: NoTargetHeadSegmenter(
+        models.build_model(config, pretrained), args.head_weight))
+    config = model.config
+    print(f"\nbest epoch {best.checkpoint['epoch']}; head weight {args.head_weight}\n")
     print("| split | decision | gIoU | cIoU | N-acc | T-acc |")
     print("|---|---|---|---|---|---|")
     for split in evaluation_splits("gtoy", "unc"):

@@ -22,7 +22,7 @@ from bench.common import resolve_device
 from data.loaders import build_dataset, build_loader
 from engine.args import parse_args
 from engine.evaluation import evaluate
-from models.pretrained import build_from_source, read_model_source
+from models import VPDSegmenter
 from refer.refer import evaluation_splits
 from utils.metrics import GRESMetric, intersection_and_union
 
@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     if args.checkpoint is None:
         raise SystemExit("error: --checkpoint is required (a GRES checkpoint or model folder)")
     device = resolve_device(args.device)
-    source = read_model_source(args.checkpoint)
     # The rule is measured on the raw argmax masks: the checkpoint's own area setting is left out.
-    model, _ = build_from_source(source, source.config.replace(no_target_area=0.0))
+    model = VPDSegmenter.from_pretrained(args.checkpoint,
+                                         configure=lambda config: config.replace(no_target_area=0.0))
     model.to(device)
     results = {}
     for split in evaluation_splits(args.dataset, args.splitBy):

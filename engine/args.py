@@ -3,10 +3,11 @@ holds only the groups it reads (`PROGRAM_GROUPS`), so a flag a program does not 
 argparse error there and its --help lists only its own flags.
 
 Defaults reproduce the published VPD recipe. A few settings depend on the dataset (the embedded
-``toy`` dataset trains a tiny model on a CPU; RefCOCO/+ use 40 tokens): those flags default to
-``None`` in the parser and are filled by :func:`resolve_defaults` from ``DATASET_DEFAULTS`` first
-and ``PAPER_DEFAULTS`` second, so a flag given on the command line always wins. test.py and the
-demo take the model's settings (preset, token length, image size) from the checkpoint instead.
+``toy`` dataset trains a tiny model on a CPU; RefCOCO/+ use 40 tokens) or on the model (its
+preset's training recipe, models/registry.py): those flags default to ``None`` in the parser and
+are filled by :func:`resolve_defaults` from ``DATASET_DEFAULTS`` first, then ``PAPER_DEFAULTS``
+and the preset's recipe, so a flag given on the command line always wins. test.py and the demo
+take the model's settings (preset, token length, image size) from the checkpoint instead.
 
 Cheap flag values (sizes, splits, partitions) are checked here, before any file is read.
 """
@@ -14,25 +15,22 @@ import argparse
 import os
 import sys
 
-from models import PRESETS, SegmenterConfig
+from models import PRESETS, SegmenterConfig, complete_config, get_preset
 from refer.refer import DATASETS, QUERY_SPLITS, split_matches
 from utils.errors import InputError
-from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR, DEFAULT_SD_PATH
+from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR
 
 from .precision import PRECISIONS
 from .training import WEIGHT_DECAY_RULES
 
 
-# The published recipe (VPD-RIS: 8 GPUs x 4 images, AdamW 5e-5, 40 epochs, 512 px, SD v1.5).
+# The published setting (VPD-RIS: 512 px, SD v1.5); the optimisation recipe (8 GPUs x 4 images,
+# AdamW 5e-5, 40 epochs) is the model preset's (RECIPE_FLAGS).
 PAPER_DEFAULTS = dict(
     model="vpd",
-    warmup_epochs=0.0,
     dice_weight=0.0,
     img_size=512,
     token_length=77,
-    batch_size=4,
-    epochs=40,
-    lr=5e-5,
     workers=4,
     attn_grad=False,
     no_target_area=0.0,
@@ -46,11 +44,22 @@ PAPER_DEFAULTS = dict(
 # generator version or size) moves the folder aside with its latents. Filled in by resolve_defaults.
 GENERATED_LATENTS = os.path.join("{refer_data_root}", "{dataset}", "latents")
 
-# Per-dataset overrides of PAPER_DEFAULTS. VPD's README passes --token_length 40 for RefCOCO and
-# RefCOCO+ and 77 with --splitBy umd for RefCOCOg. `toy` is sized so the README's first command
-# trains on two CPU cores in minutes (tiny model: the small pre-trained UNet and VAE that ship with
-# the repository, a random frozen text encoder; nothing to download; latents cached beside the
-# data); chosen from measured CPU runs (bench/RESULTS.md).
+# Flags whose default is the model preset's training recipe (models.Recipe): flag -> its value.
+RECIPE_FLAGS = {
+    "lr": lambda recipe: recipe.lr,
+    "wd": lambda recipe: recipe.weight_decay,
+    "weight_decay_rule": lambda recipe: recipe.weight_decay_rule,
+    "unet_lr_scale": lambda recipe: recipe.lr_scales.get("unet", 1.0),
+    "epochs": lambda recipe: recipe.epochs,
+    "batch_size": lambda recipe: recipe.batch_size,
+    "warmup_epochs": lambda recipe: recipe.warmup_epochs,
+}
+
+# Per-dataset overrides of PAPER_DEFAULTS and of the recipe. VPD's README passes --token_length 40
+# for RefCOCO and RefCOCO+ and 77 with --splitBy umd for RefCOCOg. `toy` is sized so the README's
+# first command trains on two CPU cores in minutes (tiny model: the small pre-trained UNet and VAE
+# that ship with the repository, a random frozen text encoder; nothing to download; latents cached
+# beside the data); chosen from measured CPU runs (bench/RESULTS.md).
 DATASET_DEFAULTS = {
     "refcoco": dict(token_length=40),
     "refcoco+": dict(token_length=40),
@@ -201,8 +210,9 @@ _FROM_CHECKPOINT = "test.py and demo.py read these from the checkpoint; given th
 def _model(parser):
     group = parser.add_argument_group("model", _FROM_CHECKPOINT)
     group.add_argument("--model", default=None, choices=tuple(PRESETS),
-                       help="model preset: vpd (Stable Diffusion v1.5 sizes, needs --sd_path) or "
-                            "tiny (small model for CPU runs and tests) (default: vpd; toy: tiny)")
+                       help="model preset: " + "; ".join(f"{name}: {preset.description}"
+                                                         for name, preset in PRESETS.items())
+                            + f" (default: {PAPER_DEFAULTS['model']}; toy: tiny)")
     group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
                        help="let the cross-attention maps fed to the decoder carry gradient "
                             "(default: off, as in VPD; on for toy)")
@@ -224,11 +234,14 @@ def _input(parser):
 
 def _weights(parser):
     group = parser.add_argument_group("pretrained weights")
+    defaults = "; ".join(f"{name}: {preset.weights.default_path}" for name, preset in PRESETS.items()
+                         if preset.weights is not None and preset.weights.default_path)
     group.add_argument("--sd_path", default=None,
-                       help="Stable Diffusion v1.5 weights: a diffusers folder (unet/, vae/, "
-                            "text_encoder/) or one .ckpt/.safetensors file (default for vpd: "
-                            "./stable-diffusion-v1-5; test.py/demo.py: the path the checkpoint "
-                            "records)")
+                       help="the pretrained weights of the model preset, for vpd Stable Diffusion "
+                            "v1.5: a diffusers folder (unet/, vae/, text_encoder/) or one "
+                            ".ckpt/.safetensors file (test.py, demo.py, app.py: default the path "
+                            "the checkpoint records; else the preset's default when it exists, "
+                            f"relative to the working directory, {defaults}; tiny needs none)")
     group.add_argument("--clip_path", default=None,
                        help="CLIP ViT-L/14 text model folder (transformers layout) replacing the "
                             "text encoder inside --sd_path")
@@ -248,23 +261,26 @@ def _seed(parser):
 
 def _optimization(parser):
     group = parser.add_argument_group("optimization")
-    group.add_argument("--epochs", type=positive_int, default=None, help="training epochs (paper: 40)")
+    group.add_argument("--epochs", type=positive_int, default=None,
+                       help="training epochs (default: the preset's recipe; paper: 40)")
     group.add_argument("--lr", type=positive_float, default=None,
-                       help="AdamW learning rate, decayed as (1 - it/total)^0.9 (paper: 5e-5)")
-    group.add_argument("--wd", "--weight-decay", dest="wd", type=nonnegative_float, default=1e-2,
-                       help="AdamW weight decay (default: 1e-2)")
-    group.add_argument("--weight_decay_rule", default="vpd", choices=WEIGHT_DECAY_RULES,
+                       help="AdamW learning rate, decayed as (1 - it/total)^0.9 (default: the "
+                            "preset's recipe; paper: 5e-5)")
+    group.add_argument("--wd", "--weight-decay", dest="wd", type=nonnegative_float, default=None,
+                       help="AdamW weight decay (default: the preset's recipe; paper: 1e-2)")
+    group.add_argument("--weight_decay_rule", default=None, choices=WEIGHT_DECAY_RULES,
                        help="which tensors decay: vpd = VPD's rule, every tensor whose name in "
                             "VPD's model lacks 'norm' (biases and most norms included); modern = "
                             "only tensors of more than one dimension, a deviation from VPD "
-                            "(default: vpd)")
-    group.add_argument("--unet_lr_scale", type=nonnegative_float, default=1.0,
-                       help="learning-rate multiplier for the UNet (default 1.0: VPD declared "
-                            "0.01 but never applied it, and its numbers come from 1.0)")
+                            "(default: the preset's recipe; paper: vpd)")
+    group.add_argument("--unet_lr_scale", type=nonnegative_float, default=None,
+                       help="learning-rate multiplier for the UNet (default: the preset's recipe; "
+                            "paper: 1.0, VPD declared 0.01 but never applied it, and its numbers "
+                            "come from 1.0)")
     group.add_argument("--amsgrad", action="store_true", help="AdamW's AMSGrad variant (VPD: off)")
     group.add_argument("--warmup_epochs", type=nonnegative_float, default=None,
                        help="epochs of linear learning-rate warm-up before the poly decay "
-                            "(default: 0, as VPD)")
+                            "(default: the preset's recipe; VPD: 0)")
     group.add_argument("--dice_weight", type=nonnegative_float, default=None,
                        help="weight of a soft Dice term added to the cross-entropy loss (default: "
                             "0, VPD's loss is cross-entropy alone; toy: "
@@ -505,14 +521,22 @@ def resolve_defaults(args, model_flags=True):
     checkpoint.
     """
     names = [item.partition(":")[0] for item in getattr(args, "dataset", "").split(",") if item]
-    for key, paper_value in PAPER_DEFAULTS.items():
+
+    def fill(key, fallback):
         if not hasattr(args, key) or getattr(args, key) is not None or key == "splitBy":
-            continue
+            return
         if key in MODEL_FLAGS and not model_flags:
-            continue
-        values = [DATASET_DEFAULTS.get(name, {}).get(key, paper_value) for name in names] or [paper_value]
+            return
+        values = [DATASET_DEFAULTS.get(name, {}).get(key, fallback) for name in names] or [fallback]
         # A joint list takes the largest token length of its members; other settings agree.
         setattr(args, key, max(values) if key == "token_length" else values[0])
+
+    for key, paper_value in PAPER_DEFAULTS.items():
+        fill(key, paper_value)
+    if getattr(args, "model", None) is not None:
+        recipe = get_preset(args.model).recipe
+        for key, value_of in RECIPE_FLAGS.items():
+            fill(key, value_of(recipe))
     if getattr(args, "cache_latents", None) == GENERATED_LATENTS:
         args.cache_latents = GENERATED_LATENTS.format(refer_data_root=args.refer_data_root,
                                                       dataset=names[0])
@@ -522,8 +546,6 @@ def resolve_defaults(args, model_flags=True):
         args.datasets = dataset_members(args)
         if len(args.datasets) == 1:
             args.splitBy = args.datasets[0][1]
-    if model_flags and getattr(args, "sd_path", "absent") is None and getattr(args, "model", None) == "vpd":
-        args.sd_path = DEFAULT_SD_PATH  # only vpd needs Stable Diffusion weights
     if getattr(args, "model_id", "absent") is None:
         args.model_id = "_".join(name for name, _ in args.datasets)
     return args
@@ -598,16 +620,17 @@ class ModelFlagError(InputError, ValueError):
 
 
 def model_config(args):
-    """train.py: the SegmenterConfig the flags describe."""
-    return SegmenterConfig(preset=args.model, token_length=args.token_length,
-                           img_size=args.img_size, attn_grad=bool(args.attn_grad),
-                           no_target_area=args.no_target_area, sd_path=args.sd_path,
-                           clip_path=args.clip_path)
+    """train.py: the SegmenterConfig the flags describe, with what they leave to the preset."""
+    return complete_config(SegmenterConfig(preset=args.model, token_length=args.token_length,
+                                           img_size=args.img_size, attn_grad=bool(args.attn_grad),
+                                           no_target_area=args.no_target_area, sd_path=args.sd_path,
+                                           clip_path=args.clip_path))
 
 
 def reconcile_model_config(config, args, source):
-    """test.py / demo.py: the checkpoint's config, with --sd_path / --clip_path applied. A model
-    flag given explicitly must agree with the checkpoint (one-line error naming both values)."""
+    """test.py / demo.py: the checkpoint's config, with --sd_path / --clip_path applied (without
+    them the recorded paths, then the preset's default). A model flag given explicitly must agree
+    with the checkpoint (one-line error naming both values)."""
     fields = {"model": "preset", "img_size": "img_size", "token_length": "token_length",
               "attn_grad": "attn_grad", "no_target_area": "no_target_area"}
     for flag, field in fields.items():
@@ -616,7 +639,5 @@ def reconcile_model_config(config, args, source):
             raise ModelFlagError(f"--{flag} {given} contradicts {source}, which holds a model "
                                  f"with {flag} {getattr(config, field)}; leave the flag out (the "
                                  f"checkpoint decides) or load another checkpoint")
-    sd_path = args.sd_path or config.sd_path
-    if sd_path is None and config.preset == "vpd":
-        sd_path = DEFAULT_SD_PATH  # e.g. VPD's released checkpoints record none
-    return config.replace(sd_path=sd_path, clip_path=args.clip_path or config.clip_path)
+    return config.replace(sd_path=args.sd_path or config.sd_path,
+                          clip_path=args.clip_path or config.clip_path)

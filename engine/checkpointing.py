@@ -20,7 +20,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, model_state_from_
 from utils.dist import all_gather_objects, unwrap
 from utils.errors import InputError
 
-from models import SegmenterConfig
+from models import SegmenterConfig, complete_config
 from models.pretrained import config_from_checkpoint
 
 # The settings rule 3 compares: checkpoint "schedule" key -> the flag that sets it.
@@ -104,7 +104,7 @@ def find_resume_state(resume_flag, last_path, auto_resume):
 
 def check_resumable(state, path, config: SegmenterConfig, schedule):
     """Rules 2 and 3 for a checkpoint this run is about to continue."""
-    saved_config = config_from_checkpoint(state, path)
+    saved_config = complete_config(config_from_checkpoint(state, path))  # as a built model records it
     # The weight sources may move between machines; what the model is may not.
     differences = saved_config.differences(config, fields=[
         name for name in SegmenterConfig.__dataclass_fields__ if name not in ("sd_path", "clip_path")])

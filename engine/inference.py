@@ -17,7 +17,7 @@ from PIL import Image
 
 from data.tokenizer import CLIPTokenizer
 from data.transforms import ImageMaskTransform, load_rgb
-from models import VPDSegmenter, load_pretrained
+from models import VPDSegmenter
 from utils.errors import InputError
 from utils.visualize import draw_caption, mask_colours, overlay_masks
 
@@ -60,10 +60,14 @@ class ReferringSegmenter:
         self.transform = ImageMaskTransform(config.img_size)
 
     @classmethod
-    def from_pretrained(cls, path, sd_path=None, clip_path=None, device=None, precision="auto"):
-        """Load a model folder or training checkpoint; `sd_path` / `clip_path` replace the weight
-        sources it records (VPD's released checkpoints record none: pass sd_path)."""
-        return cls(load_pretrained(path, sd_path=sd_path, clip_path=clip_path), device, precision)
+    def from_pretrained(cls, path, sd_path=None, clip_path=None, device=None, precision="auto",
+                        configure=None):
+        """Load a model folder or training checkpoint (`VPDSegmenter.from_pretrained`); `sd_path` /
+        `clip_path` replace the weight sources it records (VPD's released checkpoints record none:
+        without sd_path the preset's default path must exist); `configure(config)` may check the
+        recorded config first (demo.py: the model flags)."""
+        model = VPDSegmenter.from_pretrained(path, sd_path=sd_path, clip_path=clip_path, configure=configure)
+        return cls(model, device, precision)
 
     @property
     def config(self):

@@ -7,6 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data.latent_cache import LatentCache, fill_latent_cache
 from models.fingerprint import vae_fingerprint
 from utils.dist import unwrap
+from utils.errors import InputError
 
 from .precision import autocast
 
@@ -18,6 +19,9 @@ def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, s
     images. `should_stop()` true ends the filling early (a stop request during set-up); the
     caller then stops too. Collective: every rank calls it."""
     segmenter = unwrap(model)
+    if "backbone.vae" not in segmenter.frozen_module_names:
+        raise InputError(f"--cache_latents: the {segmenter.config.preset} model trains its VAE, so its "
+                         f"latents change every step and cannot be cached; leave the flag out")
     cache = LatentCache(cache_dir, vae_fingerprint(segmenter.backbone.vae), datasets[0].img_size)
 
     @torch.no_grad()

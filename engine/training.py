@@ -14,27 +14,30 @@ from utils.optim import decays_matrices
 from .precision import autocast
 
 
-WEIGHT_DECAY_RULES = ("vpd", "modern")
-
-
-def weight_decay_rule(model, rule):
-    """Which trainable tensors get weight decay: a `decays(name, parameter)` for utils.optim.
-
-    vpd: VPD's recipe (its refer/train.py), on each tensor's name in VPD's own model: every tensor
+def vpd_weight_decay(model):
+    """VPD's recipe (its refer/train.py), on each tensor's name in VPD's own model: every tensor
     whose name lacks "norm" decays. That includes the biases, the ResBlocks' GroupNorms (LDM's
     in_layers.0 / out_layers.0, which diffusers calls norm1 / norm2: the rule must see LDM names),
     the decoder's BatchNorms (bn*), and gamma; it exempts only the transformer blocks' norm,
-    norm1..3. modern: decay on tensors of more than one dimension only (not VPD's).
-    """
-    if rule == "modern":
-        return decays_matrices
-    if rule != "vpd":
-        raise ValueError(f"unknown weight decay rule {rule!r}; expected one of {WEIGHT_DECAY_RULES}")
+    norm1..3."""
     segmenter = unwrap(model)
     unet_config = segmenter.backbone.unet.config
     vpd_names = {name: vpd_parameter_name(name.removeprefix("module."), unet_config)
                  for name, parameter in segmenter.named_parameters() if parameter.requires_grad}
     return lambda name, parameter: "norm" not in vpd_names[name]
+
+
+# Which trainable tensors get weight decay, by --weight_decay_rule (default: the preset's recipe):
+# a function of the model giving utils.optim's `decays(name, parameter)`. modern: decay on tensors
+# of more than one dimension only (not VPD's).
+WEIGHT_DECAY_RULES = {"vpd": vpd_weight_decay, "modern": lambda model: decays_matrices}
+
+
+def weight_decay_rule(model, rule):
+    """The `decays(name, parameter)` of a rule of WEIGHT_DECAY_RULES for `model`."""
+    if rule not in WEIGHT_DECAY_RULES:
+        raise ValueError(f"unknown weight decay rule {rule!r}; expected one of {', '.join(WEIGHT_DECAY_RULES)}")
+    return WEIGHT_DECAY_RULES[rule](model)
 
 
 def model_inputs(batch, device):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import AttentionMapStore, install_attention_map_processors
 
-__all__ = ["DiffusionBackbone", "FEATURE_NAMES", "ATTENTION_MAP_FEATURES"]
+__all__ = ["DiffusionBackbone", "FEATURE_NAMES", "ATTENTION_MAP_FEATURES", "decoder_in_channels"]
 
 # Features from fine to coarse; c1 is the latent resolution, each next one half of it.
 FEATURE_NAMES = ("c1", "c2", "c3", "c4")
@@ -25,8 +25,15 @@ FEATURE_TAP_LAYER = 1
 TIMESTEP = 1
 
 
+def decoder_in_channels(feature_channels: Sequence[int], token_length: int) -> list[int]:
+    """[c1, c2 + L, c3 + L, c4]: the L attention maps are appended to c2 and c3."""
+    return [c + token_length if name in ATTENTION_MAP_FEATURES else c
+            for name, c in zip(FEATURE_NAMES, feature_channels)]
+
+
 class DiffusionBackbone(nn.Module):
-    """Frozen VAE encoder + trainable UNet, returning VPD's four features and attention maps.
+    """VAE encoder + UNet, returning VPD's four features and attention maps. Which of them train
+    is the segmenter's preset's decision (VPD: the UNet trains, the VAE stays frozen).
 
     The backbone takes ownership of the modules it is given and removes the parts VPD never uses:
     the VAE decoder, and the UNet's noise-prediction head (`conv_norm_out` / `conv_out` become
@@ -35,7 +42,7 @@ class DiffusionBackbone(nn.Module):
 
     Args:
         unet: a UNet2DConditionModel with SD1.5's block structure (4 up blocks of >= 2 layers).
-        vae: an AutoencoderKL; frozen here.
+        vae: an AutoencoderKL.
         attn_grad: let the cross-attention maps carry gradient (VPD: they do not).
     """
 
@@ -48,11 +55,9 @@ class DiffusionBackbone(nn.Module):
             if len(block.resnets) <= FEATURE_TAP_LAYER:
                 raise ValueError(f"up_blocks[{index}] has {len(block.resnets)} layers, need > {FEATURE_TAP_LAYER}")
 
-        # 1. Frozen VAE: only the encoder (and quant_conv) is ever run.
+        # 1. VAE: only the encoder (and quant_conv) is ever run.
         self.vae = vae
         self.vae.decoder = None
-        self.vae.requires_grad_(False)
-        self.vae.eval()
 
         # 2. UNet without its noise-prediction head.
         self.unet = unet
@@ -134,22 +139,17 @@ class DiffusionBackbone(nn.Module):
             self._taps = {}
 
     # -------------------------------------------------------------------------------------- public
-    def train(self, mode: bool = True) -> DiffusionBackbone:
-        super().train(mode)
-        self.vae.eval()
-        return self
-
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory in the UNet (diffusers' own checkpointing)."""
         self.unet.enable_gradient_checkpointing()
 
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, H, W) -> latents (B, 4, H/f, W/f).
-
-        The mode of the VAE posterior, NOT multiplied by the 0.18215 scaling factor (as in VPD).
-        """
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        """Images in [-1, 1], (B, 3, H, W) -> latents (B, 4, H/f, W/f): the mode of the VAE
+        posterior, unscaled (the segmenter applies its preset's latent scale). A graph is built
+        only for a VAE that trains."""
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vae.encoder.parameters())
+        with torch.set_grad_enabled(trains):
+            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
 
     def forward(
         self, latents: torch.Tensor, context: torch.Tensor

@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import InputError
 from utils.io import atomic_write
 
-__all__ = ["SegmenterConfig", "ConfigError", "CLIP_EOT_ID"]
+__all__ = ["SegmenterConfig", "ConfigError", "BOUNDS"]
 
-# CLIP ViT-L/14's tokenizer (SD v1.5's text encoder) pads with its end-of-text id.
-CLIP_EOT_ID = 49407
+# The allowed range of every integer setting: beyond it a model is not a VPD-like segmenter but a
+# memory error (an img_size of 100000 asks for terabytes). A preset may narrow a range further
+# (token_length: its text encoder's positions, models/registry.py).
+BOUNDS = {
+    "token_length": (2, 512),
+    "img_size": (16, 2048),
+    "decoder_hidden": (1, 4096),
+    "pad_token_id": (0, 1_000_000),
+}
 
 
 class ConfigError(InputError, ValueError):
@@ -27,17 +35,20 @@ class SegmenterConfig:
     """Architecture and weight sources of a `VPDSegmenter`.
 
     Args:
-        preset: model preset (`models.PRESETS`): "vpd" (SD v1.5 sizes) or "tiny".
+        preset: the model family, a name registered with `models.register_preset` ("vpd": SD
+            v1.5 sizes; "tiny"); the preset supplies every fact the config leaves to it.
         token_length: CLIP tokens per sentence, start/end included; also the number of attention
             maps appended to c2 and c3, so it fixes the decoder's input widths (RefCOCO/+: 40,
             RefCOCOg: 77 in VPD).
         img_size: the square input resolution the model is trained and evaluated at (VPD: 512).
         attn_grad: the cross-attention maps fed to the decoder carry gradient (VPD: no).
         decoder_hidden: width of the decoder's fusion blocks; None = the preset's (vpd: 640).
-        sd_path: where the frozen VAE and CLIP come from (a diffusers folder or an LDM checkpoint
-            file); None for presets that need no weights (tiny) or a random init (vpd, benchmarks).
+        sd_path: where the pretrained parts come from (vpd: Stable Diffusion v1.5, a diffusers
+            folder or an LDM checkpoint file); None: the preset's default path, or none for presets
+            whose parts ship with the repository (tiny).
         clip_path: a transformers CLIP folder replacing the text encoder inside sd_path.
-        pad_token_id: id the tokenizer pads sentences with (CLIP ViT-L/14: end-of-text, 49407).
+        pad_token_id: id the tokenizer pads sentences with; None = the preset's (vpd: CLIP's
+            end-of-text).
         no_target_area: `predict` answers "no target" (an empty mask) when the mask covers at most
             this fraction of the image; 0 = only an empty mask does (VPD; the classic datasets).
             For expressions that may refer to nothing (gRefCOCO): bench/no_target_rule.py.
@@ -50,21 +61,18 @@ class SegmenterConfig:
     decoder_hidden: int | None = None
     sd_path: str | None = None
     clip_path: str | None = None
-    pad_token_id: int = CLIP_EOT_ID
+    pad_token_id: int | None = None
     no_target_area: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.preset, str) or not self.preset:
             raise ConfigError(f"preset must be a model name such as 'vpd', got {self.preset!r}")
-        for name, minimum in (("token_length", 2), ("img_size", 1), ("pad_token_id", 0)):
+        for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.decoder_hidden is not None and (
-                isinstance(self.decoder_hidden, bool) or not isinstance(self.decoder_hidden, int)
-                or self.decoder_hidden < 1):
-            raise ConfigError(f"decoder_hidden must be a positive integer or None, got "
-                              f"{self.decoder_hidden!r}")
+            if value is None and name in ("decoder_hidden", "pad_token_id"):
+                continue  # the preset's
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         if (isinstance(self.no_target_area, bool) or not isinstance(self.no_target_area, (int, float))
                 or not 0.0 <= self.no_target_area < 1.0):
             raise ConfigError(f"no_target_area must be a fraction in [0, 1), got {self.no_target_area!r}")
@@ -73,8 +81,10 @@ class SegmenterConfig:
             raise ConfigError(f"attn_grad must be true or false, got {self.attn_grad!r}")
         for name in ("sd_path", "clip_path"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, str(value))  # accept Path
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a path or null, got {value!r}")
 
     def replace(self, **changes) -> SegmenterConfig:
         return dataclasses.replace(self, **changes)
@@ -92,7 +102,10 @@ class SegmenterConfig:
         if unknown:
             raise ConfigError(f"{source} has settings this version does not know: "
                               f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         with atomic_write(path, "w") as handle:

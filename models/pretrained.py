@@ -1,91 +1,124 @@
-"""Saved models: model folders (`config.json` + `model.safetensors`) and training checkpoints
-(ours, older ones of ours, VPD's released RIS checkpoints) read back into a `VPDSegmenter`.
+"""The one way a saved model is read back, and the one way a model folder is written.
 
-A model folder holds what cannot be rebuilt: the config and the trained weights. The frozen VAE and
-CLIP are left out when they come from `config.sd_path` (pass `sd_path` again to take them from
-elsewhere); the tiny preset, which has no weights path, keeps them. Loading a folder reads no
-pickle.
+A source is any of: a model folder (`config.json` + `model.safetensors`, or a sharded
+`model.safetensors.index.json`), a Hugging Face cache folder of one (`snapshots/REVISION/`), a
+training checkpoint of ours (with "config", or an older one with only the run's "args"), or a
+checkpoint in a foreign layout a preset reads (VPD's released `vpd_ris_*.pth`). `read_model_source`
+reads it once: weights refused when not finite, the layout detected and converted to our names
+once. `load_model(source, build, ...)` then builds the model its config describes and loads it.
+
+What a saved model leaves out is decided by its preset (`Preset.reloaded_modules`): the frozen
+parts that come back from the weights the user supplies (`sd_path`). A source without some frozen
+weights loads only when they have such a source; otherwise the load stops with one line naming the
+checkpoint, the missing weights and `--sd_path` / `sd_path=`. Nothing is left random by omission.
+
+This module does not know the model class: callers pass `build(config, pretrained)` (the
+segmenter's `from_config`), so models/ imports top-down without cycles.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
 from utils.checkpoint import CheckpointError, load_checkpoint, model_state_from_checkpoint
+from utils.errors import InputError
 from utils.io import atomic_write
 
 from .config import ConfigError, SegmenterConfig
-from .presets import PRESETS, build_model, build_model_on_meta
-from .segmenter import VPDSegmenter
-from .weights import UNUSED_UNET_HEAD, LoadReport, convert_vpd_state_dict, detect_layout, load_segmenter_state
+from .registry import PRESETS, Preset, get_preset
+from .weights import UNUSED_UNET_HEAD, CheckpointLayout, LoadReport, check_sd_path, detect_layout, load_segmenter_state
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
     "ModelSource",
     "config_from_checkpoint",
     "export_model_folder",
     "is_model_folder",
-    "load_pretrained",
+    "load_model",
     "read_model_source",
     "save_pretrained",
+    "write_model_folder",
 ]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# VPD trained and evaluated its released RIS models at 512 px (its train.sh / test.sh); its
-# --token_length defaults to 77.
-VPD_RELEASE_IMG_SIZE = 512
-VPD_DEFAULT_TOKEN_LENGTH = 77
-_VPD_CONV_IN = "unet.unet.diffusion_model.input_blocks.0.0.weight"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded weights, as transformers writes them
+Build = Callable[[SegmenterConfig, bool], nn.Module]
 
 
-def _preset_of_vpd_weights(weights: dict, path) -> str:
-    """The preset whose UNet has the input convolution of these VPD-layout weights (SD v1.5's for
-    VPD's releases; the tiny preset for tests of the conversion)."""
-    shape = tuple(weights[_VPD_CONV_IN].shape) if _VPD_CONV_IN in weights else None
-    for name in PRESETS:
-        unet = build_model_on_meta(SegmenterConfig(preset=name, token_length=2)).backbone.unet
-        if tuple(unet.conv_in.weight.shape) == shape:
-            return name
-    raise CheckpointError(f"{path} has VPD's layout but no known UNet ({_VPD_CONV_IN}: {shape})")
+# ------------------------------------------------------------------------------------- reading
+@dataclass
+class ModelSource:
+    """What a path holds, read once: its config as stored, its weights in our names."""
+
+    path: str
+    kind: str  # "folder" or "checkpoint"
+    config: SegmenterConfig
+    weights: dict[str, torch.Tensor]
+    layout: str = "ours"  # or the foreign layout's name
+    unconverted: list[str] = field(default_factory=list)  # foreign keys with no counterpart here
+    checkpoint: dict | None = None  # the whole training checkpoint, for kind "checkpoint"
 
 
 def is_model_folder(path) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+    return os.path.isdir(path) and os.path.isfile(os.path.join(_snapshot(path), CONFIG_NAME))
 
 
-def save_pretrained(model: VPDSegmenter, directory) -> None:
-    """Write `config.json` and `model.safetensors` (the checkpoint state dict) into `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.checkpoint_state_dict().items()}
-    with atomic_write(os.path.join(directory, WEIGHTS_NAME)) as handle:
-        handle.write(save_safetensors(state, metadata={"format": "pt"}))
-    model.config.save(os.path.join(directory, CONFIG_NAME))
+def read_model_source(path) -> ModelSource:
+    """Read a model folder or a checkpoint without building the model."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder = _snapshot(path)
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise ConfigError(f"{path} is a folder without {CONFIG_NAME}; expected a model folder "
+                              f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a checkpoint file")
+        config = SegmenterConfig.load(os.path.join(folder, CONFIG_NAME))
+        weights = _read_folder_weights(folder, path)
+        _check_finite(weights, path)
+        return ModelSource(path, "folder", config, weights)
+    state = load_checkpoint(path)
+    weights = model_state_from_checkpoint(state, path)
+    _check_finite(weights, path)
+    layout = _foreign_layout(weights)
+    if layout is None:
+        return ModelSource(path, "checkpoint", _checkpoint_config(state, None, path), weights, checkpoint=state)
+    preset, (unet, vae, _) = _preset_reading(layout, weights, path)
+    converted, unconverted = layout.convert(weights, unet.config, vae.config)
+    config = _checkpoint_config(state, (layout, preset), path)
+    return ModelSource(path, "checkpoint", config, converted, layout.name, unconverted, state)
 
 
 def config_from_checkpoint(state: dict, path="checkpoint") -> SegmenterConfig:
-    """The config of a loaded training checkpoint.
+    """The config of a loaded training checkpoint: ours carry it under "config"; older ones of
+    ours only had the run's flags ("args"); a foreign layout implies its own (VPD's releases:
+    token_length from its args, 512 px) and records no weights path."""
+    foreign = None
+    if "config" not in state:
+        weights = model_state_from_checkpoint(state, path)
+        layout = _foreign_layout(weights)
+        foreign = layout and (layout, _preset_reading(layout, weights, path)[0])
+    return _checkpoint_config(state, foreign, path)
 
-    Ours carry it under "config". Older ones of ours only had the run's flags ("args": model,
-    token_length, img_size, attn_grad, sd_path, clip_path). VPD's released ones have VPD's args
-    (token_length; 512 px) and no weights path: the caller gives sd_path.
-    """
+
+def _checkpoint_config(state: dict, foreign, path) -> SegmenterConfig:
+    """config_from_checkpoint, given (the foreign layout of its weights, its preset) or None."""
     if "config" in state:
         return SegmenterConfig.from_dict(state["config"], source=f"{path} (config)")
     args = state.get("args") or {}
-    weights = model_state_from_checkpoint(state, path)
-    if detect_layout(weights) == "vpd":
-        return SegmenterConfig(preset=_preset_of_vpd_weights(weights, path),
-                               token_length=int(args.get("token_length", VPD_DEFAULT_TOKEN_LENGTH)),
-                               img_size=int(args.get("img_size", VPD_RELEASE_IMG_SIZE)))
+    if foreign is not None:
+        layout, preset = foreign
+        return SegmenterConfig(preset=preset.name, **layout.settings(args))
     missing = [name for name in ("model", "token_length", "img_size") if args.get(name) is None]
     if missing:
         raise CheckpointError(f"{path} has no 'config' and its 'args' lack {', '.join(missing)}: "
@@ -95,99 +128,227 @@ def config_from_checkpoint(state: dict, path="checkpoint") -> SegmenterConfig:
                            sd_path=args.get("sd_path"), clip_path=args.get("clip_path"))
 
 
-@dataclass
-class ModelSource:
-    """What a path holds: its config and its weights (a state dict, ours or VPD's layout)."""
+def _snapshot(path: str) -> str:
+    """A Hugging Face cache folder (refs/, snapshots/REVISION/) -> its snapshot; others as given."""
+    snapshots = os.path.join(path, "snapshots")
+    if not os.path.isdir(snapshots):
+        return path
+    ref = os.path.join(path, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref) as handle:
+            folder = os.path.join(snapshots, handle.read().strip())
+        if os.path.isdir(folder):
+            return folder
+    revisions = sorted(os.listdir(snapshots))
+    if len(revisions) != 1:
+        raise ConfigError(f"{path} is a Hugging Face cache folder with {len(revisions)} snapshots and "
+                          f"no usable refs/main; pass the snapshot itself ({snapshots}/REVISION)")
+    return os.path.join(snapshots, revisions[0])
 
-    path: str
-    kind: str  # "folder" or "checkpoint"
-    config: SegmenterConfig
-    weights: dict[str, torch.Tensor]
-    checkpoint: dict | None = None  # the whole training checkpoint, for kind "checkpoint"
 
-
-def read_model_source(path) -> ModelSource:
-    """Read a model folder or a training checkpoint without building the model."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        if not is_model_folder(path):
-            raise ConfigError(f"{path} is a folder without {CONFIG_NAME}; expected a model folder "
-                              f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a checkpoint file")
-        config = SegmenterConfig.load(os.path.join(path, CONFIG_NAME))
-        weights_path = os.path.join(path, WEIGHTS_NAME)
+def _read_folder_weights(folder: str, path: str) -> dict[str, torch.Tensor]:
+    index_path = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) or not os.path.isfile(index_path):
+        files = [WEIGHTS_NAME]
+    else:
         try:
-            weights = load_safetensors(Path(weights_path).read_bytes())
+            with open(index_path) as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise CheckpointError(f"cannot read {index_path}: {type(error).__name__}: {error}") from None
+    weights = {}
+    for name in files:
+        file = os.path.join(folder, name)
+        try:
+            weights.update(load_safetensors_file(file))
         except FileNotFoundError:
-            raise CheckpointError(f"model folder {path} has no {WEIGHTS_NAME}") from None
+            raise CheckpointError(f"model folder {path} has no {name}") from None
         except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"cannot read {weights_path}: {error}") from None
-        return ModelSource(path, "folder", config, weights)
-    state = load_checkpoint(path)
-    return ModelSource(path, "checkpoint", config_from_checkpoint(state, path),
-                       model_state_from_checkpoint(state, path), checkpoint=state)
+            raise CheckpointError(f"cannot read {file}: {error}") from None
+    return weights
 
 
-def build_from_source(source: ModelSource, config: SegmenterConfig | None = None) -> tuple[VPDSegmenter, LoadReport]:
-    """Build `config` (default: the source's) and load the source's weights into it. Our own
-    layouts must provide every trainable tensor; a source without the frozen VAE / CLIP needs a
-    config that says where they come from (sd_path)."""
-    config = config or source.config
-    frozen = tuple(f"{name}." for name in VPDSegmenter.frozen_module_names)
-    layout = detect_layout(source.weights)
-    has_frozen = any(key.startswith(frozen) for key in source.weights) if layout == "ours" else True
-    if not has_frozen and config.sd_path is None:
-        raise CheckpointError(f"{source.path} stores no frozen VAE / CLIP weights (they come from "
-                              f"Stable Diffusion v1.5): pass sd_path (--sd_path)")
-    model = build_model(config)
-    strict = layout == "ours"
-    report = load_segmenter_state(model, source.weights, strict=strict)
-    return model, report
+def _check_finite(weights: dict[str, torch.Tensor], path: str) -> None:
+    """NaN or infinite weights give empty or meaningless masks without any error: refuse them."""
+    def finite(value):
+        # A sum is NaN or infinite when a value is (or when it overflows: then the exact check
+        # decides), and summing is ~50x faster than isfinite over a model's billion values.
+        return bool(torch.isfinite(value.sum(dtype=torch.float32))) or bool(torch.isfinite(value).all())
+
+    bad = [key for key, value in sorted(weights.items())
+           if value.is_floating_point() and not value.is_meta and not finite(value)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise CheckpointError(f"{path} holds NaN or infinite values in {len(bad)} tensor(s) ({shown}); "
+                              f"a model with them gives meaningless masks, so it is not loaded")
 
 
-def load_pretrained(path, sd_path=None, clip_path=None) -> VPDSegmenter:
-    """A model folder or training checkpoint -> the model, in eval mode on the CPU. `sd_path` /
-    `clip_path`, when given, replace the recorded weight sources."""
-    source = read_model_source(path)
-    config = source.config
-    if sd_path is not None or clip_path is not None:
-        config = config.replace(sd_path=sd_path if sd_path is not None else config.sd_path,
-                                clip_path=clip_path if clip_path is not None else config.clip_path)
-    model, _ = build_from_source(source, config)
-    return model.eval()
+def _foreign_layout(weights: dict) -> CheckpointLayout | None:
+    """The foreign layout (read by some registered preset) of `weights`; None for ours."""
+    for preset in PRESETS.values():
+        for layout in preset.checkpoint_layouts:
+            if layout.detect(weights):
+                return layout
+    detect_layout(weights)  # ours, or a one-line error on keys of nothing known
+    return None
 
 
-def export_model_folder(path, directory, sd_path=None, no_target_area=None) -> SegmenterConfig:
-    """A training checkpoint (ours or VPD's released one) -> a model folder, without building the
-    model: VPD's names are converted to ours, the frozen VAE / CLIP are left out when they come from
-    Stable Diffusion (the vpd preset), and the weights are checked against the architecture on the
-    meta device. `sd_path` and `no_target_area`, where given, replace the checkpoint's in the
-    folder's config. Returns the config written."""
-    source = read_model_source(path)
-    config = source.config if sd_path is None else source.config.replace(sd_path=str(sd_path))
-    if no_target_area is not None:
-        config = config.replace(no_target_area=no_target_area)
-    meta_model = build_model_on_meta(config)
-    weights = dict(source.weights)
-    if detect_layout(weights) == "vpd":
-        unet, vae = meta_model.backbone.unet, meta_model.backbone.vae
-        weights, _ = convert_vpd_state_dict(weights, unet.config, vae.config)
-    drop = tuple(f"{name}." for name in meta_model.frozen_module_names) if config.preset == "vpd" else ()
-    weights = {key: value for key, value in weights.items()
-               if not key.startswith(drop) and not key.startswith(UNUSED_UNET_HEAD)}
-    expected = {key: tuple(value.shape) for key, value in meta_model.state_dict().items()
-                if not key.startswith(drop)}
-    # Frozen parts may be absent: VPD never saved CLIP; they come from sd_path or the seeded init.
-    frozen = tuple(f"{name}." for name in meta_model.frozen_module_names)
-    missing = sorted(key for key in set(expected) - set(weights) if not key.startswith(frozen))
+def _meta_components(preset: Preset):
+    with torch.device("meta"):
+        return preset.random_components()
+
+
+def _preset_reading(layout: CheckpointLayout, weights: dict, path: str):
+    """(the registered preset whose UNet has the shape of `layout.unet_key` in `weights`, its
+    components on the meta device)."""
+    theirs, ours = layout.unet_key
+    shape = tuple(weights[theirs].shape) if theirs in weights else None
+    candidates = [preset for preset in PRESETS.values() if layout in preset.checkpoint_layouts]
+    fitting = []
+    for preset in candidates:
+        components = _meta_components(preset)
+        if tuple(components[0].state_dict()[ours].shape) == shape:
+            fitting.append((preset, components))
+    if len(fitting) != 1:
+        names = ", ".join(preset.name for preset, _ in fitting) or "none"
+        raise CheckpointError(f"{path} has {layout.name}'s layout and its UNet ({theirs}: {shape}) fits "
+                              f"{names} of the presets that read it ({', '.join(p.name for p in candidates)})")
+    return fitting[0]
+
+
+# ------------------------------------------------------------------------------------- loading
+def _frozen_weights_source(source: ModelSource, config: SegmenterConfig, preset: Preset,
+                           left_out: tuple[str, ...], why: str = "does not store") -> str | None:
+    """Where the frozen modules `left_out` (of `preset`) come from: the weights path (given,
+    recorded, or the preset's default when it exists); None when nothing is left out or the
+    preset's parts ship with the repository. A one-line error when there is none, saying the
+    source `why` them."""
+    if not left_out or preset.weights is None:
+        return None
+    path = preset.weights_path(config.sd_path)
+    if path is None:
+        raise preset.missing_weights(f"{source.path} {why} the {preset.name} model's frozen "
+                                     f"{', '.join(left_out)} weights, which come from {preset.weights.what}")
+    try:
+        check_sd_path(path, config.clip_path)
+    except InputError as error:
+        recorded = " (the path it records)" if path == source.config.sd_path else ""
+        raise type(error)(f"{source.path}: {error}{recorded}; pass --sd_path (sd_path= in Python)") from None
+    return path
+
+
+def _stored_modules(weights: dict, modules: tuple[str, ...]) -> set[str]:
+    return {module for module in modules if any(key.startswith(f"{module}.") for key in weights)}
+
+
+def _check_fits(model: nn.Module, source: ModelSource, config: SegmenterConfig, frozen: tuple[str, ...]) -> None:
+    """The source's weights against the model's state dict, by names and shapes only (the model
+    may be on the meta device): every trainable tensor present, nothing unknown, shapes equal."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    prefixes = tuple(f"{name}." for name in frozen)
+    weights = {key: value for key, value in source.weights.items() if not key.startswith(UNUSED_UNET_HEAD)}
+    missing = sorted(key for key in set(expected) - set(weights) if not key.startswith(prefixes))
     unexpected = sorted(set(weights) - set(expected))
     mismatched = sorted(key for key in set(expected) & set(weights) if tuple(weights[key].shape) != expected[key])
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"{path} does not fit a {config.preset} model with token_length {config.token_length}: "
-                              f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                              f"(e.g. {unexpected[:3]}), {len(mismatched)} of other shapes (e.g. {mismatched[:3]})")
+        raise CheckpointError(f"{source.path} does not fit a {config.preset} model with token_length "
+                              f"{config.token_length}: {len(missing)} missing (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} of "
+                              f"other shapes (e.g. {mismatched[:3]})")
+
+
+def load_model(source: ModelSource | str | os.PathLike, build: Build, *, sd_path=None, clip_path=None,
+               device=None, dtype=None, configure: Callable[[SegmenterConfig], SegmenterConfig] | None = None
+               ) -> tuple[nn.Module, LoadReport]:
+    """Any source (a path or a `ModelSource`) -> (the model in eval mode, what was loaded).
+
+    `sd_path` / `clip_path` replace the weight sources the source records; `configure(config)`
+    may check or change the config before the model is built (test.py: model flags must agree).
+    `device` "meta" builds the architecture only and checks the weights' names and shapes against
+    it (no weights read from sd_path, none loaded). `dtype` casts the loaded model.
+    """
+    if not isinstance(source, ModelSource):
+        source = read_model_source(source)
+    config = source.config
+    if sd_path is not None or clip_path is not None:
+        config = config.replace(sd_path=os.fspath(sd_path) if sd_path is not None else config.sd_path,
+                                clip_path=os.fspath(clip_path) if clip_path is not None else config.clip_path)
+    if configure is not None:
+        config = configure(config)
+    preset = get_preset(config.preset)
+    try:
+        config = preset.complete(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source.path}: {error}") from None
+    left_out = tuple(sorted(set(preset.frozen_modules) - _stored_modules(source.weights, preset.frozen_modules)))
+    weights_path = _frozen_weights_source(source, config, preset, left_out)
+    # Pretrained parts are read when some frozen weights come from them, or when they ship with
+    # the repository; otherwise the source holds every tensor and the build's init is overwritten.
+    pretrained = weights_path is not None or preset.weights is None
+    config = config.replace(sd_path=weights_path or config.sd_path)
+
+    if torch.device(device or "cpu").type == "meta":
+        with torch.device("meta"):
+            model = build(config, False)
+        _check_fits(model, source, config, preset.frozen_modules)
+        model.config = config  # where a real load would take its frozen weights from
+        return model.eval(), LoadReport(layout=source.layout, loaded=sorted(source.weights))
+
+    model = build(config, pretrained)
+    report = load_segmenter_state(model, source.weights, layout="ours")  # converted when read
+    report.layout = source.layout
+    report.unexpected = sorted(report.unexpected + source.unconverted)
+    if report.missing:
+        raise CheckpointError(f"{source.path} lacks {len(report.missing)} trained tensor(s) of the "
+                              f"{config.preset} model (e.g. {', '.join(report.missing[:3])}); they would "
+                              f"stay random, so it is not loaded")
+    if report.unexpected and source.layout == "ours":
+        raise CheckpointError(f"{source.path} holds {len(report.unexpected)} tensor(s) the {config.preset} "
+                              f"model does not have (e.g. {', '.join(report.unexpected[:3])})")
+    if not pretrained and report.frozen_kept:
+        raise CheckpointError(f"{source.path} stores only part of the frozen {', '.join(preset.frozen_modules)} "
+                              f"weights (e.g. {', '.join(report.frozen_kept[:3])} is missing)")
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval(), report
+
+
+# ------------------------------------------------------------------------------------- writing
+def write_model_folder(directory, config: SegmenterConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Write `config.json` and `model.safetensors` into `directory` (each file atomically)."""
     os.makedirs(directory, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
     with atomic_write(os.path.join(directory, WEIGHTS_NAME)) as handle:
         handle.write(save_safetensors(tensors, metadata={"format": "pt"}))
     config.save(os.path.join(directory, CONFIG_NAME))
+
+
+def save_pretrained(model: nn.Module, directory) -> None:
+    """A model's folder: its config and its checkpoint state (without the reloaded frozen parts)."""
+    write_model_folder(directory, model.config, model.checkpoint_state_dict())
+
+
+def export_model_folder(path, directory, build: Build, sd_path=None, no_target_area=None) -> SegmenterConfig:
+    """A training checkpoint (ours or a foreign layout) -> a model folder, without building the
+    model: the weights are checked against the architecture on the meta device and written in our
+    names, without the frozen parts the preset reloads, which must then have a source (`sd_path`,
+    recorded in the folder). `no_target_area`, where given, replaces the checkpoint's. Returns the
+    config written."""
+    source = read_model_source(path)
+    config = source.config
+    if sd_path is not None:
+        config = config.replace(sd_path=os.fspath(sd_path))
+    if no_target_area is not None:
+        config = config.replace(no_target_area=no_target_area)
+    preset = get_preset(config.preset)
+    config = preset.complete(config)
+    left_out = tuple(sorted(set(preset.reloaded_modules)
+                            | (set(preset.frozen_modules) - _stored_modules(source.weights, preset.frozen_modules))))
+    _frozen_weights_source(source, config, preset, left_out, why="exports a model folder without")
+    with torch.device("meta"):
+        meta_model = build(config, False)
+    _check_fits(meta_model, source, config, preset.frozen_modules)
+    drop = tuple(f"{name}." for name in preset.reloaded_modules) + UNUSED_UNET_HEAD
+    write_model_folder(directory, config, {key: value for key, value in source.weights.items()
+                                           if not key.startswith(drop)})
     return config

@@ -9,40 +9,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import TextAdapter
-from .backbone import ATTENTION_MAP_FEATURES, FEATURE_NAMES, DiffusionBackbone
+from .backbone import ATTENTION_MAP_FEATURES, FEATURE_NAMES, DiffusionBackbone, decoder_in_channels
 from .config import ConfigError, SegmenterConfig
-from .decoder import SimpleDecoder
-from .text_encoder import FrozenCLIPTextEncoder
+from .modeling import SegmenterBase
+from .registry import get_preset
+from .text_encoder import CLIPTextEncoder
 
-__all__ = ["VPDSegmenter", "decoder_in_channels", "CLASS_WEIGHTS"]
+__all__ = ["VPDSegmenter", "CLASS_WEIGHTS"]
 
 # Cross-entropy weights of (background, object), as in VPD / LAVT.
 CLASS_WEIGHTS = (0.9, 1.1)
 
 
-def decoder_in_channels(feature_channels: Sequence[int], token_length: int) -> list[int]:
-    """[c1, c2 + L, c3 + L, c4]: the L attention maps are appended to c2 and c3."""
-    return [c + token_length if name in ATTENTION_MAP_FEATURES else c for name, c in zip(FEATURE_NAMES, feature_channels)]
+class VPDSegmenter(SegmenterBase):
+    """Diffusion backbone (VAE + UNet), CLIP text encoder, text adapter and decoder (VPD: the VAE
+    and CLIP frozen, the rest trained; the preset decides).
 
-
-class VPDSegmenter(nn.Module):
-    """Frozen VAE + CLIP, trainable UNet, text adapter and decoder.
-
-    `config` (a `SegmenterConfig`) is the model's identity: `models.build_model(config)` rebuilds
-    it, and every checkpoint and model folder stores it. Attribute names (`backbone.unet`,
+    `config` (a `SegmenterConfig`) is the model's identity: `VPDSegmenter.from_config(config)`
+    rebuilds it, and every checkpoint and model folder stores it. Attribute names (`backbone.unet`,
     `backbone.vae`, `text_encoder`, `text_adapter`, `decoder`) are the state-dict prefixes of our
-    checkpoints; `frozen_module_names` lists the sub-modules that never train, so checkpoints may
-    leave them out.
+    checkpoints; `frozen_module_names` lists the sub-modules that never train (the preset's).
     """
-
-    frozen_module_names = ("backbone.vae", "text_encoder")
 
     def __init__(
         self,
         backbone: DiffusionBackbone,
-        text_encoder: FrozenCLIPTextEncoder,
+        text_encoder: CLIPTextEncoder,
         text_adapter: TextAdapter,
-        decoder: SimpleDecoder,
+        decoder: nn.Module,
         config: SegmenterConfig,
     ):
         super().__init__()
@@ -57,8 +51,9 @@ class VPDSegmenter(nn.Module):
             raise ConfigError(
                 f"text encoder width {text_encoder.hidden_size} != UNet cross_attention_dim {backbone.context_dim}"
             )
+        # A decoder (or a neck before one) that states its widths must agree with the features.
         expected = decoder_in_channels(backbone.feature_channels, config.token_length)
-        if list(decoder.in_channels) != expected:
+        if list(getattr(decoder, "in_channels", expected)) != expected:
             raise ConfigError(
                 f"decoder in_channels {list(decoder.in_channels)} do not match [c1, c2+L, c3+L, c4] = {expected} "
                 f"for features {list(backbone.feature_channels)} and token_length {config.token_length}"
@@ -67,20 +62,15 @@ class VPDSegmenter(nn.Module):
             raise ConfigError(
                 f"token_length {config.token_length} > the text encoder's {text_encoder.max_length} positions"
             )
-        if config.decoder_hidden is not None and config.decoder_hidden != decoder.hidden:
-            raise ConfigError(f"decoder width {decoder.hidden} != config decoder_hidden {config.decoder_hidden}")
+        hidden = getattr(decoder, "hidden", config.decoder_hidden)
+        if config.decoder_hidden is not None and config.decoder_hidden != hidden:
+            raise ConfigError(f"decoder width {hidden} != config decoder_hidden {config.decoder_hidden}")
         if backbone.attn_grad != config.attn_grad:
             raise ConfigError(f"backbone attn_grad {backbone.attn_grad} != config attn_grad {config.attn_grad}")
 
         self.register_buffer("class_weights", torch.tensor(CLASS_WEIGHTS), persistent=False)
-        for name in self.frozen_module_names:
-            self.get_submodule(name).requires_grad_(False)
-
-    def train(self, mode: bool = True) -> VPDSegmenter:
-        super().train(mode)
-        for name in self.frozen_module_names:
-            self.get_submodule(name).eval()
-        return self
+        self.latent_scale = get_preset(config.preset).latent_scale
+        self._freeze(config)
 
     @property
     def token_length(self) -> int:
@@ -89,16 +79,6 @@ class VPDSegmenter(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return self.backbone.vae_scale_factor
-
-    def reloadable_module_names(self) -> tuple[str, ...]:
-        """Frozen sub-modules that come back from `config.sd_path`, so saved states leave them out.
-        A model without a weights path (the tiny preset, a random vpd) keeps them."""
-        return self.frozen_module_names if self.config.sd_path else ()
-
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict a checkpoint or model folder stores: all but the reloadable modules."""
-        prefixes = tuple(f"{name}." for name in self.reloadable_module_names())
-        return {key: value for key, value in self.state_dict().items() if not key.startswith(prefixes)}
 
     _frozen_output_dtype = None  # None: outputs as the frozen modules give them (VPD's numerics)
 
@@ -116,7 +96,8 @@ class VPDSegmenter(nn.Module):
         return tensor if self._frozen_output_dtype is None else tensor.to(self._frozen_output_dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> VAE latents (no gradient); cacheable for evaluation."""
+        """Images in [-1, 1] (B, 3, H, W) -> VAE latents, before the preset's latent scale (what
+        --cache_latents stores); with a frozen VAE without gradient."""
         return self._from_frozen(self.backbone.encode_images(images))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,6 +133,8 @@ class VPDSegmenter(nn.Module):
             output_size = tuple(images.shape[-2:])
         else:
             output_size = tuple(s * self.vae_scale_factor for s in latents.shape[-2:])
+        if self.latent_scale != 1.0:
+            latents = latents * self.latent_scale
         if input_ids.ndim != 2 or input_ids.shape[1] != self.token_length:
             raise ValueError(f"input_ids must be (N, {self.token_length}), got {tuple(input_ids.shape)}")
 
@@ -218,18 +201,3 @@ class VPDSegmenter(nn.Module):
         overlap = (probability * target).sum(dim=1)
         dice = 1 - (2 * overlap + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)
         return loss + dice_weight * dice.mean()
-
-    # ------------------------------------------------------------------------------ model folders
-    def save_pretrained(self, directory) -> None:
-        """Write `config.json` + `model.safetensors` (see models/pretrained.py)."""
-        from .pretrained import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, path, sd_path=None, clip_path=None) -> VPDSegmenter:
-        """Rebuild a model from a model folder or a training checkpoint (ours or VPD's); `sd_path`
-        / `clip_path` replace the recorded weight sources of the frozen parts."""
-        from .pretrained import load_pretrained
-
-        return load_pretrained(path, sd_path=sd_path, clip_path=clip_path)

@@ -1,28 +1,36 @@
-"""Frozen CLIP text encoder (the text model of openai/clip-vit-large-patch14 in VPD)."""
+"""CLIP text encoder (the text model of openai/clip-vit-large-patch14 in VPD), frozen or trained."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 from transformers import CLIPTextModel
 
-__all__ = ["FrozenCLIPTextEncoder"]
+__all__ = ["CLIPTextEncoder", "CLIP_END_OF_TEXT_ID"]
+
+# <|endoftext|> of CLIP's BPE vocabulary (data/tokenizer.py reads the same id from the vocabulary
+# file); SD v1.5's tokenizer pads sentences with it.
+CLIP_END_OF_TEXT_ID = 49407
 
 
-class FrozenCLIPTextEncoder(nn.Module):
-    """Wraps a `CLIPTextModel`: always frozen, always in eval mode, never builds a graph.
+class CLIPTextEncoder(nn.Module):
+    """Wraps a `CLIPTextModel` and returns its per-token `last_hidden_state` (B, L, D).
 
-    Returns the per-token `last_hidden_state` (B, L, D). As in VPD, the attention mask is NOT given
-    to CLIP: padded positions (end-of-text ids) are encoded like any token and the UNet's
-    cross-attention sees all L tokens. `attention_mask` is accepted so callers can pass their batch
-    unchanged, and ignored.
+    Frozen (VPD: `frozen=True`): no parameter trains, it stays in eval mode and never builds a
+    graph. As in VPD, the attention mask is NOT given to CLIP: padded positions are encoded like
+    any token and the UNet's cross-attention sees all L tokens. `attention_mask` is accepted so
+    callers can pass their batch unchanged, and ignored.
     """
 
-    def __init__(self, clip: CLIPTextModel):
+    def __init__(self, clip: CLIPTextModel, frozen: bool = True):
         super().__init__()
         self.clip = clip
-        self.clip.requires_grad_(False)
-        self.clip.eval()
+        self.frozen = frozen
+        if frozen:
+            self.clip.requires_grad_(False)
+            self.clip.eval()
 
     @property
     def hidden_size(self) -> int:
@@ -32,11 +40,11 @@ class FrozenCLIPTextEncoder(nn.Module):
     def max_length(self) -> int:
         return self.clip.config.max_position_embeddings
 
-    def train(self, mode: bool = True) -> FrozenCLIPTextEncoder:
+    def train(self, mode: bool = True) -> CLIPTextEncoder:
         # Frozen: dropout-free eval behaviour whatever the parent module's mode.
-        return super().train(False)
+        return super().train(mode and not self.frozen)
 
-    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         del attention_mask  # deliberately unused, see class docstring
-        return self.clip(input_ids=input_ids).last_hidden_state
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            return self.clip(input_ids=input_ids).last_hidden_state

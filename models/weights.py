@@ -31,10 +31,13 @@ from utils.errors import InputError
 
 __all__ = [
     "SD15_CONFIG_DIR",
+    "CheckpointLayout",
+    "VPD_RELEASE",
     "WeightsNotFoundError",
     "WeightsFormatError",
     "LoadReport",
     "load_pretrained_components",
+    "check_sd_path",
     "load_clip_text_model",
     "components_from_ldm_state_dict",
     "convert_vpd_state_dict",
@@ -75,22 +78,36 @@ def load_pretrained_components(
         config_dir: configs (`unet/`, `vae/`, `text_encoder/` each with config.json) used to
             build the models of a single-file checkpoint; default: SD v1.5's, shipped with us.
     """
-    if sd_path is None:
-        raise WeightsNotFoundError(f"no sd_path given; expected {ACCEPTED_SD_LAYOUTS}")
-    path = Path(sd_path).expanduser()
+    path = check_sd_path(sd_path, clip_path)
     with_text_encoder = clip_path is None
     if path.is_dir():
         unet, vae, clip = _load_diffusers_folder(path, with_text_encoder)
-    elif path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise WeightsFormatError(f"sd_path {path} has an unknown file type; expected {ACCEPTED_SD_LAYOUTS}")
+    else:
         checkpoint = _read_single_file(path)
         unet, vae, clip = components_from_ldm_state_dict(checkpoint, config_dir, with_text_encoder, source=str(path))
-    else:
-        raise WeightsNotFoundError(f"sd_path {path} does not exist; expected {ACCEPTED_SD_LAYOUTS}")
     if clip_path is not None:
         clip = load_clip_text_model(clip_path)
     return unet, vae, clip
+
+
+def check_sd_path(sd_path: str | Path | None, clip_path: str | Path | None = None) -> Path:
+    """`sd_path` as a Path when it has one of the accepted layouts (judged by its files, without
+    reading weights); a one-line WeightsNotFoundError / WeightsFormatError naming it otherwise."""
+    if sd_path is None:
+        raise WeightsNotFoundError(f"no sd_path given; expected {ACCEPTED_SD_LAYOUTS}")
+    path = Path(sd_path).expanduser()
+    if path.is_dir():
+        subfolders = ["unet", "vae"] + (["text_encoder"] if clip_path is None else [])
+        absent = [name for name in subfolders if not (path / name / "config.json").is_file()]
+        if absent:
+            raise WeightsFormatError(f"sd_path {path} lacks {', '.join(f'{a}/config.json' for a in absent)}; "
+                                     f"expected {ACCEPTED_SD_LAYOUTS}")
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise WeightsFormatError(f"sd_path {path} has an unknown file type; expected {ACCEPTED_SD_LAYOUTS}")
+    else:
+        raise WeightsNotFoundError(f"sd_path {path} does not exist; expected {ACCEPTED_SD_LAYOUTS}")
+    return path
 
 
 def load_clip_text_model(clip_path: str | Path) -> CLIPTextModel:
@@ -107,12 +124,6 @@ def load_clip_text_model(clip_path: str | Path) -> CLIPTextModel:
 
 
 def _load_diffusers_folder(path: Path, with_text_encoder: bool) -> Components:
-    subfolders = ["unet", "vae"] + (["text_encoder"] if with_text_encoder else [])
-    absent = [name for name in subfolders if not (path / name / "config.json").is_file()]
-    if absent:
-        raise WeightsFormatError(
-            f"sd_path {path} lacks {', '.join(f'{a}/config.json' for a in absent)}; expected {ACCEPTED_SD_LAYOUTS}"
-        )
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
@@ -230,6 +241,8 @@ _VPD_DECODER_STAGES = {"4": "fuse_c3", "3": "fuse_c2", "2": "fuse_c1"}
 _VPD_DECODER_KEY = re.compile(r"^classifier\.(conv|bn)([12])_([432])\.(.+)$")
 _VPD_UNET_PREFIX = "unet.unet.diffusion_model."
 _VPD_VAE_PREFIX = "encoder_vq."
+# The top-level modules of our segmenters: the keys of our checkpoints start with these.
+OUR_PREFIXES = ("backbone.", "text_encoder.", "text_adapter.", "decoder.")
 # The UNet output head VPD never runs; the backbone removes it, so its weights are dropped.
 UNUSED_UNET_HEAD = ("backbone.unet.conv_norm_out.", "backbone.unet.conv_out.")
 
@@ -322,11 +335,51 @@ def vpd_parameter_name(name: str, unet_config: Mapping) -> str:
     raise ValueError(f"{name} has no counterpart in VPD's RIS model")
 
 
-def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Another code base's checkpoint layout that a preset's models can be read from.
+
+    name: the layout's name in load reports. detect(state_dict): true for a state dict in this
+    layout. convert(state_dict, unet_config, vae_config): -> (state dict in our names, keys it could
+    not convert). settings(args): config values (token_length, img_size, ...) the layout implies,
+    from the checkpoint's own args. unet_key: (its key, the UNet's own key) of one UNet tensor whose
+    shape tells which registered preset the checkpoint holds, when several presets read the layout.
+    """
+
+    name: str
+    detect: Callable[[Mapping[str, torch.Tensor]], bool]
+    convert: Callable[[Mapping[str, torch.Tensor], Mapping, Mapping], tuple[dict[str, torch.Tensor], list[str]]]
+    settings: Callable[[Mapping], dict]
+    unet_key: tuple[str, str]
+
+
+def _is_vpd_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
     # VPD's names first: both layouts have `text_adapter.*` keys.
-    if any(key.startswith((_VPD_UNET_PREFIX, _VPD_VAE_PREFIX, "classifier.")) or key == "gamma" for key in state_dict):
-        return "vpd"
-    if any(key.startswith(("backbone.", "text_encoder.", "text_adapter.", "decoder.")) for key in state_dict):
+    return any(key.startswith((_VPD_UNET_PREFIX, _VPD_VAE_PREFIX, "classifier.")) or key == "gamma"
+               for key in state_dict)
+
+
+def _vpd_release_settings(args: Mapping) -> dict:
+    # VPD trained and evaluated its released RIS models at 512 px (its train.sh / test.sh); its
+    # --token_length defaults to 77.
+    return {"token_length": int(args.get("token_length", 77)), "img_size": int(args.get("img_size", 512))}
+
+
+# VPD's released RIS checkpoints (vpd_ris_refcoco.pth, ...): LDM-named UNet and VAE, its decoder
+# names; CLIP never saved.
+VPD_RELEASE = CheckpointLayout(
+    name="vpd",
+    detect=_is_vpd_layout,
+    convert=convert_vpd_state_dict,
+    settings=_vpd_release_settings,
+    unet_key=(_VPD_UNET_PREFIX + "input_blocks.0.0.weight", "conv_in.weight"),
+)
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    if VPD_RELEASE.detect(state_dict):
+        return VPD_RELEASE.name
+    if any(key.startswith(OUR_PREFIXES) for key in state_dict):
         return "ours"
     sample = ", ".join(list(state_dict)[:3])
     raise CheckpointError(
@@ -334,7 +387,8 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = False) -> LoadReport:
+def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = False,
+                         layout: str | None = None) -> LoadReport:
     """Load a model state dict, ours or VPD's released RIS layout, into a `VPDSegmenter`.
 
     `state_dict` is the model part of a checkpoint (`utils.checkpoint.model_state_from_checkpoint`)
@@ -342,14 +396,15 @@ def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = F
     they keep their built (pretrained / seeded) weights. Raises `CheckpointError` when tensors have
     other shapes than the model's (a checkpoint of another preset or token length) or when no UNet
     weight matches; with `strict`, also when trainable keys are missing or keys are unexpected.
+    `layout`, when the caller knows it ("ours" for weights it converted already), skips detection.
     """
     # 1. Normalise the checkpoint to our key names.
     state_dict = dict(state_dict)
-    layout = detect_layout(state_dict)
+    layout = layout or detect_layout(state_dict)
     unexpected: list[str] = []
-    if layout == "vpd":
+    if layout == VPD_RELEASE.name:
         unet, vae = model.backbone.unet, model.backbone.vae
-        state_dict, unexpected = convert_vpd_state_dict(state_dict, unet.config, vae.config)
+        state_dict, unexpected = VPD_RELEASE.convert(state_dict, unet.config, vae.config)
 
     # 2. Compare with the model.
     own = model.state_dict()

@@ -5,7 +5,7 @@ import pytest
 
 from engine.args import (DATASET_DEFAULTS, GROUPS, PAPER_DEFAULTS, PROGRAM_GROUPS, get_parser,
                          model_config, parse_args, reconcile_model_config)
-from models import PRESETS, SegmenterConfig
+from models import PRESETS, SegmenterConfig, get_preset
 from refer.refer import DATASETS
 
 
@@ -79,7 +79,8 @@ def test_paper_defaults():
     assert (args.model, args.img_size, args.batch_size, args.epochs, args.lr, args.wd) == \
         ("vpd", 512, 4, 40, 5e-5, 1e-2)
     assert args.model_id == "refcoco" and args.unet_lr_scale == 1.0
-    assert args.sd_path.endswith("stable-diffusion-v1-5")
+    # The weights' default path is the preset's, resolved when the model is built.
+    assert args.sd_path is None and get_preset(args.model).weights.default_path == "./stable-diffusion-v1-5"
     assert args.precision == args.eval_precision == "fp32"  # VPD trained and evaluated in fp32
 
 
@@ -161,7 +162,7 @@ def test_out_folder_is_refused(tmp_path, capsys):
 def test_model_config_from_flags_and_from_a_checkpoint():
     args = parse_args("train", ["--dataset", "toy", "--token_length", "12"])
     assert model_config(args) == SegmenterConfig(preset="tiny", token_length=12, img_size=64,
-                                                 attn_grad=True)
+                                                 attn_grad=True, decoder_hidden=32, pad_token_id=49407)
     saved = SegmenterConfig(preset="tiny", token_length=12, img_size=64, sd_path="/weights/sd")
     test_args = parse_args("test", ["--dataset", "toy", "--checkpoint", "c.pth", "--img_size", "64"])
     assert reconcile_model_config(saved, test_args, "c.pth") == saved  # agreeing flags are fine

@@ -6,7 +6,7 @@ import torch
 from engine.args import parse_args
 from engine.precision import resolve_precision
 from engine.training import weight_decay_rule
-from models import SegmenterConfig, build_model_on_meta
+from models import SegmenterConfig, build_model_on_meta, get_preset
 from models.weights import convert_vpd_state_dict, vpd_parameter_name
 
 from engine.signals import StopRequest
@@ -68,11 +68,14 @@ def test_parameter_groups_by_role_without_decay_on_vectors():
     model.backbone.unet = torch.nn.Linear(3, 3)
     model.decoder = torch.nn.Conv2d(3, 3, 1)
     model.gamma = torch.nn.Parameter(torch.ones(3))
-    groups = {group["name"]: group for group in parameter_groups(model, 0.01, unet_lr_scale=0.1)}
+    recipe = get_preset("vpd").recipe  # its optimizer groups: the UNet, and the rest ("head")
+    groups = {group["name"]: group for group in parameter_groups(model, 0.01, {"unet": 0.1},
+                                                                 group_of=recipe.group_of)}
     assert set(groups) == {"unet_decay", "unet_no_decay", "head_decay", "head_no_decay"}
     assert groups["unet_decay"]["lr_scale"] == 0.1 and groups["head_decay"]["lr_scale"] == 1.0
     assert groups["head_no_decay"]["weight_decay"] == 0.0 and len(groups["head_no_decay"]["params"]) == 2
-    optimizer = build_optimizer(model, lr=1.0, weight_decay=0.01, unet_lr_scale=0.1)
+    optimizer = build_optimizer(model, lr=1.0, weight_decay=0.01, lr_scales={"unet": 0.1},
+                                group_of=recipe.group_of)
     assert sorted(group["lr"] for group in optimizer.param_groups) == [0.1, 0.1, 1.0, 1.0]
     assert optimizer.defaults["fused"]  # the fused kernel on a CPU too (the fastest there)
 

@@ -21,7 +21,8 @@ import data.refer_dataset as refer_dataset
 from data.refer_dataset import ReferDataset
 from models import create_segmenter
 from models.fingerprint import vae_fingerprint
-from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
+from models.presets.tiny import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+from models.registry import random_components
 from refer.synthetic import make_refer_dataset
 
 TOKEN_LENGTH = 12  # the fixture's sentences have at most 10 tokens

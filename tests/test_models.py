@@ -22,17 +22,17 @@ from data.tokenizer import CLIPTokenizer
 from data.toy import ensure_toy_dataset, scene_captions, split_images
 from data.transforms import ImageMaskTransform, load_rgb
 from models.config import ConfigError
-from models.presets import (
+from models.presets.tiny import (
     SD15_NOISE_SCHEDULE,
     TINY_CLIP_CONFIG,
     TINY_UNET_CONFIG,
     TINY_UNET_DIR,
     TINY_VAE_CONFIG,
     TINY_VAE_DIR,
-    random_components,
     random_tiny_unet,
     random_tiny_vae,
 )
+from models.registry import random_components
 
 TOKEN_LENGTH = 10
 

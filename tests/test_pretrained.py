@@ -9,9 +9,12 @@ import torch
 
 from models import PRESETS, SegmenterConfig, build_model, create_segmenter, load_pretrained
 from models.config import ConfigError
-from models.pretrained import (config_from_checkpoint, export_model_folder, read_model_source,
-                               save_pretrained)
+from models import export_model_folder
+from models.pretrained import config_from_checkpoint, save_pretrained
+from models.pretrained import read_model_source
+from tests.test_presets import small_vpd  # noqa: F401  (a fixture)
 from tests.test_weights import _perturbed_tiny, _vpd_layout_state
+from utils.errors import InputError
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 TOKEN_LENGTH = 10
@@ -28,10 +31,10 @@ def test_config_validates_and_round_trips(tmp_path):
     assert SegmenterConfig.from_dict(config.to_dict()) == config
     config.save(tmp_path / "config.json")
     assert SegmenterConfig.load(tmp_path / "config.json") == config
-    for bad, message in (({"token_length": 1}, "token_length must be an integer >= 2, got 1"),
-                         ({"img_size": 0}, "img_size must be an integer >= 1, got 0"),
+    for bad, message in (({"token_length": 1}, r"token_length must be an integer in \[2, 512\], got 1"),
+                         ({"img_size": 0}, r"img_size must be an integer in \[16, 2048\], got 0"),
                          ({"attn_grad": "yes"}, "attn_grad must be true or false"),
-                         ({"decoder_hidden": -4}, "decoder_hidden must be a positive integer"),
+                         ({"decoder_hidden": -4}, r"decoder_hidden must be an integer in \[1, 4096\], got -4"),
                          ({"no_target_area": 1.0}, r"no_target_area must be a fraction in \[0, 1\)"),
                          ({"no_target_area": True}, "no_target_area must be a fraction")):
         with pytest.raises(ConfigError, match=message):
@@ -109,18 +112,21 @@ def test_model_folder_is_bit_identical_and_holds_no_pickle(tmp_path):
         assert torch.equal(loaded(input_ids, images=images), model.eval()(input_ids, images=images))
 
 
-def test_a_model_without_its_frozen_weights_needs_sd_path(tmp_path):
-    """A folder of a model whose VAE / CLIP come from Stable Diffusion stores neither."""
-    model = _perturbed_tiny(TOKEN_LENGTH)
+def test_a_model_without_its_frozen_weights_needs_sd_path(tmp_path, small_vpd, monkeypatch):
+    """A folder of a model whose VAE / CLIP come from Stable Diffusion stores neither (the vpd
+    preset's record, at toy size: tests/test_presets.py)."""
+    _, sd_folder, model = small_vpd
     folder = tmp_path / "model"
     save_pretrained(model, folder)
     config = SegmenterConfig.load(folder / "config.json")
+    SegmenterConfig.save(config.replace(sd_path=None), folder / "config.json")  # moved machines
     frozen = tuple(f"{name}." for name in model.frozen_module_names)
-    source = read_model_source(folder)
-    source.weights = {k: v for k, v in source.weights.items() if not k.startswith(frozen)}
-    from models.pretrained import build_from_source
-    with pytest.raises(CheckpointError, match="stores no frozen VAE / CLIP weights .* pass sd_path"):
-        build_from_source(source, config)
+    assert not any(key.startswith(frozen) for key in read_model_source(folder).weights)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="does not store the vpd_small model's frozen backbone.vae, "
+                                         "text_encoder weights.* pass --sd_path"):
+        load_pretrained(folder)
+    assert load_pretrained(folder, sd_path=sd_folder).config.sd_path == str(sd_folder)
 
 
 def test_vpd_released_checkpoint_exports_to_a_loadable_folder(tmp_path):

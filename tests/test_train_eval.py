@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from models.pretrained import export_model_folder
+from models import export_model_folder
 from refer.refer import REFER
 from tests.programs import SMALL_RUN, load_program, main_here, run, start, train_command, wait_for
 from utils.checkpoint import load_checkpoint

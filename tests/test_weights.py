@@ -21,7 +21,8 @@ from models import (
     load_pretrained_components,
     load_segmenter_state,
 )
-from models.presets import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_components
+from models.presets.tiny import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+from models.registry import random_components
 from models.weights import SD15_CONFIG_DIR, load_clip_text_model
 from utils.checkpoint import CheckpointError, model_state_from_checkpoint
 

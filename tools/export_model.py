@@ -6,12 +6,13 @@ config.json + model.safetensors, the layout `from_pretrained` reads (no pickle).
     python tools/export_model.py checkpoints/model_best_gtoy.pth models/gtoy --no_target_area 0.01
 
 The frozen VAE and CLIP of the vpd preset are not stored: they come back from the Stable Diffusion
-weights (`--sd_path` here is recorded in the folder's config; it can be given again when loading).
+weights, which must exist (`--sd_path`, recorded in the folder's config and replaceable when loading;
+or ./stable-diffusion-v1-5 in the working directory, then not recorded).
 """
 import argparse
 
 from engine.args import area_fraction
-from models.pretrained import export_model_folder
+from models import export_model_folder
 from utils.logging import run_cli
 
 
@@ -21,7 +22,8 @@ def main(argv=None):
     parser.add_argument("out_dir", help="the model folder to write")
     parser.add_argument("--sd_path", default=None,
                         help="Stable Diffusion v1.5 weights to record in the folder's config "
-                             "(default: what the checkpoint records; VPD's record none)")
+                             "(default: what the checkpoint records, else ./stable-diffusion-v1-5 "
+                             "when it exists, unrecorded; VPD's checkpoints record none)")
     parser.add_argument("--no_target_area", type=area_fraction, default=None,
                         help="generalized datasets: the 'no target' mask area to record, e.g. the "
                              "fraction bench/no_target_rule.py chose on val (default: the "

@@ -29,9 +29,9 @@ from diffusers import DDPMScheduler
 from data.tokenizer import CLIPTokenizer
 from data.toy import TOY_DATASET_NAME, ensure_toy_dataset, scene_captions, split_images
 from engine.args import DATASET_DEFAULTS, get_parser
-from models.presets import (SD15_NOISE_SCHEDULE, TINY_UNET_DIR, load_tiny_vae, random_tiny_unet,
-                            tiny_text_encoder)
-from models.text_encoder import FrozenCLIPTextEncoder
+from models.presets.tiny import (SD15_NOISE_SCHEDULE, TINY_UNET_DIR, load_tiny_vae,
+                                 random_tiny_unet, tiny_text_encoder)
+from models.text_encoder import CLIPTextEncoder
 from utils.optim import fit_with_cosine_adamw
 
 TOKEN_LENGTH = DATASET_DEFAULTS["toy"]["token_length"]
@@ -66,7 +66,7 @@ def main():
     torch.manual_seed(args.seed)
     ensure_toy_dataset(args.refer_data_root)
     vae = load_tiny_vae().eval()
-    text_encoder = FrozenCLIPTextEncoder(tiny_text_encoder()).eval()
+    text_encoder = CLIPTextEncoder(tiny_text_encoder()).eval()
     tokenizer = CLIPTokenizer(TOKEN_LENGTH)
     captions_by_name = scene_captions(os.path.join(args.refer_data_root, TOY_DATASET_NAME))
     latents, context, captions = encode_split(args.refer_data_root, "train", args.img_size, vae,

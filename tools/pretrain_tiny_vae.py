@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from data.toy import ensure_toy_dataset, split_images
 from engine.args import get_parser
-from models.presets import TINY_VAE_DIR, random_tiny_vae
+from models.presets.tiny import TINY_VAE_DIR, random_tiny_vae
 from utils.optim import fit_with_cosine_adamw
 
 

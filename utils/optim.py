@@ -10,30 +10,33 @@ def decays_matrices(name, parameter):
     return parameter.ndim > 1
 
 
-def parameter_groups(model, weight_decay, unet_lr_scale=1.0, decays=decays_matrices):
-    """AdamW groups by role: UNet vs. the rest (decoder, text adapter), decayed vs. not.
+def parameter_groups(model, weight_decay, lr_scales=None, decays=decays_matrices, group_of=None):
+    """AdamW groups by role and decay, in the order the roles first appear.
 
-    `decays(name, parameter)` says which trainable tensors get weight decay. Each group carries
-    `lr_scale`, which `build_optimizer` applies to the lr.
+    `group_of(name)` gives each trainable tensor's role (default: one role, "all"; train.py: the
+    model preset's optimizer groups, e.g. UNet vs. the rest); `lr_scales` maps a role to its
+    learning-rate multiplier (default 1). `decays(name, parameter)` says which tensors get weight
+    decay. Each group carries `lr_scale`, which `build_optimizer` applies to the lr.
     """
+    lr_scales = lr_scales or {}
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        role = "unet" if ".unet." in f".{name}" else "head"
+        role = group_of(name) if group_of is not None else "all"
         decay = bool(decays(name, parameter))
         key = (role, decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": unet_lr_scale if role == "unet" else 1.0,
+                           "lr_scale": lr_scales.get(role, 1.0),
                            "name": f"{role}_{'decay' if decay else 'no_decay'}"}
         groups[key]["params"].append(parameter)
     return list(groups.values())
 
 
-def build_optimizer(model, lr, weight_decay, unet_lr_scale=1.0, fused=None, amsgrad=False,
-                    decays=decays_matrices):
-    groups = parameter_groups(model, weight_decay, unet_lr_scale, decays)
+def build_optimizer(model, lr, weight_decay, lr_scales=None, fused=None, amsgrad=False,
+                    decays=decays_matrices, group_of=None):
+    groups = parameter_groups(model, weight_decay, lr_scales, decays, group_of)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if fused is None:  # the fused kernel is the fastest AdamW on GPUs and on CPUs
@@ -56,10 +59,13 @@ def poly_lr_lambda(total_iterations, power=0.9, warmup_iterations=0):
     return factor
 
 
-def build_scheduler(optimizer, total_iterations, power=0.9, warmup_iterations=0):
+def build_scheduler(optimizer, total_iterations, power=0.9, warmup_iterations=0, schedule=None):
+    """Each iteration's lr factor from `schedule(total_iterations, warmup_iterations)` (a model
+    preset's recipe), default the poly decay of `power`."""
+    factor = (schedule(total_iterations, warmup_iterations=warmup_iterations) if schedule is not None
+              else poly_lr_lambda(total_iterations, power, warmup_iterations))
     # LambdaLR multiplies each group's initial lr (already scaled by its lr_scale).
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(total_iterations, power, warmup_iterations))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def fit_with_cosine_adamw(parameters, step_loss, steps, lr, weight_decay, log_every=100):

@@ -4,4 +4,3 @@ import os
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_ROOT = os.path.join(REPO_ROOT, "refer", "data")
 DEFAULT_OUTPUT_DIR = os.path.join(REPO_ROOT, "checkpoints")
-DEFAULT_SD_PATH = os.path.join(REPO_ROOT, "stable-diffusion-v1-5")

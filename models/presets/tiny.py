@@ -1,15 +1,12 @@
-"""Model presets: `vpd` (SD v1.5 + CLIP ViT-L/14, the paper's model) and `tiny` (same classes, small).
+"""The `tiny` preset: Stable Diffusion's classes at toy size, for CPU runs and the tests.
 
-Each preset only says how to obtain its three diffusers/transformers components and its decoder
-width; `build_model(config)` assembles every preset the same way.
+Its UNet and VAE are pre-trained once on the toy dataset and ship with the repository
+(`models/configs/tiny/`); its frozen CLIP text model is random (seeded). Nothing is downloaded and
+no weights path is needed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,37 +14,23 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .adapter import TextAdapter
-from .backbone import DiffusionBackbone
-from .config import ConfigError, SegmenterConfig
-from .decoder import SimpleDecoder
-from .segmenter import VPDSegmenter, decoder_in_channels
-from .text_encoder import FrozenCLIPTextEncoder
-from .weights import SD15_CONFIG_DIR, Components, load_pretrained_components
+from ..config import ConfigError
+from ..registry import INIT_SEED, Preset, register_preset, seeded
+from ..weights import VPD_RELEASE
 
 __all__ = [
-    "PRESETS",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
     "TINY_CLIP_CONFIG",
     "TINY_VAE_DIR",
     "TINY_UNET_DIR",
     "SD15_NOISE_SCHEDULE",
-    "build_model",
-    "build_model_on_meta",
-    "create_segmenter",
-    "random_components",
     "random_tiny_unet",
     "random_tiny_vae",
     "load_tiny_unet",
     "load_tiny_vae",
     "tiny_text_encoder",
 ]
-
-# Random initialisation is seeded with this inside a forked RNG scope: the frozen random part of
-# `tiny` (its CLIP) is identical in every run, so checkpoints that omit it stay valid, and the
-# caller's global RNG stream is left untouched.
-INIT_SEED = 0
 
 # SD v1.5's UNet at toy size, shaped for speed on a CPU: one layer per block, and cross-attention
 # only where VPD records its maps (strides 2 and 4 of the latent, which feed c2 and c3), so the
@@ -80,7 +63,8 @@ TINY_VAE_CONFIG = dict(
     norm_num_groups=8,
     sample_size=128,
 )
-# CLIP's vocabulary and 77 positions (the real tokenizer works unchanged), toy width and depth.
+# CLIP's vocabulary and 77 positions (the real tokenizer works unchanged; CLIPTextConfig's default
+# start / end ids are CLIP's), toy width and depth.
 TINY_CLIP_CONFIG = dict(
     vocab_size=49408,
     max_position_embeddings=77,
@@ -89,9 +73,6 @@ TINY_CLIP_CONFIG = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     hidden_act="quick_gelu",
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
 )
 
 # Stable Diffusion v1.5's training noise schedule (its scheduler_config.json): the tiny UNet is
@@ -99,8 +80,8 @@ TINY_CLIP_CONFIG = dict(
 SD15_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                            beta_schedule="scaled_linear")
 
-TINY_VAE_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "vae"
-TINY_UNET_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "unet"
+TINY_VAE_DIR = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "vae"
+TINY_UNET_DIR = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "unet"
 
 # CLIP's own init puts the token embeddings at std 0.02, far below what its (random) layers add, so
 # a random *frozen* CLIP returns nearly the same vector for every word at a position (mean cosine
@@ -108,41 +89,22 @@ TINY_UNET_DIR = Path(__file__).resolve().parent / "configs" / "tiny" / "unet"
 # (mean cosine 0.09), which is what the UNet's cross-attention needs from a text encoder.
 TINY_CLIP_TOKEN_EMBEDDING_STD = 1.0
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def random_components(
-    unet_config: dict, vae_config: dict, clip_config: dict | CLIPTextConfig, seed: int = INIT_SEED
-) -> Components:
-    """Randomly initialised UNet, VAE and CLIP text model, deterministic for a given seed."""
-    if not isinstance(clip_config, CLIPTextConfig):
-        clip_config = CLIPTextConfig(**clip_config)
-    with _seeded(seed):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        vae = AutoencoderKL.from_config(vae_config)
-        clip = CLIPTextModel(clip_config)
-    return unet, vae, clip
-
 
 def random_tiny_vae(seed: int = INIT_SEED) -> AutoencoderKL:
     """TINY_VAE_CONFIG, randomly initialised (the starting point of tools/pretrain_tiny_vae.py)."""
-    with _seeded(seed):
+    with seeded(seed):
         return AutoencoderKL.from_config(TINY_VAE_CONFIG)
 
 
 def random_tiny_unet(seed: int = INIT_SEED) -> UNet2DConditionModel:
     """TINY_UNET_CONFIG, randomly initialised (the starting point of tools/pretrain_tiny_unet.py)."""
-    with _seeded(seed):
+    with seeded(seed):
         return UNet2DConditionModel.from_config(TINY_UNET_CONFIG)
 
 
 def tiny_text_encoder() -> CLIPTextModel:
     """The tiny preset's frozen CLIP text model: random (seeded), unit-scale word embeddings."""
-    with _seeded(INIT_SEED):
+    with seeded(INIT_SEED):
         clip = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_CONFIG))
         with torch.no_grad():
             nn.init.normal_(clip.get_input_embeddings().weight, std=TINY_CLIP_TOKEN_EMBEDDING_STD)
@@ -179,71 +141,13 @@ def load_tiny_unet() -> UNet2DConditionModel:
                          "tools/pretrain_tiny_unet.py")
 
 
-def _vpd_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
-    """SD v1.5 from `sd_path`; with sd_path=None a random init of the real sizes (size tests, benchmarks)."""
-    if sd_path is None:
-        if torch.get_default_device().type != "meta":
-            warnings.warn("model 'vpd' without sd_path: random initialisation, no pretrained weights", stacklevel=3)
-        return random_components(
-            UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"),
-            AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"),
-            CLIPTextConfig.from_json_file(SD15_CONFIG_DIR / "text_encoder" / "config.json"),
-        )
-    return load_pretrained_components(sd_path, clip_path)
-
-
-def _tiny_components(sd_path: str | Path | None, clip_path: str | Path | None) -> Components:
-    """The shipped pre-trained tiny UNet and VAE, the random frozen tiny CLIP (unit-scale word
-    embeddings). There are no other weights to load: sd_path / clip_path are ignored.
-    """
-    if torch.get_default_device().type == "meta":
-        return random_tiny_unet(), random_tiny_vae(), tiny_text_encoder()
-    return load_tiny_unet(), load_tiny_vae(), tiny_text_encoder()
-
-
-@dataclass(frozen=True)
-class Preset:
-    components: Callable[[str | Path | None, str | Path | None], Components]
-    decoder_hidden: int
-
-
-PRESETS: dict[str, Preset] = {
-    "vpd": Preset(components=_vpd_components, decoder_hidden=640),
-    "tiny": Preset(components=_tiny_components, decoder_hidden=32),
-}
-
-
-def build_model(config: SegmenterConfig) -> VPDSegmenter:
-    """Build the segmenter a config describes (its frozen parts from `config.sd_path`).
-
-    For `vpd`, `sd_path=None` gives a random init of the real sizes (no weights read). Every
-    randomly initialised part (the tiny components, the text adapter, the decoder) is seeded with
-    INIT_SEED, independently of the training seed: two builds are identical.
-    """
-    if not isinstance(config, SegmenterConfig):
-        raise TypeError(f"build_model takes a SegmenterConfig, got {type(config).__name__}")
-    if config.preset not in PRESETS:
-        raise ConfigError(f"unknown model {config.preset!r}; known models: {', '.join(sorted(PRESETS))}")
-    preset = PRESETS[config.preset]
-    unet, vae, clip = preset.components(config.sd_path, config.clip_path)
-    backbone = DiffusionBackbone(unet, vae, attn_grad=config.attn_grad)
-    text_encoder = FrozenCLIPTextEncoder(clip)
-    hidden = config.decoder_hidden or preset.decoder_hidden
-    with _seeded(INIT_SEED):
-        text_adapter = TextAdapter(text_encoder.hidden_size)
-        decoder = SimpleDecoder(decoder_in_channels(backbone.feature_channels, config.token_length), hidden=hidden)
-    return VPDSegmenter(backbone, text_encoder, text_adapter, decoder, config.replace(decoder_hidden=hidden))
-
-
-def create_segmenter(name: str = "vpd", **settings) -> VPDSegmenter:
-    """`build_model(SegmenterConfig(preset=name, **settings))`, e.g. `create_segmenter("tiny", token_length=16)`."""
-    return build_model(SegmenterConfig(preset=name, **settings))
-
-
-def build_model_on_meta(config: SegmenterConfig | str = "vpd", token_length: int = 40) -> VPDSegmenter:
-    """The architecture on the meta device: real shapes, no memory, no weights read. Takes a config,
-    or a preset name and token length."""
-    if isinstance(config, str):
-        config = SegmenterConfig(preset=config, token_length=token_length)
-    with torch.device("meta"):
-        return build_model(config.replace(sd_path=None, clip_path=None))
+register_preset(Preset(
+    name="tiny",
+    description="Stable Diffusion's classes at toy size for CPU runs and tests; its weights ship "
+                "with the repository",
+    pretrained_components=lambda sd_path, clip_path: (load_tiny_unet(), load_tiny_vae(), tiny_text_encoder()),
+    random_components=lambda: (random_tiny_unet(), random_tiny_vae(), tiny_text_encoder()),
+    decoder_hidden=32,
+    # VPD's names for a tiny model: the tests of the conversion.
+    checkpoint_layouts=(VPD_RELEASE,),
+))

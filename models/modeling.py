@@ -1,0 +1,95 @@
+"""What every segmenter here shares, as diffusers' ModelMixin + ConfigMixin: a recorded config it
+is built from (`from_config`), the one way back from anything saved (`from_pretrained`), a model
+folder (`save_pretrained`), and its frozen parts as its preset declares them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter import TextAdapter
+from .backbone import DiffusionBackbone, decoder_in_channels
+from .config import SegmenterConfig
+from .pretrained import load_model, save_pretrained
+from .registry import INIT_SEED, get_preset, seeded
+from .text_encoder import CLIPTextEncoder
+
+__all__ = ["SegmenterBase"]
+
+
+class SegmenterBase(nn.Module):
+    """Base class of the segmenters: `config` is the model's identity; `frozen_module_names` (from
+    its preset) are the sub-modules that never train, kept in eval mode."""
+
+    config: SegmenterConfig
+    frozen_module_names: tuple[str, ...] = ()
+
+    def _freeze(self, config: SegmenterConfig) -> None:
+        """Called by a subclass once its sub-modules exist."""
+        self.frozen_module_names = get_preset(config.preset).frozen_modules
+        for name in self.frozen_module_names:
+            self.get_submodule(name).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_module_names:
+            self.get_submodule(name).eval()
+        return self
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state a checkpoint or model folder stores: all but the frozen sub-modules the
+        preset reloads from its weights path (`Preset.reloaded_modules`)."""
+        prefixes = tuple(f"{name}." for name in get_preset(self.config.preset).reloaded_modules)
+        return {key: value for key, value in self.state_dict().items() if not key.startswith(prefixes)}
+
+    @classmethod
+    def from_config(cls, config: SegmenterConfig, pretrained: bool = True):
+        """Build the model a config describes, its parts from its preset.
+
+        pretrained: the UNet, VAE and CLIP from the preset's pretrained weights (for `vpd`:
+        `config.sd_path`, else the preset's default path when it exists, else a one-line error);
+        False: randomly initialised at the real sizes (meta device, benchmarks, tests). Every
+        randomly initialised part (text adapter, decoder) is seeded with INIT_SEED, independently
+        of the training seed: two builds are identical.
+        """
+        if not isinstance(config, SegmenterConfig):
+            raise TypeError(f"from_config takes a SegmenterConfig, got {type(config).__name__}")
+        preset = get_preset(config.preset)
+        config = preset.complete(config)
+        if pretrained:
+            if preset.weights is not None:
+                sd_path = preset.weights_path(config.sd_path)
+                if sd_path is None:
+                    raise preset.missing_weights(f"the {preset.name} model is built from "
+                                                 f"{preset.weights.what} weights")
+                config = config.replace(sd_path=sd_path)
+            unet, vae, clip = preset.pretrained_components(config.sd_path, config.clip_path)
+        else:
+            unet, vae, clip = preset.random_components()
+            config = config.replace(sd_path=None, clip_path=None)
+        backbone = DiffusionBackbone(unet, vae, attn_grad=config.attn_grad)
+        text_encoder = CLIPTextEncoder(clip, frozen="text_encoder" in preset.frozen_modules)
+        with seeded(INIT_SEED):
+            text_adapter = TextAdapter(text_encoder.hidden_size)
+            decoder = preset.build_decoder(decoder_in_channels(backbone.feature_channels, config.token_length),
+                                           config.decoder_hidden)
+        return cls(backbone, text_encoder, text_adapter, decoder, config)
+
+    @classmethod
+    def from_pretrained(cls, path, sd_path=None, clip_path=None, device=None, dtype=None, configure=None,
+                        with_report=False):
+        """Rebuild a model from a model folder, a training checkpoint (ours or VPD's) or a Hugging
+        Face cache folder, in eval mode (models/pretrained.py `load_model`).
+
+        `sd_path` / `clip_path` replace the recorded weight sources of the frozen parts;
+        `device` / `dtype` move and cast the loaded model ("meta": architecture and shapes only);
+        `configure(config)` checks or changes the config before building. `with_report` returns
+        (model, models.LoadReport).
+        """
+        model, report = load_model(path, cls.from_config, sd_path=sd_path, clip_path=clip_path,
+                                   device=device, dtype=dtype, configure=configure)
+        return (model, report) if with_report else model
+
+    def save_pretrained(self, directory) -> None:
+        """Write `config.json` + `model.safetensors` (no pickle): what `from_pretrained` reads."""
+        save_pretrained(self, directory)
