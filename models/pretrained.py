@@ -193,9 +193,16 @@ def _foreign_layout(weights: dict) -> CheckpointLayout | None:
     return None
 
 
+_META_COMPONENTS: dict[int, tuple] = {}
+
+
 def _meta_components(preset: Preset):
-    with torch.device("meta"):
-        return preset.random_components()
+    """The preset's components on the meta device (shapes and configs only), built once."""
+    cached = _META_COMPONENTS.get(id(preset))
+    if cached is None or cached[0] is not preset:
+        with torch.device("meta"):
+            cached = _META_COMPONENTS[id(preset)] = (preset, preset.random_components())
+    return cached[1]
 
 
 def _preset_reading(layout: CheckpointLayout, weights: dict, path: str):
