@@ -332,7 +332,8 @@ def main(argv=None):
         print("| variant | predicted growth (lower - upper) | measured peak growth | within |")
         print("|---|---|---|---|")
         # bf16 kernels on a CPU are slow: their rows are checked on small models only.
-        small = sum(p.numel() for p in build_model_on_meta(config).parameters()) < CPU_BF16_CHECK_PARAMETERS
+        parameters = sum(p.numel() for p in build_model_on_meta(config).parameters())
+        small = parameters < CPU_BF16_CHECK_PARAMETERS
         for entry in accounts:
             if "bf16" in entry.variant and not small:
                 continue

@@ -36,7 +36,8 @@ WEIGHT_DECAY_RULES = {"vpd": vpd_weight_decay, "modern": lambda model: decays_ma
 def weight_decay_rule(model, rule):
     """The `decays(name, parameter)` of a rule of WEIGHT_DECAY_RULES for `model`."""
     if rule not in WEIGHT_DECAY_RULES:
-        raise ValueError(f"unknown weight decay rule {rule!r}; expected one of {', '.join(WEIGHT_DECAY_RULES)}")
+        raise ValueError(f"unknown weight decay rule {rule!r}; expected one of "
+                         f"{', '.join(WEIGHT_DECAY_RULES)}")
     return WEIGHT_DECAY_RULES[rule](model)
 
 

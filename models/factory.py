@@ -19,7 +19,8 @@ def build_model(config: SegmenterConfig, pretrained: bool = True) -> VPDSegmente
 
 
 def create_segmenter(name: str = "vpd", pretrained: bool = True, **settings) -> VPDSegmenter:
-    """`build_model(SegmenterConfig(preset=name, **settings))`, e.g. `create_segmenter("tiny", token_length=16)`."""
+    """`build_model(SegmenterConfig(preset=name, **settings))`, e.g.
+    `create_segmenter("tiny", token_length=16)`."""
     return build_model(SegmenterConfig(preset=name, **settings), pretrained)
 
 

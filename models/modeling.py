@@ -71,8 +71,8 @@ class SegmenterBase(nn.Module):
         text_encoder = CLIPTextEncoder(clip, frozen="text_encoder" in preset.frozen_modules)
         with seeded(INIT_SEED):
             text_adapter = TextAdapter(text_encoder.hidden_size)
-            decoder = preset.build_decoder(decoder_in_channels(backbone.feature_channels, config.token_length),
-                                           config.decoder_hidden)
+            in_channels = decoder_in_channels(backbone.feature_channels, config.token_length)
+            decoder = preset.build_decoder(in_channels, config.decoder_hidden)
         return cls(backbone, text_encoder, text_adapter, decoder, config)
 
     @classmethod

@@ -225,7 +225,7 @@ def _preset_reading(layout: CheckpointLayout, weights: dict, path: str):
 
 # ------------------------------------------------------------------------------------- loading
 def _frozen_weights_source(source: ModelSource, config: SegmenterConfig, preset: Preset,
-                           left_out: tuple[str, ...], why: str = "does not store") -> str | None:
+                           left_out: tuple[str, ...], why: str) -> str | None:
     """Where the frozen modules `left_out` (of `preset`) come from: the weights path (given,
     recorded, or the preset's default when it exists); None when nothing is left out or the
     preset's parts ship with the repository. A one-line error when there is none, saying the
@@ -264,6 +264,36 @@ def _check_fits(model: nn.Module, source: ModelSource, config: SegmenterConfig, 
                               f"other shapes (e.g. {mismatched[:3]})")
 
 
+def _resolve(source: ModelSource, sd_path, clip_path, configure, exporting: bool = False):
+    """(the config to build, completed by its preset; the preset; the path of the frozen weights
+    the source leaves out, or None). An exported folder also leaves out the parts the preset
+    reloads."""
+    config = source.config
+    if sd_path is not None or clip_path is not None:
+        config = config.replace(sd_path=os.fspath(sd_path) if sd_path is not None else config.sd_path,
+                                clip_path=os.fspath(clip_path) if clip_path is not None else config.clip_path)
+    if configure is not None:
+        config = configure(config)
+    try:
+        preset = get_preset(config.preset)
+        config = preset.complete(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source.path}: {error}") from None
+    left_out = set(preset.frozen_modules) - _stored_modules(source.weights, preset.frozen_modules)
+    if exporting:
+        left_out |= set(preset.reloaded_modules)
+    why = "exports a model folder without" if exporting else "does not store"
+    return config, preset, _frozen_weights_source(source, config, preset, tuple(sorted(left_out)), why)
+
+
+def _on_meta(build: Build, source: ModelSource, config: SegmenterConfig, preset: Preset) -> nn.Module:
+    """The architecture on the meta device, the source's weights checked against it."""
+    with torch.device("meta"):
+        model = build(config, False)
+    _check_fits(model, source, config, preset.frozen_modules)
+    return model
+
+
 def load_model(source: ModelSource | str | os.PathLike, build: Build, *, sd_path=None, clip_path=None,
                device=None, dtype=None, configure: Callable[[SegmenterConfig], SegmenterConfig] | None = None
                ) -> tuple[nn.Module, LoadReport]:
@@ -276,28 +306,14 @@ def load_model(source: ModelSource | str | os.PathLike, build: Build, *, sd_path
     """
     if not isinstance(source, ModelSource):
         source = read_model_source(source)
-    config = source.config
-    if sd_path is not None or clip_path is not None:
-        config = config.replace(sd_path=os.fspath(sd_path) if sd_path is not None else config.sd_path,
-                                clip_path=os.fspath(clip_path) if clip_path is not None else config.clip_path)
-    if configure is not None:
-        config = configure(config)
-    preset = get_preset(config.preset)
-    try:
-        config = preset.complete(config)
-    except ConfigError as error:
-        raise ConfigError(f"{source.path}: {error}") from None
-    left_out = tuple(sorted(set(preset.frozen_modules) - _stored_modules(source.weights, preset.frozen_modules)))
-    weights_path = _frozen_weights_source(source, config, preset, left_out)
+    config, preset, weights_path = _resolve(source, sd_path, clip_path, configure)
     # Pretrained parts are read when some frozen weights come from them, or when they ship with
     # the repository; otherwise the source holds every tensor and the build's init is overwritten.
     pretrained = weights_path is not None or preset.weights is None
     config = config.replace(sd_path=weights_path or config.sd_path)
 
     if torch.device(device or "cpu").type == "meta":
-        with torch.device("meta"):
-            model = build(config, False)
-        _check_fits(model, source, config, preset.frozen_modules)
+        model = _on_meta(build, source, config, preset)
         model.config = config  # where a real load would take its frozen weights from
         return model.eval(), LoadReport(layout=source.layout, loaded=sorted(source.weights))
 
@@ -339,22 +355,12 @@ def export_model_folder(path, directory, build: Build, sd_path=None, no_target_a
     """A training checkpoint (ours or a foreign layout) -> a model folder, without building the
     model: the weights are checked against the architecture on the meta device and written in our
     names, without the frozen parts the preset reloads, which must then have a source (`sd_path`,
-    recorded in the folder). `no_target_area`, where given, replaces the checkpoint's. Returns the
-    config written."""
+    recorded in the folder; the preset's default path is not recorded). `no_target_area`, where
+    given, replaces the checkpoint's. Returns the config written."""
     source = read_model_source(path)
-    config = source.config
-    if sd_path is not None:
-        config = config.replace(sd_path=os.fspath(sd_path))
-    if no_target_area is not None:
-        config = config.replace(no_target_area=no_target_area)
-    preset = get_preset(config.preset)
-    config = preset.complete(config)
-    left_out = tuple(sorted(set(preset.reloaded_modules)
-                            | (set(preset.frozen_modules) - _stored_modules(source.weights, preset.frozen_modules))))
-    _frozen_weights_source(source, config, preset, left_out, why="exports a model folder without")
-    with torch.device("meta"):
-        meta_model = build(config, False)
-    _check_fits(meta_model, source, config, preset.frozen_modules)
+    configure = (lambda config: config.replace(no_target_area=no_target_area)) if no_target_area is not None else None
+    config, preset, _ = _resolve(source, sd_path, None, configure, exporting=True)
+    _on_meta(build, source, config, preset)
     drop = tuple(f"{name}." for name in preset.reloaded_modules) + UNUSED_UNET_HEAD
     write_model_folder(directory, config, {key: value for key, value in source.weights.items()
                                            if not key.startswith(drop)})
