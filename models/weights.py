@@ -5,7 +5,8 @@
   converted with diffusers' own helpers (`diffusers.loaders.single_file_utils`) using the configs
   shipped in `models/configs/sd15`, so the hub is never consulted.
 * `load_segmenter_state(model, state_dict)`: our checkpoints, or VPD's released RIS checkpoints
-  (`vpd_ris_refcoco.pth`, ...) converted to our names.
+  (`vpd_ris_refcoco.pth`, ...) converted to our names; `VPD_RELEASE` is that layout as a preset
+  records it (models/pretrained.py reads every saved model through it).
 """
 
 from __future__ import annotations
