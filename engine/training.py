@@ -58,14 +58,55 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def forward_backward(model, inputs, masks, device, dtype, scaler=None, loss_scale=1.0,
-                     dice_weight=0.0):
-    """Forward under autocast, the segmenter's loss in fp32 (with `dice_weight` times its Dice
-    term), backward of `loss * loss_scale` (1/K under gradient accumulation). Gradients add to
-    those already there. Returns the unscaled loss tensor."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes that capture CUDA graphs: fit for training's fixed batch shape, not for evaluation's
+# batches of varying sentence counts (a graph per count).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def forward_and_loss(model, inputs, masks, device, dtype, dice_weight=0.0):
+    """Forward under autocast, then the segmenter's loss in fp32 (with `dice_weight` times its
+    Dice term): the part of a training step that `compile_step` compiles as one graph."""
     with autocast(device, dtype):
         logits = model(**inputs)
-    loss = unwrap(model).loss(logits.float(), masks, dice_weight=dice_weight)
+    return unwrap(model).loss(logits.float(), masks, dice_weight=dice_weight)
+
+
+def compile_step(mode="default", dynamic=False, backend="inductor"):
+    """`forward_and_loss` compiled by torch.compile into one graph: the frozen text encoder, the
+    text adapter, the UNet with its attention-map processors, the decoder and the loss (and, by
+    AOTAutograd, their backward). `mode` is torch.compile's (COMPILE_MODES); `dynamic=False`
+    specialises on the batch shape, which training keeps fixed (drop_last). `backend` other than
+    inductor (e.g. aot_eager: tracing without code generation, for tests) ignores `mode`."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {COMPILE_MODES}")
+    compiled = torch.compile(forward_and_loss, backend=backend, dynamic=dynamic,
+                             mode=None if mode == "default" or backend != "inductor" else mode)
+    if mode not in CUDA_GRAPH_MODES:
+        return compiled
+
+    def step(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new iteration of the graphs
+        return compiled(*args, **kwargs)
+    return step
+
+
+def compile_model(model, mode="default", backend="inductor"):
+    """torch.compile the segmenter's forward in place (evaluation; training goes through
+    `compile_step`, which traces the same forward). CUDA graphs are left out here: evaluation's
+    batches vary in their number of sentences."""
+    if mode in CUDA_GRAPH_MODES:
+        mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+    unwrap(model).compile(backend=backend,
+                          mode=None if mode == "default" or backend != "inductor" else mode)
+
+
+def forward_backward(model, inputs, masks, device, dtype, scaler=None, loss_scale=1.0,
+                     dice_weight=0.0, step=forward_and_loss):
+    """`step` (forward_and_loss, or its compiled form) then the backward of `loss * loss_scale`
+    (1/K under gradient accumulation). Gradients add to those already there. Returns the unscaled
+    loss tensor."""
+    loss = step(model, inputs, masks, device, dtype, dice_weight)
     scaled = loss * loss_scale if loss_scale != 1.0 else loss
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss
@@ -79,20 +120,55 @@ def optimizer_step(optimizer, scaler=None):
         optimizer.step()
 
 
-def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None):
+def training_step(model, inputs, masks, optimizer, device, dtype, scaler=None,
+                  step=forward_and_loss):
     """One optimizer step on one batch: zero the gradients, forward, loss, backward, step.
 
-    `scaler` is a GradScaler for fp16 (None otherwise). Returns the loss tensor.
+    `scaler` is a GradScaler for fp16 (None otherwise); `step` as in forward_backward. Returns the
+    loss tensor.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = forward_backward(model, inputs, masks, device, dtype, scaler)
+    loss = forward_backward(model, inputs, masks, device, dtype, scaler, step=step)
     optimizer_step(optimizer, scaler)
     return loss
 
 
+class LossReadings:
+    """The losses of the steps since the last reading, kept on the device: reading them (one host
+    synchronisation) happens at print frequency and at the end of an epoch, never per step, so
+    the host keeps queuing work while the GPU runs. A non-finite loss is still named by its own
+    iteration."""
+
+    def __init__(self):
+        self.pending = []  # (loss tensor, iteration, global step)
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss, iteration, step):
+        # A copy: under CUDA graphs the step's output tensor is overwritten by the next replay.
+        self.pending.append((loss.detach().clone(), iteration, step))
+
+    def read(self, epoch):
+        """The pending losses as floats (added to the epoch's total); NonFiniteLossError naming
+        the first non-finite one."""
+        if not self.pending:
+            return []
+        values = torch.stack([loss for loss, _, _ in self.pending]).tolist()
+        for value, (_, iteration, step) in zip(values, self.pending):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"loss became {value} at epoch {epoch}, iteration "
+                                         f"{iteration} (global step {step}); the last good "
+                                         f"checkpoint was kept")
+        self.pending = []
+        for value in values:  # in order, in float64: the same sum as adding them one by one
+            self.total += value
+        self.count += len(values)
+        return values
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
                     start_iteration=0, stop=None, show_progress=True, print_freq=10,
-                    on_interval=None, accum_steps=1, cpu_threads=None, dice_weight=0.0):
+                    on_interval=None, accum_steps=1, cpu_threads=None, dice_weight=0.0,
+                    step=forward_and_loss):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
 
     With `accum_steps` K > 1 every optimizer step sums the gradients of K batches (each loss
@@ -101,22 +177,25 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     batch, and a stop is honoured at the end of an accumulation, never inside one: `iteration`
     (the batches done, saved in checkpoints) is always a multiple of K.
 
-    Every `print_freq` iterations (0: never) `on_interval(epoch, iteration, step, loss, lr,
-    images_per_second)` sees the interval's mean loss (the run record), and without a progress
-    bar (a log file, not a terminal) a progress line is logged. `stop` (a StopRequest) is checked
-    after every optimizer step: the epoch then ends early, to be saved and resumed at that very
-    batch. `cpu_threads` (a utils.cpu_threads.CpuThreads) is polled after every step.
-    `dice_weight` weighs the loss's Dice term (VPDSegmenter.loss).
+    The losses stay on the device between readings (LossReadings): every `print_freq` iterations
+    (0: only at the end) they are read, `on_interval(epoch, iteration, step, loss, lr,
+    images_per_second)` sees the interval's mean loss (the run record), and without a progress bar
+    (a log file, not a terminal) a progress line is logged. A non-finite loss raises
+    NonFiniteLossError at that reading, naming its iteration; nothing is saved in between. `stop`
+    (a StopRequest) is checked after every optimizer step: the epoch then ends early, to be saved
+    and resumed at that very batch. `cpu_threads` (a utils.cpu_threads.CpuThreads) is polled after
+    every step. `dice_weight` weighs the loss's Dice term (VPDSegmenter.loss); `step` is
+    forward_and_loss or its compiled form (compile_step).
 
     Returns a dict: mean loss, last lr, images seen, seconds, iterations (batches) done in this
     epoch (counting the skipped ones), and whether a stop was requested.
     """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    readings = LossReadings()
     num_images = 0
     iteration = start_iteration
     start_time = interval_start = time.perf_counter()
-    interval_loss, interval_steps, interval_images = 0.0, 0, 0
+    interval_images = 0
     total = (start_iteration + len(loader)) // accum_steps * accum_steps
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
                     initial=start_iteration, total=total)
@@ -133,39 +212,35 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
                 else model.no_sync())
         with sync:
             loss = forward_backward(model, model_inputs(batch, device), masks, device, dtype,
-                                    scaler, loss_scale=1.0 / accum_steps, dice_weight=dice_weight)
+                                    scaler, loss_scale=1.0 / accum_steps, dice_weight=dice_weight,
+                                    step=step)
         if last_micro_step:
             optimizer_step(optimizer, scaler)
             scheduler.step()
-
-        loss_value = loss.item()  # one sync per step: cheap next to the step, and names the step
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss became {loss_value} at epoch {epoch}, iteration "
-                                     f"{iteration} (global step {scheduler.last_epoch}); the last "
-                                     f"good checkpoint was kept")
-        loss_sum += loss_value
+        readings.add(loss, iteration, scheduler.last_epoch)
         num_images += masks.shape[0]
         iteration += 1
-        lr = scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        interval_loss, interval_steps = interval_loss + loss_value, interval_steps + 1
         interval_images += masks.shape[0]
         if print_freq and iteration % print_freq == 0:
+            values = readings.read(epoch)
             now = time.perf_counter()
-            mean_loss, images_per_second = interval_loss / interval_steps, interval_images / (now - interval_start)
+            lr = scheduler.get_last_lr()[0]
+            mean_loss, images_per_second = sum(values) / len(values), interval_images / (now - interval_start)
+            progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
             if on_interval is not None:
                 on_interval(epoch, iteration, scheduler.last_epoch, mean_loss, lr, images_per_second)
             if not show_progress:
                 get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
                                   f"{mean_loss:.4f} | lr {lr:.2e} | {images_per_second:.1f} img/s")
-            interval_start, interval_loss, interval_steps, interval_images = now, 0.0, 0, 0
+            interval_start, interval_images = now, 0
         if cpu_threads is not None:
             cpu_threads.poll()
         if last_micro_step and stop is not None and stop.agreed(device):
             break
     progress.close()
+    readings.read(epoch)  # before anything is saved: a non-finite loss since the last reading
     steps = steps_done(iteration, start_iteration)
-    return {"loss": loss_sum.item() / steps, "lr": scheduler.get_last_lr()[0],
+    return {"loss": readings.total / steps, "lr": scheduler.get_last_lr()[0],
             "images": num_images, "seconds": time.perf_counter() - start_time,
             "iterations": iteration, "stopped": iteration < total}
 

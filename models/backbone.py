@@ -71,7 +71,11 @@ class DiffusionBackbone(nn.Module):
         for name, layer in self._tapped_layers().items():
             layer.register_forward_hook(self._make_tap_hook(name))
 
-        # 4. Cross-attention maps at the strides of c2 and c3.
+        # 4. The timestep as a tensor that lives with the model: given a Python number, diffusers
+        # would build it on the device at every call, a host-to-device copy that waits for the GPU.
+        self.register_buffer("timestep", torch.tensor(TIMESTEP, dtype=torch.int64), persistent=False)
+
+        # 5. Cross-attention maps at the strides of c2 and c3.
         self.attn_grad = attn_grad
         self.attention_store = AttentionMapStore(
             strides=[self.feature_strides[name] for name in ATTENTION_MAP_FEATURES], keep_grad=attn_grad
@@ -168,7 +172,7 @@ class DiffusionBackbone(nn.Module):
         """
         # 1. One UNet pass at t=1, collecting the taps and the maps while it runs.
         with self.attention_store.recording(latents.shape[-2:]), self._capturing_taps() as taps:
-            c1 = self.unet(latents, TIMESTEP, encoder_hidden_states=context, return_dict=False)[0]
+            c1 = self.unet(latents, self.timestep, encoder_hidden_states=context, return_dict=False)[0]
             maps_by_stride = self.attention_store.collect()
             features = [c1] + [taps[name] for name in FEATURE_NAMES[1:]]
 
