@@ -20,8 +20,10 @@ from engine.record import PanelCollector, RunRecord, run_manifest
 from engine.latents import attach_latent_cache, move_vae_off_device
 from engine.precision import resolve_precision
 from engine.signals import StopRequest
-from engine.training import NonFiniteLossError, train_one_epoch, weight_decay_rule
+from engine.training import (NonFiniteLossError, compile_model, compile_step, forward_and_loss,
+                             train_one_epoch, weight_decay_rule)
 from models import build_model, get_preset, load_segmenter_state
+from models.decoder import set_batch_norm_group_size
 from models.registry import INIT_SEED
 from refer.check import preflight
 from utils.checkpoint import (best_checkpoint_path, last_checkpoint_path,
@@ -102,14 +104,16 @@ def train(args, config, dist_info, stop):
 
     # 1. Model: every rank builds the same initial weights; data order differs per rank.
     seed_everything(args.seed)
-    model = build_model(config).to(device)
+    model = build_model(config, pretrained=not args.random_weights).to(device)
     if args.grad_checkpoint:
         model.backbone.enable_gradient_checkpointing()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.frozen_bf16:
         model.hold_frozen_weights_in(torch.bfloat16)
-    if dist_info.distributed and device.type == "cuda":
+    if args.bn_group_size:  # statistics per group of a process's images, never synchronised
+        set_batch_norm_group_size(model, args.bn_group_size)
+    elif dist_info.distributed and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     seed_everything(args.seed + dist_info.rank)
     check_stop()
@@ -176,6 +180,7 @@ def train(args, config, dist_info, stop):
     schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
                 "warmup_epochs": args.warmup_epochs, "accum_steps": args.accum_steps,
                 "weight_decay_rule": args.weight_decay_rule, "dice_weight": args.dice_weight,
+                "bn_group_size": args.bn_group_size,
                 "processes": dist_info.world_size,
                 "iterations_per_epoch": iterations_per_epoch}
     start_epoch, start_iteration, resume_position = 0, 0, None
@@ -218,9 +223,12 @@ def train(args, config, dist_info, stop):
         trained_model = model
         if dist_info.distributed:
             trained_model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                static_graph=args.ddp_static_graph, bucket_cap_mb=args.ddp_bucket_mb)
+        step = forward_and_loss
         if args.compile:
-            model.backbone.unet.compile()
+            compile_model(model, args.compile)
+            step = compile_step(args.compile)
 
         def save(path, epoch, iteration):
             save_checkpoint(build_checkpoint(model, optimizer, scheduler, scaler, args, schedule,
@@ -241,7 +249,7 @@ def train(args, config, dist_info, stop):
                                               on_interval=record.iteration,
                                               accum_steps=args.accum_steps,
                                               cpu_threads=cpu_threads,
-                                              dice_weight=args.dice_weight)
+                                              dice_weight=args.dice_weight, step=step)
             except NonFiniteLossError as error:
                 logger.error(str(error))
                 return 1

@@ -21,7 +21,7 @@ from utils.errors import InputError
 from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR
 
 from .precision import PRECISIONS
-from .training import WEIGHT_DECAY_RULES
+from .training import COMPILE_MODES, WEIGHT_DECAY_RULES
 
 
 # The published setting (VPD-RIS: 512 px, SD v1.5); the optimisation recipe (8 GPUs x 4 images,
@@ -247,6 +247,14 @@ def _weights(parser):
                             "text encoder inside --sd_path")
 
 
+def _random_weights(parser):
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--random_weights", action="store_true",
+                       help="build the model at its real sizes with random weights, frozen parts "
+                            "included, instead of reading --sd_path: for measuring speed "
+                            "(bench/train_run.py), never for a model to use")
+
+
 def _batch(parser):
     group = parser.add_argument_group("batch")
     group.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int,
@@ -374,12 +382,36 @@ def _precision(parser):
 
 def _speed(parser):
     group = parser.add_argument_group("speed and memory")
-    group.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    group.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                       metavar="MODE",
+                       help="torch.compile the whole training step (text encoder, adapter, UNet, "
+                            "decoder, loss and their backward) as one graph, and evaluation's "
+                            "forward; MODE is torch.compile's: default (given alone), "
+                            "max-autotune-no-cudagraphs (longer compile, tuned kernels), "
+                            "reduce-overhead or max-autotune (CUDA graphs for the training step's "
+                            "fixed shapes; evaluation compiles without them). The first steps "
+                            "take minutes at full size (bench/RESULTS.md) (default: eager)")
     group.add_argument("--grad_checkpoint", action="store_true",
                        help="gradient checkpointing in the UNet (less memory, ~30%% slower)")
     group.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format for the convolutional parts (default: off; "
                             "toy, gtoy: on, ~6%% faster on a CPU)")
+    group.add_argument("--bn_group_size", type=positive_int, default=None,
+                       help="the decoder's BatchNorm statistics over groups of this many images of "
+                            "a process's batch, without SyncBatchNorm ('ghost' batch norm; must "
+                            "divide --batch-size). Default: over the whole batch, and over every "
+                            "process's with SyncBatchNorm on GPUs: VPD's statistics (its "
+                            "SyncBatchNorm normalised over all 32 images of 8 GPUs x 4, which one "
+                            "GPU's batch of 32 equals: tests/test_batch_norm.py); 4 is 8 GPUs x 4 "
+                            "without SyncBatchNorm")
+    group.add_argument("--ddp_static_graph", action="store_true",
+                       help="DistributedDataParallel(static_graph=True): the same parameters take "
+                            "part in every step, so DDP may skip its per-step search and reorder "
+                            "its buckets (not measured on several GPUs yet)")
+    group.add_argument("--ddp_bucket_mb", type=positive_int, default=25,
+                       help="DistributedDataParallel's gradient bucket size in MiB: larger buckets "
+                            "mean fewer all-reduces of the 3.4 GB of UNet gradients (torch's "
+                            "default: 25)")
     group.add_argument("--frozen_bf16", action="store_true",
                        help="hold the frozen VAE and CLIP text encoder in bf16 (needs --precision "
                             "bf16; their norms then see bf16-rounded weights: not VPD's numerics)")
@@ -463,13 +495,15 @@ GROUPS = {
     "precision": _precision, "speed": _speed, "latent_cache": _latent_cache, "device": _device,
     "threads": _threads, "cpu_threads": _cpu_threads, "distributed": _distributed,
     "tiny_pretraining": _tiny_pretraining, "vpd_compat": _vpd_compat,
+    "random_weights": _random_weights,
 }
 
 # Each program's flags, by group. The benchmarks add flags of their own that no other program has.
 PROGRAM_GROUPS = {
     "train": ("data", "split", "model", "input", "weights", "batch", "seed", "optimization",
               "run_output", "evaluation", "validation_precision", "precision", "speed",
-              "latent_cache", "device", "cpu_threads", "distributed", "vpd_compat"),
+              "latent_cache", "device", "cpu_threads", "distributed", "random_weights",
+              "vpd_compat"),
     "test": ("data", "split", "model_input", "model", "input", "weights", "evaluation",
              "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
     "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device"),
@@ -588,6 +622,12 @@ def check_args(parser, args, program):
     if getattr(args, "device", "auto") not in ("auto", "cpu", "cuda") and not str(
             args.device).startswith("cuda:"):
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if getattr(args, "random_weights", False) and args.sd_path is not None:
+        parser.error("argument --random_weights: the weights would be random, --sd_path names "
+                     "weights to read; give one of them")
+    if getattr(args, "bn_group_size", None) and args.batch_size % args.bn_group_size:
+        parser.error(f"argument --bn_group_size: {args.bn_group_size} does not divide --batch-size "
+                     f"{args.batch_size}")
     if getattr(args, "frozen_bf16", False) and args.precision != "bf16":
         parser.error(f"argument --frozen_bf16: needs --precision bf16 (got {args.precision})")
     if getattr(args, "out", None) is not None and os.path.isdir(args.out):

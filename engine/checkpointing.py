@@ -33,6 +33,7 @@ SCHEDULE_FLAGS = {
     "accum_steps": "--accum_steps",
     "weight_decay_rule": "--weight_decay_rule",
     "dice_weight": "--dice_weight",
+    "bn_group_size": "--bn_group_size",
     "processes": "the number of processes (NPROC x nodes)",
     "iterations_per_epoch": "the train split (its number of refs)",
 }
