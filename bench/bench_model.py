@@ -133,8 +133,10 @@ def parse_bench_args(argv=None):
     group.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                        help="torch.compile mode of the compile variants (train.py --compile MODE)")
     group.add_argument("--profile_batch", type=positive_int, default=None,
-                       help="also profile each variant's training step at this batch size "
+                       help="also profile the training step at this batch size "
                             "(bench/profile_step.py's tables)")
+    group.add_argument("--profile_variants", nargs="+", default=None,
+                       help="the variants --profile_batch profiles (default: all)")
     group.add_argument("--peak_tflops", type=float, default=H200_DENSE_BF16_TFLOPS,
                        help="the GPU's peak the achieved rate is a percentage of: the H200's (and "
                             "H100 SXM's) dense bf16 rate, 989 TFLOP/s, from NVIDIA's data sheet "
@@ -225,7 +227,8 @@ def run_variant(args, variant: Variant, device: torch.device, batches: dict, flo
             measure(args, row, model, inputs, masks, reference_logits, device, step)
             row.tflops = (flops_per_image["latents" if variant.cached_latents else "images"]
                           * batch_size / (row.step_ms / 1000) / 1e12)
-            if args.profile_batch == batch_size:
+            if args.profile_batch == batch_size and variant.name in (args.profile_variants
+                                                                     or [variant.name]):
                 profiles.append(profile_variant(args, model, variant, data, device, step))
         except Exception as error:  # report the size as failed, keep measuring the others
             traceback.print_exc(file=sys.stderr)

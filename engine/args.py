@@ -67,7 +67,7 @@ DATASET_DEFAULTS = {
     "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=20, epochs=5, lr=1e-3,
                 workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
                 channels_last=True, dice_weight=1.0),
-    # no_target_area: chosen on gtoy's val split by gIoU (bench/RESULTS.md, gtoy run, sixth session).
+    # no_target_area: chosen on gtoy's val split by gIoU (bench/RESULTS.md, gtoy).
     "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=8, lr=1e-3,
                  workers=0, attn_grad=True, no_target_area=0.01, cache_latents=GENERATED_LATENTS,
                  eval_batch_size=64, channels_last=True),
