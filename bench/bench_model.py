@@ -192,11 +192,14 @@ def training_step_function(variant: Variant, mode="default", dynamic=False):
 
 
 def model_inputs(model, variant: Variant, data: dict) -> dict:
-    """The forward's arguments; cached_latents: the VAE's latents rounded to fp16 as cached."""
+    """The forward's arguments as train.py's loop passes them (so a compiled step has the same
+    graph); cached_latents: the VAE's latents rounded to fp16 as cached."""
+    inputs = {"input_ids": data["input_ids"], "attention_mask": torch.ones_like(data["input_ids"])}
     if variant.cached_latents:
-        latents = model.encode_images(data["images"]).to(torch.float16).float()
-        return {"input_ids": data["input_ids"], "latents": latents}
-    return {"input_ids": data["input_ids"], "images": data["images"]}
+        inputs["latents"] = model.encode_images(data["images"]).to(torch.float16).float()
+    else:
+        inputs["images"] = data["images"]
+    return inputs
 
 
 # ---------------------------------------------------------------------------------- measurement
@@ -284,7 +287,7 @@ def profile_variant(args, model, variant, data, device, step) -> str:
     from bench.profile_step import cpu_batch, loop_host_syncs, profile_training_step
 
     batch_size = data["masks"].shape[0]
-    batch = cpu_batch(model, model.config, batch_size, args.seed, device, variant.cached_latents)
+    batch = cpu_batch(model, variant, data, device)
     optimizer = build_optimizer(model, LEARNING_RATE, 1e-2, fused=variant.fused_adamw)
     compiled = variant.compile or variant.compile_unet
     text = profile_training_step(model, batch, optimizer, device, variant.dtype,

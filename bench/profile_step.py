@@ -126,18 +126,14 @@ def profiled_step(model, cpu_batch, optimizer, device, dtype, step=None):
     return loss
 
 
-def cpu_batch(model, config, batch_size, seed, device, cached_latents):
-    """A training batch as the loader hands it over: on the CPU, pinned when a GPU is used."""
-    data = synthetic_inputs(config, batch_size, seed)
-    batch = {"input_ids": data["input_ids"], "mask": data["masks"],
-             "attention_mask": torch.ones_like(data["input_ids"])}
-    if cached_latents:
-        segmenter = unwrap(model)
-        with torch.no_grad():
-            batch["latents"] = segmenter.encode_images(data["images"].to(device)).to(
-                torch.float16).float().cpu()
-    else:
-        batch["image"] = data["images"]
+def cpu_batch(model, variant, data, device):
+    """bench_model.py's inputs for `data` (synthetic_inputs) as the loader hands a batch over: on
+    the CPU, pinned when a GPU is used, under the dataset's key names."""
+    from bench.bench_model import model_inputs as bench_inputs
+
+    inputs = bench_inputs(model, variant, {key: value.to(device) for key, value in data.items()})
+    batch = {("image" if key == "images" else key): value.cpu() for key, value in inputs.items()}
+    batch["mask"] = data["masks"].cpu()
     if device.type == "cuda":
         batch = {key: value.pin_memory() for key, value in batch.items()}
     return batch
@@ -374,7 +370,8 @@ def main(argv=None):
     variant = Variant.parse(args.variant)
     torch.manual_seed(args.seed)
     model = build(args, variant, device)
-    batch = cpu_batch(model, model.config, args.batch_size, args.seed, device, variant.cached_latents)
+    batch = cpu_batch(model, variant, synthetic_inputs(model.config, args.batch_size, args.seed),
+                      device)
     optimizer = build_optimizer(model, 5e-5, 1e-2, fused=variant.fused_adamw)
     compiled = variant.compile or variant.compile_unet
     step = training_step_function(variant) if variant.compile else None

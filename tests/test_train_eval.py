@@ -40,12 +40,13 @@ def last_state(directory):
 
 @pytest.fixture(scope="module")
 def two_process_run(toy_root, tmp_path_factory):
-    """`bash train.sh toy LOGDIR 2 ...`: two CPU processes, EPOCHS epochs."""
+    """`bash train.sh toy LOGDIR 2 ...`: two CPU processes, EPOCHS epochs (DDP with a static
+    graph and 1 MiB buckets: the settings train.py passes on)."""
     root = tmp_path_factory.mktemp("two_process_run")
     logdir, output_dir = root / "logs", root / "ckpt"
     result = run(["bash", "train.sh", "toy", str(logdir), "2", "--refer_data_root", toy_root,
                   "--output-dir", str(output_dir), "--epochs", str(EPOCHS), *SMALL_RUN,
-                  "--print-freq", "2"])
+                  "--print-freq", "2", "--ddp_static_graph", "--ddp_bucket_mb", "1"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"logdir": logdir, "output_dir": output_dir, "result": result,
             "best": str(output_dir / "model_best_toy.pth")}
@@ -110,6 +111,7 @@ def test_a_run_leaves_a_record(two_process_run):
     assert start["git"]["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT,
                                                    capture_output=True, text=True).stdout.strip()
     assert start["config"]["token_length"] == 16 and start["flags"]["epochs"] == EPOCHS
+    assert start["flags"]["ddp_static_graph"] and start["flags"]["ddp_bucket_mb"] == 1
     assert {"torch", "diffusers", "transformers", "python", "cuda"} <= set(start["versions"])
     assert set(start["data_files"]) == {"toy/instances.json", "toy/refs(unc).p"}
     assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in start["data_files"].values())
