@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import gc
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (PeakMemory, command_line, count_flops, device_name, library_versions,
-                          resolve_device, synthetic_inputs, timed)
+                          resolve_device, synchronize, synthetic_inputs, timed)
 from engine.args import get_parser, nonnegative_int, parse_args, positive_int
 from engine.precision import PRECISIONS, autocast
 from engine.training import (COMPILE_MODES, compile_model, compile_step, forward_and_loss,
@@ -107,7 +108,8 @@ class Variant:
 class Row:
     variant: Variant
     batch_size: int = 0
-    first_step_s: float | None = None  # the first training step: compiling, for compiled variants
+    first_eval_s: float | None = None  # the first forward (no grad): compiling, when compiled
+    first_step_s: float | None = None  # the first training step: compiling, when compiled
     train_images_per_s: float | None = None
     step_ms: float | None = None
     eval_images_per_s: float | None = None
@@ -251,8 +253,16 @@ def measure(args, row, model, inputs, masks, reference_logits, device, step) -> 
 
     # 1. Outputs against fp32 eager (eval mode, initial weights, same inputs).
     model.eval()
-    with torch.no_grad(), autocast(device, variant.dtype):
-        logits = model(**inputs).float()
+
+    def first_forward():
+        with torch.no_grad(), autocast(device, variant.dtype):
+            return model(**inputs).float()
+
+    synchronize(device)
+    started = time.perf_counter()
+    logits = first_forward()
+    synchronize(device)
+    row.first_eval_s = time.perf_counter() - started
     row.max_abs_diff = (logits - reference_logits).abs().max().item()
     row.agreement = 100.0 * (logits.argmax(1) == reference_logits.argmax(1)).float().mean().item()
     del logits
@@ -316,7 +326,7 @@ def format_table(rows: list[Row], device: torch.device, peak_tflops: float) -> s
     baselines = {r.batch_size: r.train_images_per_s for r in rows
                  if r.variant.name == "fp32" and r.train_images_per_s}
     columns = ["variant", "batch", "train img/s", "vs fp32", "step ms", "first step s",
-               "eval img/s", "train peak mem", "eval peak mem", "TFLOP/s"]
+               "first eval s", "eval img/s", "train peak mem", "eval peak mem", "TFLOP/s"]
     if device.type == "cuda":
         columns.append(f"% of {peak_tflops:g}")
     columns += ["max abs Δ logits", "argmax agree %"]
@@ -332,7 +342,7 @@ def format_table(rows: list[Row], device: torch.device, peak_tflops: float) -> s
             tflops_digits = 2 if (row.tflops or 0) >= 0.1 else 4
             cells = [row.variant.name, str(row.batch_size), _number(row.train_images_per_s, 2),
                      speedup, _number(row.step_ms, 1), _number(row.first_step_s, 1),
-                     _number(row.eval_images_per_s, 2), row.train_peak, row.eval_peak,
+                     _number(row.first_eval_s, 1), _number(row.eval_images_per_s, 2), row.train_peak, row.eval_peak,
                      _number(row.tflops, tflops_digits)]
             if device.type == "cuda":
                 cells.append(_number(None if row.tflops is None
@@ -444,8 +454,9 @@ def main(argv=None) -> int:
           f"{'; CUDA synchronised' if device.type == 'cuda' else ''}"
           f"{f'; compile mode {args.compile_mode}' if any(v.compile for v in variants) else ''}\n")
     print(format_table(rows, device, args.peak_tflops))
-    print("\nColumns: train = forward + loss + backward + AdamW step; first step = the first "
-          "training step alone (for compiled variants: compiling it); eval = no-grad forward "
+    print("\nColumns: train = forward + loss + backward + AdamW step; first step / first eval = "
+          "the first training step / no-grad forward alone (for compiled variants: compiling "
+          "them, at the first batch size); eval = no-grad forward "
           "(one sentence per image); peak memory = CUDA allocator peak on GPU; on CPU the "
           "process's peak RSS during the phase (+ growth over its start; memory the allocator "
           "reuses does not count as growth); TFLOP/s = counted model FLOPs / measured step time "
