@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data.loaders import build_dataset, build_loader, build_train_set, set_loader_epoch
 from engine.args import IGNORED_FLAG_NAMES, model_config, parse_args
 from engine.checkpointing import (build_checkpoint, check_resumable, find_resume_state,
-                                  new_run_id)
+                                  keep_other_runs_checkpoints, new_run_id)
 from engine.evaluation import evaluate
 from engine.record import PanelCollector, RunRecord, run_manifest
 from engine.latents import attach_latent_cache, move_vae_off_device
@@ -187,6 +187,7 @@ def train(args, config, dist_info, stop):
     best = {"score": -1.0, "epoch": -1, "metric": score_name}
     run_id = all_gather_objects(new_run_id())[0]
     state = find_resume_state(args.resume, last_path, auto_resume=not args.no_auto_resume)
+    resumed_legacy = state is not None and not state.get("run_id")
     if state is not None:
         resume_path = args.resume or last_path
         check_resumable(state, resume_path, model.config, schedule)
@@ -209,6 +210,11 @@ def train(args, config, dist_info, stop):
                     f"{best['metric']} {best['score']:.2f} at epoch {best['epoch'] + 1} ({best_path})")
         return 0
     check_stop()
+    if dist_info.is_main:
+        for old_path, kept_path in keep_other_runs_checkpoints([last_path, best_path], run_id,
+                                                               own_legacy_files=resumed_legacy):
+            logger.info(f"{old_path} is an earlier run's: moved to {kept_path} (this run writes "
+                        f"its own)")
     device_names = all_gather_objects(torch.cuda.get_device_name(device) if device.type == "cuda"
                                       else f"cpu ({torch.get_num_threads()} threads)")
     record = RunRecord(log_dir, run_id, enabled=dist_info.is_main, tensorboard=not args.no_tensorboard,

@@ -313,7 +313,9 @@ def _run_output(parser):
                        help="checkpoint to resume from; without it a run resumes from "
                             "checkpoint_last_{model_id}.pth in --output-dir when present")
     group.add_argument("--no_auto_resume", action="store_true",
-                       help="start from scratch even if a last checkpoint exists")
+                       help="start from scratch even if a last checkpoint exists (an earlier "
+                            "run's checkpoint_last and model_best are kept, renamed "
+                            "*.previous-RUNID.pth)")
     group.add_argument("--log_dir", default=None,
                        help="where log.txt goes (train.sh passes its LOGDIR; default: "
                             "{output-dir}/logs/{model_id})")

@@ -11,12 +11,18 @@ Resuming follows three rules, each failing with a message that names the setting
    number of processes and the train split's size decide where each step falls in the poly
    schedule, so resuming under other values would silently train a different run. To train on
    with other values, start a new run (another --model_id, or --no_auto_resume).
+
+A run never overwrites another run's files: before it trains, checkpoint_last / model_best files
+of another run in its --output-dir are renamed (``keep_other_runs_checkpoints``).
 """
 import os
+import re
 import socket
+import time
 import uuid
 
-from utils.checkpoint import CheckpointError, load_checkpoint, model_state_from_checkpoint, rng_state
+from utils.checkpoint import (CheckpointError, load_checkpoint, model_state_from_checkpoint,
+                              previous_run_path, rng_state)
 from utils.dist import all_gather_objects, unwrap
 from utils.errors import InputError
 
@@ -65,6 +71,34 @@ def build_checkpoint(model, optimizer, scheduler, scaler, args, schedule, run_id
         "args": vars(args),
         "rng": rng_state(),
     }
+
+
+def keep_other_runs_checkpoints(paths, run_id, own_legacy_files=False):
+    """Rename each checkpoint at `paths` that another run wrote (another run id, none recorded, or
+    unreadable) to `{name}.previous-{its run id}.pth` (`utils.checkpoint.previous_run_path`;
+    without a usable run id, the file's modification time), so that this run's saves replace only
+    its own files: a fresh start (--no_auto_resume, or a deleted checkpoint_last) must not destroy
+    an earlier run's best model. `own_legacy_files`: this run resumed a checkpoint written before
+    run ids were recorded, so files without one are its own. Returns [(old path, new path)].
+
+    Rank 0 only, under the output folder's lock.
+    """
+    kept = []
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        try:
+            owner, readable = load_checkpoint(path).get("run_id"), True
+        except CheckpointError:  # not a checkpoint: this run wrote no such file either
+            owner, readable = None, False
+        if readable and (owner == run_id or (owner is None and own_legacy_files)):
+            continue
+        tag = owner if isinstance(owner, str) and re.fullmatch(r"[0-9A-Za-z_-]{1,64}", owner) else (
+            time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path))))
+        new_path = previous_run_path(path, tag)
+        os.rename(path, new_path)
+        kept.append((path, new_path))
+    return kept
 
 
 def _summary(state):
@@ -123,5 +157,6 @@ def check_resumable(state, path, config: SegmenterConfig, schedule):
             raise ResumeError(
                 f"{path} was written by a run with {flag} = {saved_schedule[key]}, this run has "
                 f"{schedule[key]}: resuming would continue another schedule. Rerun with the same "
-                f"value, or start a new run (another --model_id, or --no_auto_resume)")
+                f"value, or start a new run (another --model_id, or --no_auto_resume, which keeps "
+                f"this run's checkpoints under new names)")
     model_state_from_checkpoint(state, path)  # names a checkpoint without weights now

@@ -15,6 +15,7 @@ import time
 import pytest
 from PIL import Image
 
+from engine.checkpointing import keep_other_runs_checkpoints
 from refer.refer import REFER
 from tests.programs import (REPO_ROOT, SMALL_RUN, environment, load_program, main_here, run,
                             start, train_command, wait_for)
@@ -243,6 +244,49 @@ def test_rerunning_a_finished_run_changes_nothing(finished_run, toy_root, tmp_pa
     assert load_program("train.py").main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert (output_dir / "checkpoint_last_toy.pth").read_bytes() == before
+
+
+@GROUP
+def test_a_fresh_start_keeps_the_earlier_runs_checkpoints(finished_run, toy_root, tmp_path, capsys,
+                                                          restore_signal_handlers):
+    output_dir = copy_run(finished_run, tmp_path / "ckpt")
+    names = ("checkpoint_last_toy.pth", "model_best_toy.pth")
+    before = {name: (output_dir / name).read_bytes() for name in names}
+    earlier = load_checkpoint(str(output_dir / names[0]))["run_id"]
+    argv = ["--dataset", "toy", "--refer_data_root", toy_root, "--output-dir", str(output_dir),
+            "--epochs", "1", "--no_auto_resume", *SMALL_RUN]
+    assert load_program("train.py").main(argv) == 0
+    out = capsys.readouterr().out
+    for name in names:
+        kept = output_dir / name.replace(".pth", f".previous-{earlier}.pth")
+        assert kept.read_bytes() == before[name]
+        assert f"{output_dir / name} is an earlier run's: moved to {kept} (this run writes its own)" in out
+        fresh = load_checkpoint(str(output_dir / name))
+        assert fresh["run_id"] != earlier and fresh["epoch"] == 1
+
+
+def test_keeping_other_runs_checkpoints_never_replaces_a_kept_one(tmp_path):
+    last, best = str(tmp_path / "checkpoint_last_x.pth"), str(tmp_path / "model_best_x.pth")
+    save_checkpoint({"run_id": "mine", "epoch": 3}, last)
+    save_checkpoint({"run_id": "abc123", "epoch": 2}, best)
+    (tmp_path / "model_best_x.previous-abc123.pth").write_bytes(b"kept before")
+    assert keep_other_runs_checkpoints([last, best], "mine") == [
+        (best, str(tmp_path / "model_best_x.previous-abc123-2.pth"))]
+    assert load_checkpoint(last)["epoch"] == 3  # this run's own file stays
+    assert (tmp_path / "model_best_x.previous-abc123.pth").read_bytes() == b"kept before"
+    assert load_checkpoint(str(tmp_path / "model_best_x.previous-abc123-2.pth"))["epoch"] == 2
+    # No run id recorded, or not a checkpoint at all: another run's (named by modification time),
+    # unless this run resumed a checkpoint without a run id.
+    save_checkpoint({"epoch": 1}, best)
+    assert keep_other_runs_checkpoints([best], "mine", own_legacy_files=True) == []
+    os.utime(best, (0, 86400 * 365))
+    (tmp_path / "checkpoint_last_x.pth").write_bytes(b"not a checkpoint")
+    os.utime(last, (0, 86400 * 366))
+    moved = keep_other_runs_checkpoints([last, best], "mine")
+    stamps = [time.strftime("%Y%m%d-%H%M%S", time.localtime(86400 * days)) for days in (366, 365)]
+    assert moved == [(last, str(tmp_path / f"checkpoint_last_x.previous-{stamps[0]}.pth")),
+                     (best, str(tmp_path / f"model_best_x.previous-{stamps[1]}.pth"))]
+    assert not os.path.exists(last) and not os.path.exists(best)
 
 
 # ------------------------------------------------------------------ several nodes, restarts

@@ -27,6 +27,17 @@ def best_checkpoint_path(output_dir, model_id):
     return os.path.join(output_dir, f"model_best_{model_id}.pth")
 
 
+def previous_run_path(path, tag):
+    """Where an earlier run's checkpoint at `path` is kept: `model_best_toy.pth` ->
+    `model_best_toy.previous-{tag}.pth`, or `...previous-{tag}-2.pth` (3, ...) when that name is
+    taken, so an earlier kept file is never replaced."""
+    stem, extension = os.path.splitext(path)
+    candidate, number = f"{stem}.previous-{tag}{extension}", 2
+    while os.path.lexists(candidate):
+        candidate, number = f"{stem}.previous-{tag}-{number}{extension}", number + 1
+    return candidate
+
+
 def save_checkpoint(state, path):
     """Write `state` to `path` so that a kill at any moment leaves either the old or the new file
     (`utils.io.atomic_write`: temporary file, fsync, atomic rename, fsync of the folder).
