@@ -7,15 +7,23 @@ augmentation), so an image's latent is the same in every epoch and every run: it
 Layout: ``{root}/{fingerprint}/{img_size}/{key}.npy`` where ``fingerprint`` identifies the VAE
 weights (``models.fingerprint.vae_fingerprint``) and ``key`` is the image file name without its
 extension (``COCO_train2014_000000581857``). RefCOCO, RefCOCO+ and RefCOCOg name the same COCO
-images alike and so share their latents; a root must not be shared by two image collections that
-reuse file names for different pictures.
+images alike and so share their latents; two image collections that reuse file names for different
+pictures need a root each (in one root each run would find the other's latents stale).
+
+Beside each latent, ``{key}.json`` records the image it was encoded from (``utils.io.file_record``:
+size, modification time, sha256). Every run that uses the cache compares each image's size and
+time with its record (one stat per image) and encodes again, saying so, an image changed since;
+``python -m refer.check --cache_latents DIR`` also compares the bytes. A latent without a record
+(cached by an older version) is encoded again.
 
 Writes go through ``utils.io.atomic_write`` (a temporary file beside the target, then a rename):
 several processes filling the cache, or a run killed mid-write, never leave a torn file behind (at
-worst an orphaned ``.tmp_*`` file, which is ignored).
+worst an orphaned ``.tmp_*`` file, which is ignored). The record is written after its latent, so a
+record always describes the latent beside it.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -25,7 +33,7 @@ from tqdm import tqdm
 
 from utils.dist import barrier, rank_and_world_size
 from utils.errors import InputError
-from utils.io import atomic_write
+from utils.io import atomic_write, compare_file_record, file_record
 from utils.logging import get_logger
 
 from .transforms import ImageMaskTransform, load_rgb
@@ -33,6 +41,7 @@ from .transforms import ImageMaskTransform, load_rgb
 __all__ = ["LatentCache", "LatentCacheError", "ImagesToEncode", "fill_latent_cache"]
 
 _SUFFIX = ".npy"
+RECORD_SUFFIX = ".json"  # {key}.json: the image a latent was encoded from (utils.io.file_record)
 
 
 class LatentCacheError(InputError, OSError):
@@ -40,7 +49,8 @@ class LatentCacheError(InputError, OSError):
 
 
 class LatentCache:
-    """fp16 latents of one VAE at one image size, keyed by image file name stem.
+    """fp16 latents of one VAE at one image size, keyed by image file name stem, each with the
+    record of the image it was encoded from.
 
     Args:
         root: the cache folder (``--cache_latents``); created if needed.
@@ -64,8 +74,41 @@ class LatentCache:
             raise ValueError(f"cache key {key!r} must be a plain file name stem")
         return os.path.join(self.directory, key + _SUFFIX)
 
+    def record_path(self, key: str) -> str:
+        return os.path.splitext(self.path(key))[0] + RECORD_SUFFIX
+
     def has(self, key: str) -> bool:
         return os.path.isfile(self.path(key))
+
+    def record(self, key: str) -> dict | None:
+        """The record of the image ``key``'s latent was encoded from; None when there is none
+        (or it cannot be read: the latent is then encoded again)."""
+        try:
+            with open(self.record_path(key)) as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def freshness(self, key: str, image_path: str) -> str:
+        """Whether the latent of ``key`` may serve the image at ``image_path``: "fresh" when it
+        was encoded from what the file holds now (or there is no file to compare with: a cache
+        used without its images); else encode it again: "missing", "unrecorded" (no record of
+        its image) or "changed" (the image's size or time and its bytes differ from the record).
+        One stat per image; the bytes are read only when the stat differs, and when they are the
+        same the record takes the new stat."""
+        if not self.has(key):
+            return "missing"
+        record = self.record(key)
+        if record is None:
+            return "unrecorded" if os.path.exists(image_path) else "fresh"
+        comparison = compare_file_record(record, image_path)
+        if comparison == "changed":
+            return "changed"
+        if comparison == "touched":
+            stat = os.stat(image_path)
+            self._write_record(key, {**record, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        return "fresh"
 
     def get(self, key: str) -> torch.Tensor | None:
         """The stored latent as float16 (C, h, w), or None when the image is not cached."""
@@ -79,14 +122,25 @@ class LatentCache:
                                    f"rerun to encode the image again") from error
         return torch.from_numpy(array)
 
-    def put(self, key: str, latent: torch.Tensor) -> None:
-        """Store ``latent`` (C, h, w) as float16, atomically."""
+    def put(self, key: str, latent: torch.Tensor, record: dict | None = None) -> None:
+        """Store ``latent`` (C, h, w) as float16, atomically, with ``record`` (``file_record`` of
+        the image it was encoded from; without one the latent counts as unrecorded)."""
         if latent.ndim != 3:
             raise ValueError(f"expected one latent (C, h, w), got shape {tuple(latent.shape)}")
         array = latent.detach().to("cpu", torch.float16).numpy()
+        try:  # an earlier record must not vouch for the new latent
+            os.remove(self.record_path(key))
+        except FileNotFoundError:
+            pass
         # No fsync: a latent lost in a crash is only encoded again.
         with atomic_write(self.path(key), fsync=False) as handle:
             np.save(handle, array, allow_pickle=False)
+        if record is not None:
+            self._write_record(key, record)
+
+    def _write_record(self, key: str, record: dict) -> None:
+        with atomic_write(self.record_path(key), "w", fsync=False) as handle:
+            json.dump(record, handle)
 
     def __len__(self) -> int:
         return sum(name.endswith(_SUFFIX) for name in os.listdir(self.directory))
@@ -96,8 +150,9 @@ class LatentCache:
 
 
 class ImagesToEncode(Dataset):
-    """``(key, path)`` pairs -> ``{"key", "image"}`` with the dataset's own image transform, so
-    the cached latents are exactly those the uncached path would compute."""
+    """``(key, path)`` pairs -> ``{"key", "image", "record"}``: the image through the dataset's
+    own transform, so the cached latents are exactly those the uncached path would compute, and
+    the JSON ``file_record`` of the file it was read from."""
 
     def __init__(self, images: list[tuple[str, str]], img_size: int):
         self.images = list(images)
@@ -108,13 +163,16 @@ class ImagesToEncode(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         key, path = self.images[index]
-        return {"key": key, "image": self.transform.image_to_tensor(load_rgb(path))}
+        record = file_record(path)  # before decoding: a change from now on shows as a newer time
+        return {"key": key, "image": self.transform.image_to_tensor(load_rgb(path)),
+                "record": json.dumps({"image": os.path.basename(path), **record})}
 
 
 @torch.no_grad()
 def fill_latent_cache(encode, dataset, cache, batch_size=8, show_progress=True, workers=0,
                       pin_memory=False, should_stop=None):
-    """Encode every image of ``dataset`` that ``cache`` lacks with ``encode`` (images in [-1, 1],
+    """Encode every image of ``dataset`` whose latent ``cache`` lacks, or holds for another
+    version of the image (``LatentCache.freshness``), with ``encode`` (images in [-1, 1],
     (B, 3, S, S) -> latents), e.g. a model's frozen VAE under the run's autocast.
 
     Collective: every rank calls it. All ranks list the missing images first (a barrier keeps
@@ -130,22 +188,42 @@ def fill_latent_cache(encode, dataset, cache, batch_size=8, show_progress=True, 
         raise ValueError(f"latent cache of {cache.img_size}px images for a dataset of "
                          f"img_size={dataset.img_size}")
     images = dataset.unique_images()
-    missing = [(key, path) for key, path in images if not cache.has(key)]
+    states = [cache.freshness(key, path) for key, path in images]
+    missing = [image for image, state in zip(images, states) if state != "fresh"]
     barrier()
     rank, world = rank_and_world_size()
+    if rank == 0:
+        _report_stale(cache, images, states)
     if missing:
         get_logger().info(f"latent cache {cache.directory}: encoding {len(missing)} of "
                           f"{len(images)} images of {dataset.split} over {world} process(es)")
     encoded = _encode_into_cache(encode, missing[rank::world], cache, batch_size, show_progress,
                                  workers, pin_memory, should_stop)
     barrier()
-    left = [(key, path) for key, path in missing if not cache.has(key)]
+    left = [(key, path) for key, path in missing if cache.freshness(key, path) != "fresh"]
     if left and not (should_stop is not None and should_stop()):
         get_logger().warning(f"{len(left)} latents written by other processes are not visible "
                              f"in {cache.directory} (a folder per node?): encoding them here")
         encoded += _encode_into_cache(encode, left, cache, batch_size, show_progress, workers,
                                       pin_memory, should_stop)
     return encoded
+
+
+def _report_stale(cache, images, states, shown=5):
+    """Say which cached latents are encoded again because their image changed, or because they
+    have no record of it."""
+    changed = [path for (_, path), state in zip(images, states) if state == "changed"]
+    unrecorded = sum(state == "unrecorded" for state in states)
+    if changed:
+        more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+        get_logger().warning(
+            f"latent cache {cache.directory}: {len(changed)} image(s) changed since their latents "
+            f"were encoded (size, time and content differ): encoding again "
+            f"{', '.join(changed[:shown])}{more}")
+    if unrecorded:
+        get_logger().warning(
+            f"latent cache {cache.directory}: {unrecorded} cached latent(s) have no record of the "
+            f"image they were encoded from (cached by an older version): encoding them again")
 
 
 def _encode_into_cache(encode, images, cache, batch_size, show_progress, workers, pin_memory,
@@ -161,7 +239,7 @@ def _encode_into_cache(encode, images, cache, batch_size, show_progress, workers
         if should_stop is not None and should_stop():
             break
         latents = encode(batch["image"])
-        for key, latent in zip(batch["key"], latents.float().cpu()):
-            cache.put(key, latent)
+        for key, latent, record in zip(batch["key"], latents.float().cpu(), batch["record"]):
+            cache.put(key, latent, record=json.loads(record))
         encoded += len(batch["key"])
     return encoded

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from utils.io import atomic_write
+from utils.io import atomic_write, sha256_of_file
 from utils.paths import REPO_ROOT
 from utils.plots import plot_runs, read_metrics
 from utils.visualize import comparison_panel, tensor_to_image
@@ -154,14 +154,6 @@ class PanelCollector:
             self.panels.append(np.asarray(panel))
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _git(*command):
     try:
         return subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -205,7 +197,7 @@ def run_manifest(args, config, datasets, world_size, device_names, global_batch,
             path = os.path.join(data_root, dataset, name)
             if os.path.isfile(path):
                 data_files[os.path.relpath(path, data_root)] = {"bytes": os.path.getsize(path),
-                                                                "sha256": _sha256(path)}
+                                                                "sha256": sha256_of_file(path)}
     return {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "host": socket.gethostname(),

@@ -4,16 +4,19 @@ and decodable, every mask non-empty.
     python -m refer.check                       # every dataset found under refer/data
     python -m refer.check --dataset refcocog --quick
     python -m refer.check --refer_data_root /data/refer
+    python -m refer.check --dataset toy --cache_latents refer/data/toy/latents
 
 Prints one row per dataset / partition / split, then each problem with what to download and
 where it goes. Missing, unreadable or broken files are errors (exit status 1); a count that differs
 from the published one is a warning naming both numbers (mirrors ship re-released splits, our
 test fixtures are small) and alone does not fail the check. train.py and test.py run the quick
-form for the dataset they read.
+form for the dataset they read. With --cache_latents DIR it also compares every image with the
+record its cached latent was encoded from (size, time and sha256; data/latent_cache.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -24,6 +27,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from utils.errors import InputError
+from utils.io import compare_file_record
 from utils.logging import get_logger
 from utils.paths import DEFAULT_DATA_ROOT
 
@@ -76,6 +80,7 @@ class SplitReport:
     missing_images: list = field(default_factory=list)
     broken_images: list = field(default_factory=list)
     empty_masks: list = field(default_factory=list)
+    image_paths: list = field(default_factory=list, repr=False)  # those present
 
     @property
     def count_warnings(self):
@@ -101,6 +106,7 @@ class CheckResult:
     reports: list = field(default_factory=list)
     errors: list = field(default_factory=list)    # (message, hint)
     warnings: list = field(default_factory=list)
+    cache_warnings: list = field(default_factory=list)
 
     @property
     def ok(self):
@@ -148,6 +154,7 @@ def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_
         paths = [refer.image_path(refer.Imgs[image_id]) for image_id in image_ids]
         present = [path for path in paths if os.path.isfile(path)]
         report.missing_images = [path for path in paths if not os.path.isfile(path)]
+        report.image_paths = present
         to_decode = rng.sample(present, min(QUICK_SAMPLE, len(present))) if quick else present
         for path in tqdm(to_decode, desc=f"{dataset}({splitBy}) {split}: decoding images",
                          disable=not show_progress, leave=False):
@@ -166,7 +173,54 @@ def found_partitions(data_root):
             if os.path.isfile(os.path.join(data_root, dataset, layout.refs_file(splitBy)))]
 
 
-def check_data(data_root, partitions=None, quick=False, show_progress=False):
+def check_latent_cache(cache_dir, image_paths, quick=False, seed=0):
+    """(errors as (message, fix), warnings) of a latent cache (data/latent_cache.py) for the
+    images in `image_paths`: each cached `{stem}.npy` of one of them (any VAE, any size) against
+    the record beside it, `{stem}.json` (utils.io.file_record), bytes included. `quick`: a sample
+    of QUICK_SAMPLE latents."""
+    if not os.path.isdir(cache_dir):
+        return [(f"no latent cache at {cache_dir}", "pass the folder given to --cache_latents")], []
+    images = {os.path.splitext(os.path.basename(path))[0]: path for path in image_paths}
+    latents = sorted(os.path.join(folder, name) for folder, _, names in os.walk(cache_dir)
+                     for name in names
+                     if name.endswith(".npy") and os.path.splitext(name)[0] in images)
+    if quick:
+        latents = random.Random(seed).sample(latents, min(QUICK_SAMPLE, len(latents)))
+    unrecorded, changed, disguised = [], [], []
+    for latent in latents:
+        image = images[os.path.splitext(os.path.basename(latent))[0]]
+        try:
+            with open(os.path.splitext(latent)[0] + ".json") as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            unrecorded.append(latent)
+            continue
+        state = compare_file_record(record, image, verify_sha256=True)
+        if state == "changed":
+            changed.append(image)
+        elif state == "disguised":
+            disguised.append((latent, image))
+    errors, warnings = [], []
+    if disguised:
+        latent, image = disguised[0]
+        errors.append((f"latent cache {cache_dir}: {len(disguised)} latents were encoded from "
+                       f"other contents than their images hold now, with the same size and "
+                       f"modification time (runs would use them), e.g. {latent} of {image}",
+                       "delete these latents and their .json records; the next run encodes "
+                       "their images again: " + " ".join(
+                           f"{path} {os.path.splitext(path)[0]}.json" for path, _ in disguised)))
+    if changed:
+        warnings.append(f"latent cache {cache_dir}: {len(changed)} images changed since their "
+                        f"latents were encoded, e.g. {changed[0]}; the next run that uses the "
+                        f"cache encodes them again")
+    if unrecorded:
+        warnings.append(f"latent cache {cache_dir}: {len(unrecorded)} latents have no record of "
+                        f"their image (cached by an older version), e.g. {unrecorded[0]}; the next "
+                        f"run that uses the cache encodes them again")
+    return errors, warnings
+
+
+def check_data(data_root, partitions=None, quick=False, show_progress=False, cache_dir=None):
     result = CheckResult()
     partitions = partitions or found_partitions(data_root)
     if not partitions:
@@ -181,6 +235,10 @@ def check_data(data_root, partitions=None, quick=False, show_progress=False):
         result.errors += errors
         for report in reports:
             result.warnings += [f"{dataset}({splitBy}) {report.split}: {text}" for text in report.count_warnings]
+    if cache_dir:
+        errors, result.cache_warnings = check_latent_cache(
+            cache_dir, [path for report in result.reports for path in report.image_paths], quick)
+        result.errors += errors
     return result
 
 
@@ -227,6 +285,7 @@ def problems(result, data_root):
                          f"the REFER release")
     lines += [f"warning: {text} (a re-released split or a subset? training and evaluation still "
               f"run; compare numbers only with matching splits)" for text in result.warnings]
+    lines += [f"warning: {text}" for text in result.cache_warnings]
     return lines
 
 
@@ -254,6 +313,10 @@ def main(argv=None):
                         help="datasets to check, e.g. refcoco refcocog:umd (default: every one found)")
     parser.add_argument("--quick", action="store_true",
                         help=f"decode only {QUICK_SAMPLE} images per split (all are checked for existence)")
+    parser.add_argument("--cache_latents", default=None, metavar="DIR",
+                        help="also check this latent cache (train.py's --cache_latents; toy, gtoy: "
+                             "latents/ in the dataset's folder): every cached image against the "
+                             "record of what it held when encoded, bytes included")
     args = parser.parse_args(argv)
     partitions = None
     if args.dataset:
@@ -269,7 +332,7 @@ def main(argv=None):
             ] or [next(iter(layout.splits))]
             partitions += [(name, s) for s in splitBys]
     result = check_data(args.refer_data_root, partitions, quick=args.quick,
-                        show_progress=sys.stderr.isatty())
+                        show_progress=sys.stderr.isatty(), cache_dir=args.cache_latents)
     print(format_table(result))
     for line in problems(result, args.refer_data_root):
         print(line)

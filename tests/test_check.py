@@ -4,9 +4,12 @@ import json
 import os
 
 import pytest
+import torch
 
 from refer.check import PUBLISHED_COUNTS, DataCheckError, check_data, format_table, main, preflight
+from data.latent_cache import LatentCache
 from refer.synthetic import make_refer_dataset
+from utils.io import file_record
 
 
 @pytest.fixture
@@ -91,3 +94,40 @@ def test_a_count_that_differs_is_only_a_warning(data_root, capsys, monkeypatch):
     assert status == 0
     assert f"warning: refcoco(unc) val: {sentences} sentences where {sentences + 1} were published" in out
     assert "refs where" not in out.split("warning: refcoco(unc) val:")[1].splitlines()[0]
+
+
+def test_a_latent_cache_is_checked_against_its_images_bytes(data_root, tmp_path, capsys):
+    """An image rewritten with its old size and modification time is what runs cannot see (they
+    compare size and time only): the checker hashes it and names the latent to delete."""
+    root, info = data_root
+    paths = sorted({image["path"] for image in info.images.values()})
+    cache = LatentCache(str(tmp_path / "latents"), "vae0", 32)
+    for path in paths:
+        cache.put(os.path.splitext(os.path.basename(path))[0], torch.zeros(4, 8, 8),
+                  record={"image": os.path.basename(path), **file_record(path)})
+    status, out = run_main(["--refer_data_root", root, "--cache_latents", cache.root], capsys)
+    assert status == 0 and "latent cache" not in out
+
+    disguised, changed, unrecorded = paths[:3]
+    stat = os.stat(disguised)
+    with open(disguised, "r+b") as handle:  # other bytes, same size, same time
+        handle.seek(stat.st_size // 2)
+        byte = handle.read(1)
+        handle.seek(stat.st_size // 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(disguised, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with open(changed, "ab") as handle:
+        handle.write(b"more")
+    key = os.path.splitext(os.path.basename(disguised))[0]
+    os.remove(cache.record_path(os.path.splitext(os.path.basename(unrecorded))[0]))
+    status, out = run_main(["--refer_data_root", root, "--cache_latents", cache.root], capsys)
+    assert status == 1
+    assert (f"error: latent cache {cache.root}: 1 latents were encoded from other contents than "
+            f"their images hold now, with the same size and modification time (runs would use "
+            f"them), e.g. {cache.path(key)} of {disguised}\n  fix: delete these latents and their "
+            f".json records; the next run encodes their images again: {cache.path(key)} "
+            f"{cache.record_path(key)}") in out
+    assert (f"warning: latent cache {cache.root}: 1 images changed since their latents were "
+            f"encoded, e.g. {changed}; the next run that uses the cache encodes them again") in out
+    assert f"warning: latent cache {cache.root}: 1 latents have no record of their image" in out
+    assert out.rstrip().endswith("problems found: see the lines above")

@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data import build_loader, collate_eval
 import data.latent_cache as latent_cache
@@ -24,6 +25,8 @@ from models.fingerprint import vae_fingerprint
 from models.presets.tiny import TINY_CLIP_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 from models.registry import random_components
 from refer.synthetic import make_refer_dataset
+from utils.io import file_record
+from utils.logging import get_logger
 
 TOKEN_LENGTH = 12  # the fixture's sentences have at most 10 tokens
 SIZE = 64  # tiny VAE: latents at SIZE / 4
@@ -288,11 +291,12 @@ def test_fill_latent_cache_encodes_exactly_the_missing_images(refer_data, tmp_pa
     assert len(dataset) == 6  # 2 refs per image: each image is encoded once, not per ref
     cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
     sentinel = torch.full((4, SIZE // 4, SIZE // 4), 7.0)
-    cache.put(keys[1], sentinel)
+    cache.put(keys[1], sentinel, record=file_record(dict(dataset.unique_images())[keys[1]]))
 
     written = []
     put = cache.put
-    monkeypatch.setattr(cache, "put", lambda key, latent: (written.append(key), put(key, latent)))
+    monkeypatch.setattr(cache, "put", lambda key, latent, record=None: (written.append(key),
+                                                                         put(key, latent, record)))
     assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
                              show_progress=False) == 2
     assert written == [keys[0], keys[2]]
@@ -301,6 +305,56 @@ def test_fill_latent_cache_encodes_exactly_the_missing_images(refer_data, tmp_pa
     assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
                              show_progress=False) == 0
     assert written == [keys[0], keys[2]]
+
+
+def test_a_changed_image_is_encoded_again_and_named(refer_data, tmp_path, monkeypatch, caplog):
+    """The cache holds, beside each latent, the size, time and sha256 of the image it was encoded
+    from: an image changed in place is encoded again (the log names it), one only touched is not,
+    and a latent without a record (an older cache) is encoded again."""
+    model = _model()
+    dataset = _dataset(refer_data, "val", eval_mode=True)
+    cache = LatentCache(str(tmp_path / "cache"), vae_fingerprint(model.backbone.vae), SIZE)
+    fill_latent_cache(model.encode_images, dataset, cache, batch_size=2, show_progress=False)
+    (changed_key, changed), (touched_key, touched), (old_key, _) = dataset.unique_images()
+    with Image.open(changed) as picture:  # mirrored in place, as the fault report had it
+        picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(changed, quality=95)
+    os.utime(changed, ns=(0, os.stat(changed).st_mtime_ns + 10**9))  # later, also on coarse clocks
+    os.utime(touched, ns=(0, os.stat(touched).st_mtime_ns + 10**9))
+    kept = cache.get(touched_key)
+
+    written = []
+    put = cache.put
+    monkeypatch.setattr(cache, "put", lambda key, latent, record=None: (written.append(key),
+                                                                         put(key, latent, record)))
+    get_logger().addHandler(caplog.handler)  # the project's logger does not propagate
+    try:
+        assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
+                                 show_progress=False) == 1
+        assert written == [changed_key]
+        assert (f"latent cache {cache.directory}: 1 image(s) changed since their latents were "
+                f"encoded (size, time and content differ): encoding again {changed}") in caplog.text
+        assert torch.equal(cache.get(touched_key), kept)  # same bytes: only the record's time
+        assert cache.record(touched_key)["mtime_ns"] == os.stat(touched).st_mtime_ns
+        # The dataset serves the latent of the mirrored image, as the uncached path computes it.
+        dataset.use_latent_cache(cache)
+        index = [dataset.image_key(i) for i in range(len(dataset))].index(changed_key)
+        expected = model.encode_images(dataset.image_and_mask(index)[0][None])[0]
+        torch.testing.assert_close(dataset[index]["latents"], expected.half().float(),
+                                   rtol=1e-3, atol=1e-3)
+        assert cache.record(changed_key) == {"image": os.path.basename(changed),
+                                             **file_record(changed)}
+
+        os.remove(cache.record_path(old_key))  # as a cache written before records were kept
+        assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
+                                 show_progress=False) == 1
+        assert written == [changed_key, old_key]
+        assert (f"latent cache {cache.directory}: 1 cached latent(s) have no record of the image "
+                f"they were encoded from (cached by an older version): encoding them "
+                f"again") in caplog.text
+    finally:
+        get_logger().removeHandler(caplog.handler)
+    assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=2,
+                             show_progress=False) == 0
 
 
 def test_fill_latent_cache_shards_over_ranks(refer_data, tmp_path, monkeypatch):
@@ -315,7 +369,8 @@ def test_fill_latent_cache_shards_over_ranks(refer_data, tmp_path, monkeypatch):
     monkeypatch.setattr(latent_cache, "rank_and_world_size", lambda: (0, 2))
     written = []
     put = cache.put
-    monkeypatch.setattr(cache, "put", lambda key, latent: (written.append(key), put(key, latent)))
+    monkeypatch.setattr(cache, "put", lambda key, latent, record=None: (written.append(key),
+                                                                         put(key, latent, record)))
     assert fill_latent_cache(model.encode_images, dataset, cache, batch_size=1,
                              show_progress=False) == 3
     # Listed before any write, then rank 0's shard (keys 0 and 2), then the top-up (key 1).

@@ -188,7 +188,8 @@ def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
     # 4. test.py evaluates val from the cache alone: the images are gone.
     (fingerprint,) = os.listdir(cache)
     cached = os.listdir(cache / fingerprint / "32")
-    assert cached and all(name.endswith(".npy") for name in cached)
+    latents = [name for name in cached if name.endswith(".npy")]  # each with its image's record
+    assert latents and sorted(cached) == sorted(latents + [name[:-4] + ".json" for name in latents])
     data_root = tmp_path / "data"
     shutil.copytree(toy_root, data_root)
     for image in (data_root / "toy" / "images").iterdir():

@@ -1,4 +1,6 @@
-"""Writing files so that a kill at any moment leaves either the old file or the new one."""
+"""Writing files so that a kill at any moment leaves either the old file or the new one; what a
+file held when something was derived from it."""
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -63,3 +65,43 @@ def remove_stale_temporaries(folder, target_names):
             except FileNotFoundError:
                 pass
     return removed
+
+
+def sha256_of_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path):
+    """What `path` holds now: {"size", "mtime_ns", "sha256"}. The stat comes first, so a change
+    made while the file is read shows as a newer modification time next time."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of_file(path)}
+
+
+def compare_file_record(record, path, verify_sha256=False):
+    """Whether `path` still holds what `record` (a `file_record`) describes:
+
+    "same"     size and modification time as recorded (and, with `verify_sha256`, the bytes);
+    "touched"  size or time differ, the bytes do not (a copy, a `touch`);
+    "changed"  size or time differ, and so do the bytes;
+    "disguised" size and time as recorded but other bytes (only `verify_sha256` finds these);
+    "absent"   no file to compare with.
+
+    Without `verify_sha256` the cost of an unchanged file is one stat; the bytes are read only
+    when the stat differs.
+    """
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return "absent"
+    stat_same = (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+    if stat_same and not verify_sha256:
+        return "same"
+    bytes_same = sha256_of_file(path) == record.get("sha256")
+    if stat_same:
+        return "same" if bytes_same else "disguised"
+    return "touched" if bytes_same else "changed"
