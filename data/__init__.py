@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "ReferDataset": "refer_dataset", "EmptySentenceError": "refer_dataset",
     "CLIPTokenizer": "tokenizer",
-    "ImageMaskTransform": "transforms", "load_rgb": "transforms",
+    "ImageMaskTransform": "transforms", "load_rgb": "transforms", "to_rgb": "transforms",
     "ImageFileNotFoundError": "transforms", "ImageReadError": "transforms",
     "build_dataset": "loaders", "build_loader": "loaders", "collate_eval": "loaders",
     "ShardedEvalSampler": "loaders",

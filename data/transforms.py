@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.errors import InputError
 
-__all__ = ["ImageMaskTransform", "load_rgb", "ImageFileNotFoundError", "ImageReadError"]
+__all__ = ["ImageMaskTransform", "load_rgb", "to_rgb", "ImageFileNotFoundError", "ImageReadError"]
 
 
 class ImageFileNotFoundError(InputError, FileNotFoundError):
@@ -25,8 +25,54 @@ class ImageReadError(InputError, OSError):
     """An image file exists but PIL cannot decode it (truncated, corrupt, not an image)."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as the 8-bit RGB picture a viewer shows; the one conversion every reader of
+    images uses (datasets, the latent cache, the inference API, demo.py, app.py).
+
+    - 16-bit grayscale (``I;16``, ``I;16B``, ...): the high byte (65535 -> 255). PIL's own
+      conversion clips every value above 255, so a 16-bit picture came out all white.
+    - 32-bit integer (``I``) and float (``F``) grayscale, whose range the file does not state:
+      values within 0-255 as they are, integers within 0-65535 as 16-bit, floats within 0-1
+      times 255, anything else stretched from its minimum (black) to its maximum (white).
+    - Transparency (``RGBA``, ``LA``, ``PA``, premultiplied modes, a transparent palette entry or
+      colour): composited over white, as a viewer shows it; PIL would drop the alpha and show
+      whatever colour lies under transparent pixels (often black).
+    - The rest (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``): PIL's conversion.
+    """
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if image.mode == "RGB" and not transparent:
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return Image.fromarray(_gray_to_uint8(np.asarray(image)), "L").convert("RGB")
+    if transparent:
+        if image.mode == "La":  # PIL converts premultiplied gray only to LA
+            image = image.convert("LA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _gray_to_uint8(values: np.ndarray) -> np.ndarray:
+    """One channel of 16-bit, 32-bit integer or float values as 8 bits (see to_rgb)."""
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:
+        return (values >> 8).astype(np.uint8)
+    floating = values.dtype.kind == "f"
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if floating and low >= 0 and high <= 1:
+        values = values * 255
+    elif low >= 0 and high <= 255:
+        pass
+    elif not floating and low >= 0 and high <= 65535:
+        values = np.floor(values / 256)  # 16-bit values held as 32-bit integers
+    elif high > low:
+        values = (values - low) * (255 / (high - low))
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
 def load_rgb(path: str, context: str = "") -> Image.Image:
-    """Open an image as 3-channel RGB (grayscale, CMYK, RGBA and palette images included).
+    """Open an image as 3-channel 8-bit RGB (``to_rgb``: 16-bit, float, transparent, CMYK and
+    palette images included).
 
     ``context`` (e.g. ``"ref_id 12"``) is added to error messages so a bad file can be traced
     back to the annotation that uses it.
@@ -39,7 +85,8 @@ def load_rgb(path: str, context: str = "") -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now so corrupt data fails here, inside the try
-            return image.convert("RGB")
+            rgb = to_rgb(image)
+            return rgb if rgb is not image else image.copy()  # not the image `with` closes
     except Image.DecompressionBombError as error:
         raise ImageReadError(f"refusing to decode {path}{where}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -66,8 +113,7 @@ class ImageMaskTransform:
 
     def image_to_tensor(self, image: Image.Image) -> torch.Tensor:
         """float32 (3, S, S) in [-1, 1]."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         image = image.resize((self.img_size, self.img_size), Image.BILINEAR)
         # ToTensor + Normalize(0.5, 0.5) == x / 127.5 - 1. Done in numpy on purpose: per-item
         # torch ops run on the intra-op thread pool, which stalls badly in the main process

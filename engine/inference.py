@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from data.tokenizer import CLIPTokenizer
-from data.transforms import ImageMaskTransform, load_rgb
+from data.transforms import ImageMaskTransform, load_rgb, to_rgb
 from models import VPDSegmenter
 from utils.errors import InputError
 from utils.visualize import draw_caption, mask_colours, overlay_masks
@@ -34,13 +34,14 @@ class InferenceInputError(InputError, ValueError):
 
 
 def to_rgb_image(image) -> Image.Image:
-    """A path, PIL image, or HxWx3 (or HxW) uint8 array -> an RGB PIL image."""
+    """A path, PIL image (any mode), or HxWx3 (or HxW, HxWx4) uint8 array -> an 8-bit RGB PIL
+    image (data.transforms.to_rgb)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise InferenceInputError(f"expected an HxWx3 uint8 array, got {image.dtype} of shape {image.shape}")
-        return Image.fromarray(image).convert("RGB")
+        return to_rgb(Image.fromarray(image))
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         return load_rgb(str(image))
     raise InferenceInputError(f"expected an image path, PIL image or uint8 array, got {type(image).__name__}")

@@ -13,6 +13,7 @@ from data.refer_dataset import EmptyMaskError, ImageSizeMismatchError
 from data import (CLIPTokenizer, EmptySentenceError, ImageFileNotFoundError, ImageMaskTransform,
                   ImageReadError, ReferDataset, ShardedEvalSampler, build_dataset, build_loader,
                   collate_eval, load_rgb)
+from engine.inference import to_rgb_image
 from refer import EmptySplitError, UnknownSplitError
 from models.config import SegmenterConfig
 from refer.synthetic import make_refer_dataset
@@ -410,3 +411,101 @@ def test_truncation_warning_and_longest(fixture_data, tokenizer):
     for index in range(len(dataset)):  # every sentence row ends with EOT, even truncated ones
         rows = dataset._token_ids[dataset._sent_offsets[index]:dataset._sent_offsets[index + 1]]
         assert rows.shape[1] == limit and (rows[:, -1] == 49407).all()
+
+
+# ------------------------------------------------------------------------------ every PIL mode
+def _gray():
+    """An 8-bit gray picture with every level from 0 to 255 and a white square (the part the
+    transparent cases hide)."""
+    gray = np.tile(np.arange(256, dtype=np.uint8), (12, 1))[:, ::4].copy()  # 12 x 64
+    gray[3:9, 20:30] = 255
+    return gray
+
+
+def _colours():
+    colours = np.array([[0, 0, 0], [255, 255, 255], [215, 40, 40], [40, 80, 215], [30, 200, 60],
+                        [250, 220, 20], [128, 128, 128]], np.uint8)
+    index = (np.arange(12)[:, None] // 3 + np.arange(64)[None, :] // 9) % 6 + 1  # no black (0)
+    index[3:9, 20:30] = 1  # the white square
+    return colours, index
+
+
+def _hidden_square(alpha_shape):
+    """An alpha channel: opaque, except the white square, fully transparent."""
+    alpha = np.full(alpha_shape, 255, np.uint8)
+    alpha[3:9, 20:30] = 0
+    return alpha
+
+
+def _mode_case(case):
+    """(image in that mode, the 8-bit RGB picture of the same content, a lossless file format)."""
+    gray = _gray()
+    colours, index = _colours()
+    rgb = colours[index]
+    gray_rgb = np.repeat(gray[..., None], 3, axis=2)
+    under_square = gray.copy()
+    under_square[3:9, 20:30] = 0  # what lies under the transparent square: black
+    if case == "RGB":
+        return Image.fromarray(rgb), rgb, "PNG"
+    if case == "L":
+        return Image.fromarray(gray), gray_rgb, "PNG"
+    if case == "1":
+        black_white = np.where(gray > 127, 255, 0).astype(np.uint8)
+        return (Image.fromarray(black_white).convert("1", dither=Image.Dither.NONE),
+                np.repeat(black_white[..., None], 3, axis=2), "PNG")
+    if case == "I;16":  # 16-bit PNG: each 8-bit level v as v * 257 (0xVV -> 0xVVVV)
+        return Image.fromarray(gray.astype(np.uint16) * 257), gray_rgb, "PNG"
+    if case == "I;16B":
+        return Image.fromarray((gray.astype(np.uint16) * 257).astype(">u2")), gray_rgb, "TIFF"
+    if case == "I 16-bit values":
+        return Image.fromarray(gray.astype(np.int32) * 257), gray_rgb, "TIFF"
+    if case == "I 8-bit values":
+        return Image.fromarray(gray).convert("I"), gray_rgb, "TIFF"
+    if case == "F 0-1":
+        return Image.fromarray(gray.astype(np.float32) / 255), gray_rgb, "TIFF"
+    if case == "F 0-255":
+        return Image.fromarray(gray).convert("F"), gray_rgb, "TIFF"
+    if case == "LA":
+        return (Image.fromarray(np.stack([under_square, _hidden_square(gray.shape)], axis=2), "LA"),
+                gray_rgb, "PNG")
+    if case == "RGBA":
+        hidden = rgb.copy()
+        hidden[3:9, 20:30] = 0
+        return (Image.fromarray(np.concatenate([hidden, _hidden_square(gray.shape)[..., None]], axis=2)),
+                rgb, "PNG")
+    palette = Image.fromarray(index.astype(np.uint8), "P")
+    palette.putpalette(colours.flatten().tolist())
+    if case == "P":
+        return palette, rgb, "PNG"
+    if case == "P transparent":  # entry 0 (black) transparent, under the white square
+        hidden = index.astype(np.uint8)
+        hidden[3:9, 20:30] = 0
+        palette = Image.fromarray(hidden, "P")
+        palette.putpalette(colours.flatten().tolist())
+        palette.info["transparency"] = 0
+        return palette, rgb, "PNG"
+    if case == "CMYK":
+        return Image.fromarray(rgb).convert("CMYK"), rgb, "TIFF"
+    raise AssertionError(case)
+
+
+MODE_CASES = ["RGB", "L", "1", "I;16", "I;16B", "I 16-bit values", "I 8-bit values", "F 0-1",
+              "F 0-255", "LA", "RGBA", "P", "P transparent", "CMYK"]
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_every_pil_mode_loads_as_its_8_bit_picture(case, tmp_path):
+    """One conversion (data.transforms.to_rgb) serves the datasets, the latent cache (load_rgb)
+    and the inference API, demo.py and app.py (engine.inference.to_rgb_image): each mode gives
+    the 8-bit RGB picture of the same content; transparent parts show white."""
+    image, expected, file_format = _mode_case(case)
+    assert image.mode == case.split()[0]
+    path = str(tmp_path / f"picture.{file_format.lower()}")
+    image.save(path, format=file_format)
+    with Image.open(path) as written:
+        assert written.mode == image.mode  # the file holds that mode
+    for loaded in (load_rgb(path), to_rgb_image(path), to_rgb_image(image)):
+        assert loaded.mode == "RGB" and loaded.size == image.size
+        np.testing.assert_array_equal(np.asarray(loaded), expected)
+    tensor = ImageMaskTransform(16).image_to_tensor(image)
+    torch.testing.assert_close(tensor, ImageMaskTransform(16).image_to_tensor(Image.fromarray(expected)))

@@ -84,3 +84,20 @@ def test_overlay_has_a_legend_and_a_colour_per_expression(model_folder, scene):
     pixels = np.asarray(drawn)
     for index in range(10):  # each mask's outline is drawn in its own colour
         assert tuple(pixels[2 + 5 * index, 45]) == colours[index]
+
+
+def test_a_16_bit_png_gives_the_masks_of_its_8_bit_picture(model_folder, scene, tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) is read as its 8-bit picture, not clipped to white:
+    the same masks, the same overlay."""
+    segmenter = ReferringSegmenter.from_pretrained(model_folder, device="cpu", precision="fp32")
+    gray = np.asarray(Image.open(scene).convert("L"))
+    eight, sixteen = str(tmp_path / "8.png"), str(tmp_path / "16.png")
+    Image.fromarray(gray).save(eight)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
+    assert Image.open(sixteen).mode == "I;16"
+    expected = segmenter(eight, "the red shape")
+    white = segmenter(np.full(gray.shape + (3,), 255, np.uint8), "the red shape")
+    assert not np.array_equal(expected, white)  # the model tells the picture from a white one
+    assert np.array_equal(segmenter(sixteen, "the red shape"), expected)
+    assert np.array_equal(np.asarray(segmenter.overlay(sixteen, expected, "the red shape")),
+                          np.asarray(segmenter.overlay(eight, expected, "the red shape")))
