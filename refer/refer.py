@@ -182,25 +182,56 @@ def load_refs_file(path: str) -> list[dict]:
     """Read a refs(*).p file with a plain-data unpickler (see _PlainDataUnpickler).
 
     The released files were pickled by Python 2, whose byte strings are decoded as UTF-8 (so
-    'café' reads as written), and as latin-1 only where they are not valid UTF-8.
+    'café' reads as written), and as latin-1 only where they are not valid UTF-8: string by
+    string, so one such string leaves every other one as written (a warning names it).
     """
-    for encoding in ("utf-8", "latin1"):
-        with open(path, "rb") as handle:
-            try:
-                refs = _PlainDataUnpickler(handle, path, encoding).load()
-                break
-            except UnicodeDecodeError:
-                continue
-            except RefsFileError:
-                raise
-            except Exception as error:  # truncated or not a pickle at all
-                raise RefsFileError(f"cannot read {path} as a refs pickle ({type(error).__name__}: "
-                                    f"{error}); expected the file of the REFER release") from None
+    try:
+        refs = _unpickle_refs(path, "utf-8")
+    except UnicodeDecodeError:  # a Python 2 string that is not UTF-8: decode each on its own
+        read_as_latin1 = []
+        try:
+            refs = _decode_python2_strings(_unpickle_refs(path, "bytes"), read_as_latin1)
+        except RecursionError:
+            raise RefsFileError(f"{path} nests its data too deeply for a refs file") from None
+        from utils.logging import get_logger  # here: it imports torch, which data.toy avoids
+
+        get_logger().warning(f"{path}: {len(read_as_latin1)} string(s) are not valid UTF-8 and "
+                             f"were read as latin-1, e.g. {read_as_latin1[0]!r}")
     if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
         kind = type(refs).__name__ if not isinstance(refs, list) else "list with non-dict items"
         raise RefsFileError(f"{path} holds a {kind}, expected a list of refs (dicts with ref_id, "
                             f"ann_id, image_id, split, sentences)")
     return refs
+
+
+def _unpickle_refs(path: str, encoding: str):
+    """The refs file's content; Python 2 strings decoded with `encoding` ("bytes": left as bytes).
+    UnicodeDecodeError passes through."""
+    with open(path, "rb") as handle:
+        try:
+            return _PlainDataUnpickler(handle, path, encoding).load()
+        except (UnicodeDecodeError, RefsFileError):
+            raise
+        except Exception as error:  # truncated or not a pickle at all
+            raise RefsFileError(f"cannot read {path} as a refs pickle ({type(error).__name__}: "
+                                f"{error}); expected the file of the REFER release") from None
+
+
+def _decode_python2_strings(value, read_as_latin1: list):
+    """`value` with every bytes object (a Python 2 string) decoded: UTF-8, or latin-1 where that
+    string is not UTF-8 (appended to `read_as_latin1`)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            read_as_latin1.append(value.decode("latin-1"))
+            return read_as_latin1[-1]
+    if isinstance(value, dict):
+        return {_decode_python2_strings(key, read_as_latin1):
+                _decode_python2_strings(item, read_as_latin1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode_python2_strings(item, read_as_latin1) for item in value)
+    return value
 
 
 def load_grefs_file(path: str) -> list[dict]:

@@ -9,6 +9,7 @@ import pytest
 from refer import (DATASETS, REFER, ReferFileNotFoundError, RefsFileError, ReferValueError,
                    UnknownSplitError, load_refs_file, segmentation_to_mask)
 from refer.synthetic import make_refer_dataset, polygon_outline, rasterise_polygons
+from utils.logging import get_logger
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +230,39 @@ def test_python2_refs_pickle_with_non_ascii_bytes(tmp_path, sentence, expected):
     path.write_bytes(_python2_refs_pickle(sentence))
     (ref,) = load_refs_file(str(path))
     assert ref["sentences"][0]["sent"] == expected and ref["sentences"][0]["sent_id"] == 7
+
+
+def test_one_non_utf8_string_leaves_the_others_as_written(tmp_path, caplog):
+    """A protocol-2 pickle as Python 2 writes it, with two sentences: UTF-8 'café' and a latin-1
+    'naïve' (not UTF-8). Each is decoded on its own: the UTF-8 one must not turn into 'cafÃ©'."""
+    def string(value: bytes) -> bytes:  # SHORT_BINSTRING: a Python 2 str
+        return b"U" + bytes([len(value)]) + value
+
+    def sentence(text: bytes, sent_id: int) -> bytes:
+        return (b"}(" + string(b"sent") + string(text) + string(b"sent_id") + b"K" + bytes([sent_id])
+                + string(b"tokens") + b"]" + b"u")
+
+    ref = (b"}(" + string(b"ref_id") + b"K\x01" + string(b"ann_id") + b"K\x02"
+           + string(b"image_id") + b"K\x03" + string(b"split") + string(b"train")
+           + string(b"sentences") + b"](" + sentence("the café sign".encode("utf-8"), 7)
+           + sentence("a naïve dog".encode("latin-1"), 8) + b"eu")
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(b"\x80\x02](" + ref + b"e.")
+    logger = get_logger()  # the project's logger does not propagate: listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        (loaded,) = load_refs_file(str(path))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert loaded == {"ref_id": 1, "ann_id": 2, "image_id": 3, "split": "train",
+                      "sentences": [{"sent": "the café sign", "sent_id": 7, "tokens": []},
+                                    {"sent": "a naïve dog", "sent_id": 8, "tokens": []}]}
+    assert (f"{path}: 1 string(s) are not valid UTF-8 and were read as latin-1, e.g. "
+            f"'a naïve dog'") in caplog.text
+    # The second, per-string reading refuses code as the first does.
+    path.write_bytes(b"\x80\x02](" + string(b"caf\xe9") + b"cposix\nsystem\n" + b"e.")
+    with pytest.raises(RefsFileError, match="it asks for posix.system"):
+        load_refs_file(str(path))
 
 
 def test_a_refs_pickle_that_would_run_code_is_refused(tmp_path):
