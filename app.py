@@ -26,6 +26,7 @@ import gradio as gr  # noqa: E402
 from engine.args import get_parser, parse_args, positive_int  # noqa: E402
 from engine.inference import ReferringSegmenter, to_rgb_image  # noqa: E402
 from utils.errors import InputError, one_line  # noqa: E402
+from utils.io import file_in_folder  # noqa: E402
 from utils.logging import run_cli  # noqa: E402
 from utils.paths import DEFAULT_OUTPUT_DIR, REPO_ROOT  # noqa: E402
 from utils.visualize import mask_colours, mask_to_image  # noqa: E402
@@ -78,7 +79,7 @@ def segment(model, max_pixels, image_path, expressions_text):
     folder = tempfile.mkdtemp(prefix="ris_masks_")
     names = [f"mask_{index + 1}_{_slug(text)}.png" for index, text in enumerate(expressions)]
     for name, mask in zip(names, masks):
-        mask_to_image(mask).save(os.path.join(folder, name))
+        mask_to_image(mask).save(file_in_folder(folder, name))
     download = os.path.join(folder, names[0])
     if len(names) > 1:
         download = os.path.join(folder, "masks.zip")

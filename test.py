@@ -18,6 +18,7 @@ from refer.check import preflight
 from refer.refer import evaluation_splits
 from utils.dist import cleanup, init_distributed
 from utils.errors import InputError
+from utils.io import file_in_folder
 from utils.logging import format_results_table, progress_enabled, run_cli, setup_logging
 from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
 
@@ -35,13 +36,13 @@ class PredictionWriter:
         for index, prediction in enumerate(predictions):
             name = f"{batch['ref_ids'][index]}_{batch['sent_ids'][index]}.png"
             if self.masks_dir:
-                mask_to_image(prediction.numpy()).save(os.path.join(self.masks_dir, name))
+                mask_to_image(prediction.numpy()).save(file_in_folder(self.masks_dir, name))
             if self.vis_dir and self.vis_left > 0:
                 image_index = int(batch["image_index"][index])
                 panel = comparison_panel(tensor_to_image(batch["image"][image_index]),
                                          batch["mask"][image_index].numpy(), prediction.numpy(),
                                          batch["sentences"][index], float(ious[index]))
-                panel.save(os.path.join(self.vis_dir, name))
+                panel.save(file_in_folder(self.vis_dir, name))
                 self.vis_left -= 1
 
 

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from utils.dist import barrier, rank_and_world_size
 from utils.errors import InputError
-from utils.io import atomic_write, compare_file_record, file_record
+from utils.io import (UnsafeFileNameError, atomic_write, compare_file_record, file_in_folder,
+                      file_record)
 from utils.logging import get_logger
 
 from .transforms import ImageMaskTransform, load_rgb
@@ -70,9 +71,9 @@ class LatentCache:
         os.makedirs(self.directory, exist_ok=True)
 
     def path(self, key: str) -> str:
-        if not key or os.sep in key or (os.altsep and os.altsep in key) or key.startswith("."):
-            raise ValueError(f"cache key {key!r} must be a plain file name stem")
-        return os.path.join(self.directory, key + _SUFFIX)
+        if not isinstance(key, str) or not key or key.startswith("."):  # hidden, or a temporary
+            raise UnsafeFileNameError(f"cache key {key!r} must be a plain file name stem")
+        return file_in_folder(self.directory, key + _SUFFIX, source=f"cache key {key!r}: ")
 
     def record_path(self, key: str) -> str:
         return os.path.splitext(self.path(key))[0] + RECORD_SUFFIX

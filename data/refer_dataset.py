@@ -168,7 +168,7 @@ class ReferDataset(Dataset):
                 ids = tokenizer.ids_from_bpe(bpe)
                 rows.append(ids + [tokenizer.pad_id] * (self.token_length - len(ids)))
                 lengths.append(len(ids))
-                ref_sent_ids.append(sentence["sent_id"])
+                ref_sent_ids.append(self._integer_id(sentence["sent_id"], ref))
             if not ref_sent_ids:
                 raise EmptySentenceError(
                     f"ref_id {ref['ref_id']} in {self.refs_path} has no sentences")
@@ -186,6 +186,16 @@ class ReferDataset(Dataset):
                 f"{num_truncated} of {len(rows)} sentences exceed token_length="
                 f"{self.token_length} tokens and are truncated; longest is {longest}",
                 stacklevel=3)
+
+    def _integer_id(self, sent_id, ref: dict) -> int:
+        """A sentence id as an int. REFER's are ints; anything else (a path such as
+        "/../../tmp/x") is refused here, before it can name a file (test.py --save_masks)."""
+        if isinstance(sent_id, str) and sent_id.isascii() and sent_id.isdigit():
+            return int(sent_id)
+        if isinstance(sent_id, (int, np.integer)) and not isinstance(sent_id, bool):
+            return int(sent_id)
+        raise ReferValueError(f"{self.refs_path}: ref_id {ref['ref_id']} has sent_id {sent_id!r}; "
+                              f"expected an integer id")
 
     # ---------------------------------------------------------------------------------- access
     def __len__(self) -> int:

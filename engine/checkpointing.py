@@ -16,7 +16,6 @@ A run never overwrites another run's files: before it trains, checkpoint_last / 
 of another run in its --output-dir are renamed (``keep_other_runs_checkpoints``).
 """
 import os
-import re
 import socket
 import time
 import uuid
@@ -25,6 +24,7 @@ from utils.checkpoint import (CheckpointError, load_checkpoint, model_state_from
                               previous_run_path, rng_state)
 from utils.dist import all_gather_objects, unwrap
 from utils.errors import InputError
+from utils.io import is_plain_file_name
 
 from models import SegmenterConfig, complete_config
 from models.pretrained import config_from_checkpoint
@@ -93,7 +93,7 @@ def keep_other_runs_checkpoints(paths, run_id, own_legacy_files=False):
             owner, readable = None, False
         if readable and (owner == run_id or (owner is None and own_legacy_files)):
             continue
-        tag = owner if isinstance(owner, str) and re.fullmatch(r"[0-9A-Za-z_-]{1,64}", owner) else (
+        tag = owner if is_plain_file_name(owner) and len(owner) <= 64 else (
             time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path))))
         new_path = previous_run_path(path, tag)
         os.rename(path, new_path)

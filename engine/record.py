@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from utils.io import atomic_write, sha256_of_file
+from utils.io import atomic_write, is_plain_file_name, sha256_of_file
 from utils.paths import REPO_ROOT
 from utils.plots import plot_runs, read_metrics
 from utils.visualize import comparison_panel, tensor_to_image
@@ -60,7 +60,9 @@ class RunRecord:
         if os.path.isfile(self.metrics_path):
             rows = read_metrics(self.metrics_path)
             earlier = rows[0].get("run_id", "earlier") if rows else "earlier"
-            os.replace(self.metrics_path, os.path.join(self.log_dir, f"metrics.{earlier}.jsonl"))
+            name = f"metrics.{earlier}.jsonl"  # the run id comes from the file: checked
+            os.replace(self.metrics_path, os.path.join(
+                self.log_dir, name if is_plain_file_name(name) else "metrics.earlier.jsonl"))
 
     def _drop_rows_after(self, step, epoch):
         if not os.path.isfile(self.metrics_path):

@@ -2,7 +2,9 @@
 line (exit status 2) or save and stop cleanly."""
 import fcntl
 import os
+import pickle
 import pty
+import re
 import select
 import signal
 import socket
@@ -13,14 +15,17 @@ import termios
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from engine.checkpointing import keep_other_runs_checkpoints
-from refer.refer import REFER
+from engine.record import RunRecord
+from refer.refer import REFER, load_refs_file
 from tests.programs import (REPO_ROOT, SMALL_RUN, environment, load_program, main_here, run,
                             start, train_command, wait_for)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import InputError
+from utils.io import UnsafeFileNameError, file_in_folder
 from utils.lock import OutputLock, OutputLockedError, OutputNotWritableError
 
 # The tests that share this module's trained run or broken dataset stay on one worker (each
@@ -287,6 +292,59 @@ def test_keeping_other_runs_checkpoints_never_replaces_a_kept_one(tmp_path):
     assert moved == [(last, str(tmp_path / f"checkpoint_last_x.previous-{stamps[0]}.pth")),
                      (best, str(tmp_path / f"model_best_x.previous-{stamps[1]}.pth"))]
     assert not os.path.exists(last) and not os.path.exists(best)
+
+
+# ------------------------------------------------------------- nothing written outside a folder
+@GROUP
+def test_a_crafted_sent_id_cannot_write_outside_save_masks(finished_run, toy_root, tmp_path,
+                                                           restore_signal_handlers):
+    root = tmp_path / "data"
+    subprocess.run(["cp", "-r", toy_root, str(root)], check=True)
+    refs_path = root / "toy" / "refs(unc).p"
+    refs = load_refs_file(str(refs_path))
+    ref = next(ref for ref in refs if ref["split"] == "val")
+    ref["sentences"][0]["sent_id"] = "/../../escaped"
+    with open(refs_path, "wb") as handle:
+        pickle.dump(refs, handle)
+    masks, panels = tmp_path / "masks", tmp_path / "panels"
+    (masks / f"{ref['ref_id']}_").mkdir(parents=True)  # a folder the crafted name would pass through
+    with pytest.raises(InputError) as error:
+        load_program("test.py").main([
+            "--dataset", "toy", "--refer_data_root", str(root), "--split", "val",
+            "--checkpoint", str(finished_run / "model_best_toy.pth"), "--save_masks", str(masks),
+            "--vis_dir", str(panels), "--vis_num", "100", "--workers", "0"])
+    assert str(error.value) == (f"{refs_path}: ref_id {ref['ref_id']} has sent_id "
+                                f"'/../../escaped'; expected an integer id")
+    assert sorted(os.listdir(tmp_path)) == ["data", "masks", "panels"]
+
+
+def test_prediction_files_stay_in_their_folders(tmp_path):
+    """Whatever ids reach the writer of --save_masks / --vis_dir, the file stays in the folder."""
+    writer = load_program("test.py").PredictionWriter(str(tmp_path / "masks"), str(tmp_path / "vis"), 1)
+    batch = {"ref_ids": [3], "sent_ids": ["/../../escaped"], "image_index": torch.zeros(1, dtype=torch.long),
+             "image": torch.zeros(1, 3, 8, 8), "mask": torch.zeros(1, 8, 8, dtype=torch.long),
+             "sentences": ["a sentence"]}
+    with pytest.raises(UnsafeFileNameError, match=re.escape(
+            f"the file name '3_/../../escaped.png' is not a plain file name: refusing to write "
+            f"outside {tmp_path / 'masks'}")):
+        writer(batch, torch.zeros(1, 8, 8, dtype=torch.bool), torch.zeros(1))
+    assert os.listdir(tmp_path / "masks") == [] and sorted(os.listdir(tmp_path)) == ["masks", "vis"]
+
+
+def test_an_earlier_runs_metrics_are_set_aside_inside_the_log_folder(tmp_path):
+    logs = tmp_path / "logs"
+    (logs / "metrics.").mkdir(parents=True)  # a folder the crafted name would pass through
+    (logs / "metrics.jsonl").write_text('{"kind": "epoch", "run_id": "/../../escaped"}\n')
+    RunRecord(str(logs), "new", tensorboard=False).close()
+    assert sorted(os.listdir(logs)) == ["metrics.", "metrics.earlier.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["logs"]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/abs", "../x", "x\0y"])
+def test_file_in_folder_takes_plain_names_only(tmp_path, name):
+    with pytest.raises(UnsafeFileNameError, match="is not a plain file name"):
+        file_in_folder(str(tmp_path), name, source="ref_id 1: ")
+    assert file_in_folder(str(tmp_path), "12_34.png") == str(tmp_path / "12_34.png")
 
 
 # ------------------------------------------------------------------ several nodes, restarts

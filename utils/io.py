@@ -1,11 +1,34 @@
-"""Writing files so that a kill at any moment leaves either the old file or the new one; what a
-file held when something was derived from it."""
+"""Writing files so that a kill at any moment leaves either the old file or the new one, and
+never outside the folder meant; what a file held when something was derived from it."""
 import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
 
+from .errors import InputError
+
 TEMPORARY_PREFIX = ".tmp_"  # temporaries live beside their target: `.tmp_{name}{random}`
+
+
+class UnsafeFileNameError(InputError, ValueError):
+    """A file name built from data (an id, a name in a file) that would not stay in its folder."""
+
+
+def is_plain_file_name(name):
+    """Whether `name` names a file directly inside a folder: not empty, not '.' or '..', no path
+    separator, no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and os.sep not in name and not (os.altsep and os.altsep in name))
+
+
+def file_in_folder(folder, name, source=""):
+    """`folder`/`name` for a `name` built from data; UnsafeFileNameError (naming `source`, e.g.
+    "ref_id 5 of refs(unc).p: ") unless it is a plain file name, so nothing is ever written
+    outside the folder a user named."""
+    if not is_plain_file_name(name):
+        raise UnsafeFileNameError(f"{source}the file name {name!r} is not a plain file name: "
+                                  f"refusing to write outside {folder}")
+    return os.path.join(folder, name)
 
 
 @contextmanager
