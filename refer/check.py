@@ -1,5 +1,5 @@
 """Check a REFER data folder: files present and readable, counts as published, every image there
-and decodable, every mask non-empty.
+and decodable, every mask decodable and non-empty.
 
     python -m refer.check                       # every dataset found under refer/data
     python -m refer.check --dataset refcocog --quick
@@ -31,7 +31,7 @@ from utils.io import compare_file_record
 from utils.logging import get_logger
 from utils.paths import DEFAULT_DATA_ROOT
 
-from .refer import DATASETS, REFER
+from .refer import DATASETS, REFER, MaskDecodeError
 
 # Refs and sentences per split as published (REFER release; see refer/README.md for sources).
 # None: no published figure found for that count.
@@ -79,6 +79,7 @@ class SplitReport:
     expected: tuple | None = None
     missing_images: list = field(default_factory=list)
     broken_images: list = field(default_factory=list)
+    broken_masks: list = field(default_factory=list)  # MaskDecodeErrors (file, annotation, ref)
     empty_masks: list = field(default_factory=list)
     image_paths: list = field(default_factory=list, repr=False)  # those present
 
@@ -96,7 +97,7 @@ class SplitReport:
 
     @property
     def status(self):
-        if self.missing_images or self.broken_images or self.empty_masks:
+        if self.missing_images or self.broken_images or self.broken_masks or self.empty_masks:
             return "error"
         return "warning" if self.count_warnings else "ok"
 
@@ -148,7 +149,11 @@ def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_
         for ref in refs:
             if refer.is_no_target(ref):
                 continue  # an expression that refers to nothing has an empty mask by design
-            rle = refer.ref_rle(ref)
+            try:  # every run length of every target read and summed against its size
+                rle = refer.ref_rle(ref)
+            except MaskDecodeError as error:
+                report.broken_masks.append(error)
+                continue
             if rle is None or int(mask_utils.area(rle)) == 0:
                 report.empty_masks.append(ref["ref_id"])
         paths = [refer.image_path(refer.Imgs[image_id]) for image_id in image_ids]
@@ -244,12 +249,13 @@ def check_data(data_root, partitions=None, quick=False, show_progress=False, cac
 
 def format_table(result):
     lines = ["| dataset | splitBy | split | refs | sentences | expected (refs / sentences) | images "
-             "| missing images | broken images | empty masks | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| missing images | broken images | broken masks | empty masks | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.reports:
         lines.append(f"| {r.dataset} | {r.splitBy} | {r.split} | {r.refs:,} | {r.sentences:,} | "
                      f"{_expected_text(r)} | {r.images:,} | {len(r.missing_images)} | "
-                     f"{len(r.broken_images)} | {len(r.empty_masks)} | {r.status} |")
+                     f"{len(r.broken_images)} | {len(r.broken_masks)} | {len(r.empty_masks)} | "
+                     f"{r.status} |")
     return "\n".join(lines)
 
 
@@ -277,6 +283,13 @@ def problems(result, data_root):
     for r in result.reports:
         where = f"{r.dataset}({r.splitBy}) {r.split}"
         lines += [f"error: {problem}\n  fix: {fix}" for problem, fix in image_problems(r, data_root)]
+        if r.broken_masks:
+            shown = ", ".join(f"annotation {error.ann_id} (ref_id {error.ref_id})"
+                              for error in r.broken_masks[:10])
+            lines.append(f"error: {where}: {len(r.broken_masks)} masks cannot be decoded: {shown}"
+                         f"{', ...' if len(r.broken_masks) > 10 else ''}; the first: "
+                         f"{r.broken_masks[0]}\n  fix: take instances.json from the {r.dataset}.zip "
+                         f"of the REFER release")
         if r.empty_masks:
             lines.append(f"error: {where}: {len(r.empty_masks)} refs have an empty mask (ref_id "
                          f"{', '.join(map(str, r.empty_masks[:5]))}): their annotation in "

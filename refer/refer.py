@@ -29,6 +29,7 @@ __all__ = [
     "REFER", "DATASETS", "DatasetLayout", "ReferFileNotFoundError", "ReferValueError",
     "RefsFileError", "UnknownSplitError", "EmptySplitError", "load_refs_file", "load_grefs_file", "QUERY_SPLITS", "segmentation_to_mask",
     "split_matches", "decode_rle", "segmentation_to_rle", "evaluation_splits", "dataset_layout",
+    "MaskDecodeError", "compressed_rle_counts",
 ]
 
 
@@ -97,6 +98,13 @@ class ReferFileNotFoundError(InputError, FileNotFoundError):
 
 class ReferValueError(InputError, ValueError):
     """An argument names something REFER does not know (dataset, splitBy, split, id)."""
+
+
+class MaskDecodeError(ReferValueError):
+    """An annotation's segmentation that does not describe a mask of its size (corrupt RLE).
+    Raised by REFER.ref_rle with `ann_id` and `ref_id` set."""
+
+    ann_id = ref_id = None
 
 
 class UnknownSplitError(ReferValueError):
@@ -466,8 +474,19 @@ class REFER:
         """The union of the ref's target masks as one compressed RLE; None when it has no
         target or no usable segmentation."""
         image = self.Imgs[ref["image_id"]]
-        rles = [segmentation_to_rle(ann["segmentation"], image["height"], image["width"])
-                for ann in self.refToAnns[ref["ref_id"]]]
+        rles = []
+        for ann in self.refToAnns[ref["ref_id"]]:
+            try:
+                rles.append(segmentation_to_rle(ann["segmentation"], image["height"],
+                                                image["width"]))
+            except (ValueError, TypeError) as error:  # MaskDecodeError, or pycocotools' own
+                named = MaskDecodeError(
+                    f"{self.instances_path}: annotation {ann['id']} (ref_id {ref['ref_id']} of "
+                    f"{self.dataset}({self.splitBy})) has a segmentation that is not a mask: "
+                    f"{error}; the file is damaged or was edited (python -m refer.check lists "
+                    f"every such annotation)")
+                named.ann_id, named.ref_id = ann["id"], ref["ref_id"]
+                raise named from None
         rles = [rle for rle in rles if rle is not None]
         if not rles:
             return None
@@ -517,12 +536,19 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict | None:
     four numbers as a box.
     """
     if isinstance(segmentation, dict):
-        counts = segmentation["counts"]
+        counts, size = segmentation["counts"], list(segmentation["size"])
         if isinstance(counts, list):  # uncompressed RLE, as COCO stores iscrowd annotations
+            if not all(isinstance(count, int) and not isinstance(count, bool) for count in counts):
+                raise MaskDecodeError("its RLE counts are not all integers")
+            _check_run_lengths(np.asarray(counts, dtype=np.int64), size)
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(counts, str):
+            if not counts.isascii():
+                raise MaskDecodeError("its compressed RLE counts hold a character outside the "
+                                      "RLE alphabet")
             counts = counts.encode("ascii")
-        return {"size": list(segmentation["size"]), "counts": counts}
+        _check_run_lengths(compressed_rle_counts(counts), size)
+        return {"size": size, "counts": counts}
     if isinstance(segmentation, list):
         if segmentation and isinstance(segmentation[0], dict):
             rles = [segmentation_to_rle(s, height, width) for s in segmentation]
@@ -534,3 +560,49 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict | None:
     raise ReferValueError(
         f"unsupported segmentation of type {type(segmentation).__name__}; expected a polygon "
         "list or an RLE dict")
+
+
+def compressed_rle_counts(counts: bytes) -> np.ndarray:
+    """The run lengths a compressed COCO RLE string encodes (pycocotools' format: 6-bit digits
+    offset by 48, 5 value bits, 0x20 = more digits follow, 0x10 on the last digit = negative,
+    from the fourth run on a difference to the run two before).
+
+    Read here because pycocotools does not check its input: counts that do not add up to the
+    mask's size make `decode` fail with "Invalid RLE mask representation" or return
+    uninitialised memory, and `merge` loop forever. Raises MaskDecodeError saying what is wrong.
+    """
+    digits = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if digits.size == 0:
+        return digits
+    bad = np.flatnonzero((digits < 0) | (digits > 63))
+    if bad.size:
+        raise MaskDecodeError(f"its compressed RLE counts hold byte {counts[bad[0]]:#04x} at "
+                              f"offset {bad[0]}, outside the RLE alphabet")
+    last = (digits & 0x20) == 0  # the last digit of each number
+    if not last[-1]:
+        raise MaskDecodeError("its compressed RLE counts end inside a number")
+    number = np.concatenate([[0], np.cumsum(last)[:-1]])  # which number each digit belongs to
+    first = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    position = np.arange(digits.size) - first[number]
+    if position.max() > 11:  # 60 bits: more than any mask's run
+        raise MaskDecodeError("its compressed RLE counts hold a number too long for a run length")
+    values = np.zeros(int(number[-1]) + 1, dtype=np.int64)
+    np.add.at(values, number, (digits & 0x1f) << (5 * position))
+    negative = last & ((digits & 0x10) != 0)
+    values[number[negative]] -= np.int64(1) << (5 * (position[negative] + 1))
+    values[3::2] = np.cumsum(values[1::2])[1:]  # run m > 2 is stored as its difference to run m - 2
+    values[4::2] = np.cumsum(values[2::2])[1:]
+    return values
+
+
+def _check_run_lengths(runs: np.ndarray, size: list) -> None:
+    """Run lengths that make a mask of `size` (height, width): none negative, summing to its
+    pixels."""
+    if len(size) != 2:
+        raise MaskDecodeError(f"its RLE size {size} is not [height, width]")
+    if runs.size and runs.min() < 0:
+        raise MaskDecodeError(f"its RLE counts hold a negative run ({int(runs.min())})")
+    pixels = int(size[0]) * int(size[1])
+    if int(runs.sum()) != pixels:
+        raise MaskDecodeError(f"its RLE counts add up to {int(runs.sum())} pixels, but its size "
+                              f"{size[0]}x{size[1]} has {pixels}")

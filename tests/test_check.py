@@ -9,6 +9,7 @@ import torch
 from refer.check import PUBLISHED_COUNTS, DataCheckError, check_data, format_table, main, preflight
 from data.latent_cache import LatentCache
 from refer.synthetic import make_refer_dataset
+from tests.test_refer import corrupt_rle_counts
 from utils.io import file_record
 
 
@@ -33,7 +34,7 @@ def test_complete_data_passes_with_a_table_and_warns_about_counts(data_root, cap
     sentences = sum(len(info.sentences[r]) for r in train)
     refs, published_sentences = PUBLISHED_COUNTS[("refcoco", "unc")]["train"]
     assert (f"| refcoco | unc | train | {len(train)} | {sentences} | {refs:,} / {published_sentences:,} "
-            f"| 2 | 0 | 0 | 0 | warning |") in lines
+            f"| 2 | 0 | 0 | 0 | 0 | warning |") in lines
     # A small subset differs from the published counts: a warning naming both numbers, not a failure.
     assert (f"warning: refcoco(unc) train: {len(train)} refs where {refs:,} were published") in out
     assert out.rstrip().endswith("all files present and readable")
@@ -45,7 +46,7 @@ def test_a_missing_image_fails_and_says_what_to_download(data_root, capsys):
     os.remove(path)
     status, out = run_main(["--refer_data_root", root, "--quick"], capsys)
     assert status == 1
-    assert "| refcoco | unc | val |" in out and "| 1 | 0 | 0 | error |" in out
+    assert "| refcoco | unc | val |" in out and "| 1 | 0 | 0 | 0 | error |" in out
     image_dir = os.path.join(root, "images", "mscoco", "images", "train2014")
     assert (f"error: refcoco(unc) val: 1 images missing, e.g. {path}\n  fix: download train2014.zip "
             f"(COCO 2014 train images, 13 GB) from https://cocodataset.org/#download and extract it "
@@ -70,10 +71,30 @@ def test_a_truncated_image_and_an_empty_mask_fail(data_root, capsys):
     result = check_data(root)  # every image decoded: the truncated one is found
     assert not result.ok
     rows = {row.split(" | ")[2]: row for row in format_table(result).splitlines()[2:]}
-    assert rows["train"].endswith("| 0 | 1 | 0 | error |") and rows["testB"].endswith("| 0 | 0 | 1 | error |")
+    assert rows["train"].endswith("| 0 | 1 | 0 | 0 | error |") and rows["testB"].endswith("| 0 | 0 | 0 | 1 | error |")
     status, out = run_main(["--refer_data_root", root], capsys)
     assert status == 1 and f"1 images cannot be decoded, e.g. {path}" in out
     assert f"testB: 1 refs have an empty mask (ref_id {broken_ref})" in out
+
+
+def test_corrupt_rle_counts_fail_naming_file_annotation_and_ref(data_root, capsys):
+    """Counts that pycocotools cannot decode ("Invalid RLE mask representation" mid-training)
+    are found by the check, quick or not, and named."""
+    root, info = data_root
+    ref_id = next(r for r, kind in info.segmentation_kind.items() if kind == "rle_compressed")
+    ann_id = info.refs[ref_id]["ann_id"]
+    corrupt_rle_counts(info.instances_path, ann_id)
+    split = info.refs[ref_id]["split"]
+    for quick in ([], ["--quick"]):
+        status, out = run_main(["--refer_data_root", root, *quick], capsys)
+        assert status == 1 and "all files present" not in out
+        row = next(line for line in out.splitlines() if line.startswith(f"| refcoco | unc | {split} |"))
+        assert row.endswith("| 0 | 0 | 1 | 0 | error |")
+        assert (f"error: refcoco(unc) {split}: 1 masks cannot be decoded: annotation {ann_id} "
+                f"(ref_id {ref_id}); the first: {info.instances_path}: annotation {ann_id} (ref_id "
+                f"{ref_id} of refcoco(unc)) has a segmentation that is not a mask: its RLE counts "
+                f"add up to ") in out
+        assert "fix: take instances.json from the refcoco.zip of the REFER release" in out
 
 
 def test_missing_annotations_and_an_empty_folder(tmp_path, capsys):

@@ -15,8 +15,11 @@ from data import (CLIPTokenizer, EmptySentenceError, ImageFileNotFoundError, Ima
                   collate_eval, load_rgb)
 from engine.inference import to_rgb_image
 from refer import EmptySplitError, UnknownSplitError
+from refer.refer import MaskDecodeError
 from models.config import SegmenterConfig
 from refer.synthetic import make_refer_dataset
+from tests.test_refer import corrupt_rle_counts
+from utils.errors import InputError
 from utils.logging import get_logger
 
 SIZE, LENGTH = 32, 24
@@ -368,6 +371,20 @@ def test_refs_with_empty_masks_are_named(tmp_path, caplog):
         json.dump(instances, handle)
     with pytest.raises(EmptyMaskError, match="every ref of refcoco\\(unc\\) train has an empty mask"):
         _dataset(info, "train")
+
+
+def test_a_mask_that_cannot_be_decoded_is_named_at_construction(tmp_path):
+    """Not pycocotools' "Invalid RLE mask representation" when an item is read (in epoch 2), but
+    one line naming the file, the annotation and the ref before any item is."""
+    info = make_refer_dataset(str(tmp_path), num_images=8, special_images=False)
+    ref_id = next(r for r, kind in info.segmentation_kind.items() if kind == "rle_compressed")
+    ann_id = info.refs[ref_id]["ann_id"]
+    corrupt_rle_counts(info.instances_path, ann_id)
+    with pytest.raises(MaskDecodeError) as error:
+        _dataset(info, info.refs[ref_id]["split"])
+    assert isinstance(error.value, InputError) and "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{info.instances_path}: annotation {ann_id} (ref_id {ref_id} "
+                                       f"of refcoco(unc)) has a segmentation that is not a mask: ")
 
 
 def test_empty_sentence_is_reported_at_construction(tmp_path):

@@ -1,14 +1,17 @@
 """REFER API against synthetic data whose answers are known (refer/synthetic.py)."""
+import json
 import os
 import pickle
 import re
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from refer import (DATASETS, REFER, ReferFileNotFoundError, RefsFileError, ReferValueError,
                    UnknownSplitError, load_refs_file, segmentation_to_mask)
-from refer.synthetic import make_refer_dataset, polygon_outline, rasterise_polygons
+from refer.refer import MaskDecodeError, compressed_rle_counts
+from refer.synthetic import make_refer_dataset, polygon_outline, rasterise_polygons, uncompressed_rle
 from utils.logging import get_logger
 
 
@@ -180,12 +183,70 @@ def test_rle_masks_are_exact(refcoco, kind):
 def test_compressed_rle_as_bytes_and_degenerate_polygons():
     mask = np.zeros((6, 5), np.uint8)
     mask[1:4, 2:4] = 1
-    from pycocotools import mask as mask_utils
     rle = mask_utils.encode(np.asfortranarray(mask))  # counts are bytes here
     np.testing.assert_array_equal(segmentation_to_mask(rle, 6, 5)["mask"], mask)
     # A two-point "polygon" is dropped instead of being read as a box.
     empty = segmentation_to_mask([[1, 1, 3, 3]], 6, 5)
     assert empty["area"] == 0 and empty["mask"].shape == (6, 5)
+
+
+def test_compressed_rle_counts_read_as_pycocotools_writes_them():
+    """The run lengths read from pycocotools' strings equal those computed without it."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        height, width = (int(n) for n in rng.integers(1, 90, 2))
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        if trial % 3 == 0:  # long runs: numbers of several digits, negative differences
+            mask = np.zeros((height, width), np.uint8)
+            mask[rng.integers(height):, rng.integers(width):] = 1
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"]
+        assert compressed_rle_counts(counts).tolist() == uncompressed_rle(mask)["counts"]
+
+
+@pytest.mark.parametrize("segmentation,reason", [
+    ({"size": [6, 5], "counts": "52"}, "its RLE counts add up to 7 pixels, but its size 6x5 has 30"),
+    ({"size": [6, 5], "counts": "5c"}, "its compressed RLE counts end inside a number"),
+    ({"size": [6, 5], "counts": "5~"}, "its compressed RLE counts hold byte 0x7e at offset 1, outside the RLE alphabet"),
+    ({"size": [6, 5], "counts": "é"}, "its compressed RLE counts hold a character outside the RLE alphabet"),
+    ({"size": [6, 5], "counts": [10, -5, 25]}, "its RLE counts hold a negative run (-5)"),
+    ({"size": [6, 5], "counts": [10, 5]}, "its RLE counts add up to 15 pixels, but its size 6x5 has 30"),
+    ({"size": [6, 5], "counts": [10, "5", 15]}, "its RLE counts are not all integers"),
+])
+def test_corrupt_rle_is_refused_before_pycocotools_reads_it(segmentation, reason):
+    with pytest.raises(MaskDecodeError, match=re.escape(reason)):
+        segmentation_to_mask(segmentation, 6, 5)
+
+
+def test_a_corrupt_rle_names_the_file_annotation_and_ref(tmp_path):
+    info = make_refer_dataset(str(tmp_path), num_images=8, special_images=False)
+    ref_id = next(r for r, kind in info.segmentation_kind.items() if kind == "rle_compressed")
+    ann_id = info.refs[ref_id]["ann_id"]
+    height, width = corrupt_rle_counts(info.instances_path, ann_id)
+    refer = REFER(str(tmp_path), "refcoco", "unc")
+    with pytest.raises(MaskDecodeError) as error:
+        refer.getMask(refer.Refs[ref_id])
+    assert _one_line(error) == (
+        f"{info.instances_path}: annotation {ann_id} (ref_id {ref_id} of refcoco(unc)) has a "
+        f"segmentation that is not a mask: its RLE counts add up to {(height + 1) * width} "
+        f"pixels, but its size {height}x{width} has {height * width}; the file is damaged or was "
+        f"edited (python -m refer.check lists every such annotation)")
+    assert (error.value.ann_id, error.value.ref_id) == (ann_id, ref_id)
+
+
+def corrupt_rle_counts(instances_path, ann_id):
+    """Give a compressed-RLE annotation the counts of a mask one row taller (pycocotools' decode:
+    "Invalid RLE mask representation"); returns its (height, width)."""
+    with open(instances_path) as handle:
+        instances = json.load(handle)
+    (ann,) = [ann for ann in instances["annotations"] if ann["id"] == ann_id]
+    height, width = ann["segmentation"]["size"]
+    taller = mask_utils.encode(np.ones((height + 1, width), np.uint8, order="F"))
+    ann["segmentation"]["counts"] = taller["counts"].decode("ascii")
+    with open(instances_path, "w") as handle:
+        json.dump(instances, handle)
+    with pytest.raises(ValueError, match="Invalid RLE mask representation"):
+        mask_utils.decode(ann["segmentation"])
+    return height, width
 
 
 # ---------------------------------------------------------------------------------- datasets
