@@ -15,7 +15,7 @@ from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
 from models import VPDSegmenter
 from refer.check import preflight
-from refer.refer import evaluation_splits
+from refer.catalog import get_dataset
 from utils.dist import cleanup, init_distributed
 from utils.errors import InputError
 from utils.io import file_in_folder
@@ -63,7 +63,8 @@ def main(argv=None):
     logger.info(f"loaded {args.checkpoint}: {config.preset}, {config.token_length} tokens, "
                 f"{config.img_size} px; {report}")
 
-    splits = evaluation_splits(args.dataset, args.splitBy) if args.split == "all" else [args.split]
+    splits = (get_dataset(args.dataset).evaluation_splits(args.splitBy) if args.split == "all"
+              else [args.split])
     preflight(args.refer_data_root, args.dataset, args.splitBy,
               images=not (args.cache_latents and not args.vis_dir))
     # Panels only from rank 0, so --vis_num is the total; masks from every rank (disjoint refs).

@@ -31,7 +31,7 @@ from data.loaders import build_dataset, build_loader
 from engine.training import model_inputs
 from models.pretrained import load_model, read_model_source
 from models.segmenter import VPDSegmenter
-from refer.refer import evaluation_splits
+from refer.catalog import get_dataset
 from utils.paths import REPO_ROOT
 
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     print(f"\nbest epoch {best.checkpoint['epoch']}; head weight {args.head_weight}\n")
     print("| split | decision | gIoU | cIoU | N-acc | T-acc |")
     print("|---|---|---|---|---|---|")
-    for split in evaluation_splits("gtoy", "unc"):
+    for split in get_dataset("gtoy").evaluation_splits("unc"):
         dataset = build_dataset(args.refer_data_root, "gtoy", "unc", split, config, eval_mode=True)
         loader = build_loader(dataset, 64, 0, shuffle=False, drop_last=False, eval_mode=True,
                               pin_memory=False)

@@ -23,7 +23,7 @@ from data.loaders import build_dataset, build_loader
 from engine.args import parse_args
 from engine.evaluation import evaluate
 from models import VPDSegmenter
-from refer.refer import evaluation_splits
+from refer.catalog import get_dataset
 from utils.metrics import GRESMetric, intersection_and_union
 
 AREA_FRACTIONS = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                                          configure=lambda config: config.replace(no_target_area=0.0))
     model.to(device)
     results = {}
-    for split in evaluation_splits(args.dataset, args.splitBy):
+    for split in get_dataset(args.dataset).evaluation_splits(args.splitBy):
         dataset = build_dataset(args.refer_data_root, args.dataset, args.splitBy, split, model.config,
                                 eval_mode=True)
         if not getattr(dataset, "generalized", False):

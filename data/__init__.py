@@ -1,18 +1,19 @@
-"""Data layer of VPD-RIS: REFER splits as tensors, CLIP tokenisation, loaders.
+"""Data layer of VPD-RIS: splits of the catalog's datasets as tensors (the interface the engine
+relies on: data/interface.py), CLIP tokenisation, loaders, joint training, the latent cache.
 
-The names below are imported on first use (PEP 562), so `data.toy` and `data.gtoy`, which need
-only numpy and Pillow, load without torch: their worker processes (utils/process_map.py) start
-in a fraction of a second.
+The names below are imported on first use (PEP 562): importing one module of the package loads
+only what that module needs.
 """
 import importlib
 
 _EXPORTS = {
+    "ReferringDataset": "interface", "RefIndex": "interface",
     "ReferDataset": "refer_dataset", "EmptySentenceError": "refer_dataset",
     "CLIPTokenizer": "tokenizer",
     "ImageMaskTransform": "transforms", "load_rgb": "transforms", "to_rgb": "transforms",
     "ImageFileNotFoundError": "transforms", "ImageReadError": "transforms",
     "build_dataset": "loaders", "build_loader": "loaders", "collate_eval": "loaders",
-    "ShardedEvalSampler": "loaders",
+    "ShardedEvalSampler": "loaders", "split_images": "loaders",
 }
 
 __all__ = list(_EXPORTS)

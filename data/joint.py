@@ -1,21 +1,25 @@
-"""Joint training on several REFER datasets that share their images (RefCOCO, RefCOCO+, RefCOCOg
-all draw on COCO train2014) without test leakage: every training ref whose image appears in a
-val or test split of any listed dataset is left out."""
+"""Joint training on several datasets without test leakage: every training ref whose image
+appears in a val or test split of any listed dataset is left out. Images are matched by file
+(RefCOCO, RefCOCO+ and RefCOCOg all draw on COCO train2014; a JSONL folder may point at the same
+files), so datasets that share no image lose nothing."""
 from __future__ import annotations
+
+import os
 
 from torch.utils.data import ConcatDataset
 
-from refer.refer import REFER
+from refer.catalog import get_dataset
 
 from .refer_dataset import ReferDataset
 
 
-def held_out_image_ids(data_root: str, members: list[tuple[str, str]]) -> set:
-    """Image ids of every non-train ref of every (dataset, splitBy) in `members`."""
+def held_out_images(data_root: str, members: list[tuple[str, str]]) -> set[str]:
+    """Absolute paths of the images of every non-train ref of every (dataset, splitBy)."""
     held_out = set()
     for dataset, splitBy in members:
-        refer = REFER(data_root, dataset, splitBy)
-        held_out.update(ref["image_id"] for ref in refer.data["refs"] if ref["split"] != "train")
+        refer = get_dataset(dataset).read(data_root, splitBy)
+        held_out.update(os.path.abspath(refer.image_path(refer.Imgs[ref["image_id"]]))
+                        for ref in refer.Refs.values() if ref["split"] != "train")
     return held_out
 
 
@@ -27,6 +31,7 @@ class JointReferDataset(ConcatDataset):
         self.members = members
         self.img_size = members[0].img_size
         self.eval_mode = members[0].eval_mode
+        self.generalized = members[0].generalized
         self.split = "+".join(sorted({member.split for member in members}))
 
     def set_sentence_seed(self, seed):
@@ -41,7 +46,9 @@ class JointReferDataset(ConcatDataset):
         images = {}
         for member in self.members:
             for key, path in member.unique_images():
-                images.setdefault(key, path)
+                if os.path.abspath(images.setdefault(key, path)) != os.path.abspath(path):
+                    raise ValueError(f"two images of the joint datasets share the latent-cache key "
+                                     f"{key!r}: {images[key]} and {path}")
         return list(images.items())
 
     def __repr__(self):

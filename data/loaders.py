@@ -14,36 +14,27 @@ import signal
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from refer.catalog import get_dataset
 from utils.dist import is_distributed, rank_and_world_size
 
-from .gtoy import ensure_gtoy_dataset, gtoy_params
-from .joint import JointReferDataset, held_out_image_ids
+from .joint import JointReferDataset, held_out_images
 from .refer_dataset import ReferDataset
-from .toy import ensure_toy_dataset, stored_params, toy_params
-
-# The embedded datasets, generated on first use: name -> (ensure(data_root), default parameters).
-GENERATED = {"toy": (ensure_toy_dataset, toy_params), "gtoy": (ensure_gtoy_dataset, gtoy_params)}
+from .transforms import load_rgb
 
 __all__ = ["build_dataset", "build_train_set", "build_loader", "collate_eval", "set_loader_epoch",
-           "ShardedEvalSampler", "ResumableTrainSampler"]
+           "split_images", "ShardedEvalSampler", "ResumableTrainSampler"]
 
 
 def build_dataset(data_root: str, dataset: str, splitBy: str, split: str, config,
-                  eval_mode: bool, exclude_image_ids=None) -> ReferDataset:
-    """ReferDataset of one split, sized by the model's config (``img_size``, ``token_length``,
-    ``pad_token_id``). The embedded toy datasets are generated on first use, and rebuilt when a
-    newer generator version is out."""
-    if dataset in GENERATED:
-        # Generated when missing, and again when an older generator wrote it (the data of another
-        # version differs); data of this version built with other parameters (tests) is kept.
-        ensure, default_params = GENERATED[dataset]
-        params = stored_params(os.path.join(data_root, dataset))
-        if params is None or params.get("generator_version") != default_params()["generator_version"]:
-            ensure(data_root)
+                  eval_mode: bool, exclude_images=None) -> ReferDataset:
+    """One split of a catalog dataset (REFER layout or JSONL: the record reads it), sized by the
+    model's config (``img_size``, ``token_length``, ``pad_token_id``). A generated dataset is
+    made on first use, and remade when a newer generator is out."""
+    get_dataset(dataset).prepare(data_root)
     return ReferDataset(data_root, dataset=dataset, splitBy=splitBy, split=split,
                         img_size=config.img_size, token_length=config.token_length,
                         eval_mode=eval_mode, pad_token_id=config.pad_token_id,
-                        exclude_image_ids=exclude_image_ids)
+                        exclude_images=exclude_images)
 
 
 def build_train_set(data_root: str, members: list[tuple[str, str]], config):
@@ -54,17 +45,31 @@ def build_train_set(data_root: str, members: list[tuple[str, str]], config):
     if len(members) == 1:
         (dataset, splitBy), = members
         return build_dataset(data_root, dataset, splitBy, "train", config, eval_mode=False), None
-    held_out = held_out_image_ids(data_root, members)
+    for dataset, _ in members:
+        get_dataset(dataset).prepare(data_root)
+    held_out = held_out_images(data_root, members)
     parts = [build_dataset(data_root, dataset, splitBy, "train", config, eval_mode=False,
-                           exclude_image_ids=held_out) for dataset, splitBy in members]
+                           exclude_images=held_out) for dataset, splitBy in members]
     removed = {f"{part.dataset}({part.splitBy})": len(part.excluded_ref_ids) for part in parts}
-    removed_images = {image_id for part in parts for image_id in part.excluded_image_ids}
+    removed_images = {path for part in parts for path in part.excluded_images}
     summary = (f"joint training on {', '.join(removed)}: left out {sum(removed.values())} train "
                f"refs ({', '.join(f'{name} {count}' for name, count in removed.items())}) of "
                f"{len(removed_images)} train images that appear in a val or test split of one of "
                f"them ({len(held_out)} held-out images in all); {sum(len(part) for part in parts)} "
                f"refs remain")
     return JointReferDataset(parts), summary
+
+
+def split_images(data_root: str, dataset: str, split: str, img_size: int):
+    """Every distinct image of a split as the segmenter's input transform gives it:
+    ``(file names, tensor (N, 3, S, S) in [-1, 1])`` (pre-training the tiny preset's parts on
+    the toy, tools/pretrain_tiny_*.py)."""
+    get_dataset(dataset).prepare(data_root)
+    split_set = ReferDataset(data_root, dataset, get_dataset(dataset).default_partition, split,
+                             img_size=img_size)
+    images = split_set.unique_images()
+    return ([os.path.basename(path) for _, path in images],
+            torch.stack([split_set.transform.image_to_tensor(load_rgb(path)) for _, path in images]))
 
 
 class ShardedEvalSampler(Sampler[int]):

@@ -1,4 +1,6 @@
-"""One item per referred object (ref) of a REFER split, as LAVT and VPD consume it.
+"""One item per referred object (ref) of a split, as LAVT and VPD consume it, from any dataset of
+the catalog: REFER files (RefCOCO, ...) or a JSONL folder (refer/jsonl.py). The interface the
+engine relies on is written in data/interface.py.
 
 Training draws one random sentence of the ref per access; evaluation returns every sentence so
 that each sentence is scored once. Everything an item needs is prepared at construction in compact
@@ -16,7 +18,9 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from refer.refer import REFER, EmptySplitError, ReferValueError, decode_rle
+from refer.catalog import get_dataset
+from refer.errors import EmptySplitError, ReferValueError
+from refer.refer import decode_rle
 from utils.logging import get_logger
 
 from .tokenizer import CLIPTokenizer
@@ -35,7 +39,8 @@ class EmptySentenceError(ReferValueError):
 
 
 class EmptyMaskError(ReferValueError):
-    """Every ref of a split has an empty mask: there is nothing to learn or score."""
+    """Every ref of a split has an empty mask, or (training) refers to nothing: there is nothing
+    to learn or score."""
 
 
 class ImageSizeMismatchError(ReferValueError):
@@ -43,33 +48,32 @@ class ImageSizeMismatchError(ReferValueError):
 
 
 class ReferDataset(Dataset):
-    """REFER split as tensors for VPD-RIS.
+    """A split of a catalog dataset as tensors for VPD-RIS (data/interface.py, ReferringDataset).
 
     Args:
-        data_root: folder with ``{dataset}/`` and ``images/`` (see ``refer/README.md``).
-        dataset, splitBy, split: which refs to use, e.g. ``refcocog``, ``umd``, ``val``.
-            ``split='test'`` covers every test split (testA, testB, ...), as in REFER.
+        data_root: folder with ``{dataset}/`` and ``images/`` (see ``refer/README.md``); unused
+            by JSONL datasets, whose record names their folder.
+        dataset, splitBy, split: which refs to use, e.g. ``refcocog``, ``umd``, ``val``, or
+            ``jsonl:FOLDER``, ``jsonl``, ``val``. ``split='test'`` covers every test split
+            (testA, testB, ...) of a REFER dataset, as in REFER.
         img_size: side of the square image and mask.
         token_length: number of text tokens per sentence (truncated / padded).
         pad_token_id: the id sentences are padded with (the model config's ``pad_token_id``;
             None: CLIP's end-of-text id).
-        exclude_image_ids: refs of these images are left out (joint training keeps every image
-            of a val or test split out of training; ``excluded_ref_ids`` lists what was dropped).
+        exclude_images: refs of these image files (absolute paths) are left out (joint training
+            keeps every image of a val or test split out of training; ``excluded_ref_ids`` lists
+            what was dropped).
         eval_mode: return all sentences of a ref instead of one random sentence.
 
-    Items (``eval_mode=False``): ``image`` float32 [3,S,S] in [-1,1], ``mask`` int64 [S,S] in
-    {0,1} (the union of the ref's targets; empty when it refers to nothing), ``input_ids`` /
-    ``attention_mask`` int64 [L], ``ref_id``, ``image_id``, ``sent_id``, ``no_target`` (bool).
-    Items (``eval_mode=True``): ``input_ids`` / ``attention_mask`` int64 [N,L] for the ref's N
-    sentences, ``sent_ids`` and ``sentences`` lists, plus image, mask, ref_id, image_id.
-    With a latent cache (``use_latent_cache``) items carry ``latents`` float32 [C,h,w] (the VAE
-    latent of the image) instead of ``image``, and the image file is never opened.
+    Items: as data/interface.py's ReferringDataset describes them (keys, shapes, dtypes); with a
+    latent cache (``use_latent_cache``) they carry ``latents`` instead of ``image``, and the image
+    file is never opened.
     """
 
     def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
                  split: str = "train", img_size: int = 512, token_length: int = 77,
                  eval_mode: bool = False, pad_token_id: int | None = None,
-                 exclude_image_ids=None):
+                 exclude_images=None):
         self.dataset = dataset
         self.splitBy = splitBy
         self.split = split
@@ -84,19 +88,21 @@ class ReferDataset(Dataset):
         self.text_source = None  # see swap_text_within_images
         self.transform = ImageMaskTransform(img_size)
 
-        refer = REFER(data_root, dataset, splitBy)
+        refer = get_dataset(dataset).read(data_root, splitBy)
         self.refs_path = refer.refs_path
         ref_ids = refer.getRefIds(split=split)
         if not ref_ids:
             raise EmptySplitError(
                 f"split {split!r} selects no refs in {refer.refs_path}; splits present: "
                 f"{', '.join(refer.splits())}")
-        self.excluded_ref_ids, self.excluded_image_ids = [], []
-        if exclude_image_ids:
+        paths = {ref_id: refer.image_path(refer.Imgs[refer.Refs[ref_id]["image_id"]])
+                 for ref_id in ref_ids}
+        self.excluded_ref_ids, self.excluded_images = [], []
+        if exclude_images:
             self.excluded_ref_ids = [ref_id for ref_id in ref_ids
-                                     if refer.Refs[ref_id]["image_id"] in exclude_image_ids]
-            self.excluded_image_ids = sorted({refer.Refs[ref_id]["image_id"]
-                                              for ref_id in self.excluded_ref_ids})
+                                     if os.path.abspath(paths[ref_id]) in exclude_images]
+            self.excluded_images = sorted({os.path.abspath(paths[ref_id])
+                                           for ref_id in self.excluded_ref_ids})
             excluded = set(self.excluded_ref_ids)
             ref_ids = [ref_id for ref_id in ref_ids if ref_id not in excluded]
             if not ref_ids:
@@ -106,33 +112,38 @@ class ReferDataset(Dataset):
         self.refs: list[dict] = refer.loadRefs(ref_ids)
         images = [refer.Imgs[ref["image_id"]] for ref in self.refs]
         self._image_paths = [refer.image_path(image) for image in images]
+        self._image_keys = [refer.image_key(image) for image in images]
         self.generalized = refer.generalized
         self.no_target = [refer.is_no_target(ref) for ref in self.refs]
+        if not eval_mode and all(self.no_target):
+            raise EmptyMaskError(f"every ref of {dataset}({splitBy}) {split} refers to nothing "
+                                 f"(no target): there is no object to learn to segment; a training "
+                                 f"split needs refs with targets")
         self._rles = [self._compact_rle(refer, ref, image) for ref, image in zip(self.refs, images)]
-        self.empty_mask_ref_ids = [ref["ref_id"] for ref, rle, nothing in zip(self.refs, self._rles, self.no_target)
-                                   if not nothing and int(mask_utils.area(rle)) == 0]
-        if self.empty_mask_ref_ids:
-            self._warn_empty_masks(refer.instances_path)
-        self._index_sentences(CLIPTokenizer(token_length, pad_id=pad_token_id))
+        empty = [ref for ref, rle, nothing in zip(self.refs, self._rles, self.no_target)
+                 if not nothing and int(mask_utils.area(rle)) == 0]
+        self.empty_mask_ref_ids = [ref["ref_id"] for ref in empty]
+        if empty:
+            self._warn_empty_masks(refer, empty)
+        self._index_sentences(CLIPTokenizer(token_length, pad_id=pad_token_id), refer)
 
     # ----------------------------------------------------------------------------- construction
-    def _warn_empty_masks(self, instances_path: str) -> None:
+    def _warn_empty_masks(self, refer, empty: list[dict]) -> None:
         """A referred object whose mask is empty trains on an all-background target and can never
         be found: say so, naming the refs (the annotation has no segmentation, or only polygons
-        of fewer than three points)."""
-        count, shown = len(self.empty_mask_ref_ids), self.empty_mask_ref_ids[:5]
+        of fewer than three points; an all-zero mask)."""
+        count, shown = len(empty), ", ".join(refer.where(ref) for ref in empty[:5])
         if count == len(self.refs):
             raise EmptyMaskError(f"every ref of {self.dataset}({self.splitBy}) {self.split} has an "
-                                 f"empty mask (e.g. ref_id {shown[0]}): the segmentations in "
-                                 f"{instances_path} are empty or have fewer than 3 points")
+                                 f"empty mask (e.g. {refer.where(empty[0])}): "
+                                 f"{refer.empty_mask_reason}")
         get_logger().warning(
             f"{count} of {len(self.refs)} refs of {self.dataset}({self.splitBy}) {self.split} have "
-            f"an empty mask (ref_id {', '.join(map(str, shown))}{', ...' if count > 5 else ''}): their "
-            f"annotations in {instances_path} have no segmentation or only polygons of fewer than "
-            f"3 points; they count as all-background targets")
+            f"an empty mask ({shown}{', ...' if count > 5 else ''}): {refer.empty_mask_reason}; "
+            f"they count as all-background targets")
 
     @staticmethod
-    def _compact_rle(refer: REFER, ref: dict, image: dict) -> dict:
+    def _compact_rle(refer, ref: dict, image: dict) -> dict:
         """The ref's mask (the union of its targets) as one compressed RLE: a few hundred bytes
         instead of polygon lists."""
         rle = refer.ref_rle(ref)
@@ -140,7 +151,7 @@ class ReferDataset(Dataset):
             rle = mask_utils.encode(np.zeros((image["height"], image["width"]), np.uint8, order="F"))
         return rle
 
-    def _index_sentences(self, tokenizer: CLIPTokenizer) -> None:
+    def _index_sentences(self, tokenizer: CLIPTokenizer, refer) -> None:
         """Tokenise every sentence once; keep ids in one [M, L] int32 array plus per-ref offsets."""
         bpe_cache: dict[str, list[int]] = {}
         rows, lengths, offsets = [], [], [0]
@@ -153,13 +164,13 @@ class ReferDataset(Dataset):
                 if text not in bpe_cache:
                     if not isinstance(text, str) or not text.strip():
                         raise EmptySentenceError(
-                            f"empty sentence in {self.refs_path}: ref_id {ref['ref_id']} "
+                            f"empty sentence in {self.refs_path}: {refer.where(ref)} "
                             f"sent_id {sentence['sent_id']} has sent={text!r}; expected text")
                     try:
                         bpe_cache[text] = tokenizer.encode(text)
                     except ValueError as error:
                         raise EmptySentenceError(
-                            f"untokenisable sentence in {self.refs_path}: ref_id {ref['ref_id']} "
+                            f"untokenisable sentence in {self.refs_path}: {refer.where(ref)} "
                             f"sent_id {sentence['sent_id']}: {error}") from error
                 bpe = bpe_cache[text]
                 num_tokens = len(bpe) + 2
@@ -171,7 +182,7 @@ class ReferDataset(Dataset):
                 ref_sent_ids.append(self._integer_id(sentence["sent_id"], ref))
             if not ref_sent_ids:
                 raise EmptySentenceError(
-                    f"ref_id {ref['ref_id']} in {self.refs_path} has no sentences")
+                    f"{refer.where(ref)} in {self.refs_path} has no sentences")
             self.sent_ids.append(ref_sent_ids)
             offsets.append(len(rows))
 
@@ -209,8 +220,8 @@ class ReferDataset(Dataset):
         return self._image_paths[index]
 
     def image_key(self, index: int) -> str:
-        """The image's file name without extension: its key in a latent cache."""
-        return os.path.splitext(os.path.basename(self._image_paths[index]))[0]
+        """The image's key in a latent cache (REFER: the file name without extension)."""
+        return self._image_keys[index]
 
     def unique_images(self) -> list[tuple[str, str]]:
         """``(key, path)`` of every distinct image of the split, in order of first use."""
@@ -286,7 +297,8 @@ class ReferDataset(Dataset):
             pixels_key, (pixels, mask) = "latents", self._latents_and_mask(index)
         else:
             pixels_key, (pixels, mask) = "image", self.image_and_mask(index)
-        item = {pixels_key: pixels, "mask": mask, "ref_id": int(ref["ref_id"]),
+        ref_id = ref["ref_id"] if isinstance(ref["ref_id"], str) else int(ref["ref_id"])
+        item = {pixels_key: pixels, "mask": mask, "ref_id": ref_id,
                 "image_id": int(ref["image_id"]), "no_target": self.no_target[index]}
         text_index = index if self.text_source is None else self.text_source[index]
         first, last = int(self._sent_offsets[text_index]), int(self._sent_offsets[text_index + 1])

@@ -5,18 +5,20 @@ argparse error there and its --help lists only its own flags.
 Defaults reproduce the published VPD recipe. A few settings depend on the dataset (the embedded
 ``toy`` dataset trains a tiny model on a CPU; RefCOCO/+ use 40 tokens) or on the model (its
 preset's training recipe, models/registry.py): those flags default to ``None`` in the parser and
-are filled by :func:`resolve_defaults` from ``DATASET_DEFAULTS`` first, then ``PAPER_DEFAULTS``
-and the preset's recipe, so a flag given on the command line always wins. test.py and the demo
-take the model's settings (preset, token length, image size) from the checkpoint instead.
+are filled by :func:`resolve_defaults` from the dataset's recipe in the catalog (refer/catalog.py)
+first, then ``PAPER_DEFAULTS`` and the preset's recipe, so a flag given on the command line always
+wins. test.py and the demo take the model's settings (preset, token length, image size) from the
+checkpoint instead.
 
-Cheap flag values (sizes, splits, partitions) are checked here, before any file is read.
+Cheap flag values (sizes, splits, partitions) are checked here, before any image is read.
 """
 import argparse
 import os
 import sys
 
 from models import PRESETS, SegmenterConfig, complete_config, get_preset
-from refer.refer import DATASETS, QUERY_SPLITS, split_matches
+from refer.catalog import (JSONL_PREFIX, CatalogError, dataset_names, get_dataset,
+                           joint_training_refusal, parse_dataset_item)
 from utils.errors import InputError
 from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR
 
@@ -24,8 +26,9 @@ from .precision import PRECISIONS
 from .training import COMPILE_MODES, WEIGHT_DECAY_RULES
 
 
-# The published setting (VPD-RIS: 512 px, SD v1.5); the optimisation recipe (8 GPUs x 4 images,
-# AdamW 5e-5, 40 epochs) is the model preset's (RECIPE_FLAGS).
+# The published setting (VPD-RIS: 512 px, SD v1.5): the flags' defaults where the dataset's recipe
+# says nothing; the optimisation recipe (8 GPUs x 4 images, AdamW 5e-5, 40 epochs) is the model
+# preset's (RECIPE_FLAGS).
 PAPER_DEFAULTS = dict(
     model="vpd",
     dice_weight=0.0,
@@ -37,12 +40,7 @@ PAPER_DEFAULTS = dict(
     cache_latents=None,
     eval_batch_size=8,
     channels_last=False,
-    splitBy="unc",
 )
-
-# The generated datasets keep their latent cache beside their images: rebuilt data (another
-# generator version or size) moves the folder aside with its latents. Filled in by resolve_defaults.
-GENERATED_LATENTS = os.path.join("{refer_data_root}", "{dataset}", "latents")
 
 # Flags whose default is the model preset's training recipe (models.Recipe): flag -> its value.
 RECIPE_FLAGS = {
@@ -54,28 +52,6 @@ RECIPE_FLAGS = {
     "batch_size": lambda recipe: recipe.batch_size,
     "warmup_epochs": lambda recipe: recipe.warmup_epochs,
 }
-
-# Per-dataset overrides of PAPER_DEFAULTS and of the recipe. VPD's README passes --token_length 40
-# for RefCOCO and RefCOCO+ and 77 with --splitBy umd for RefCOCOg. `toy` is sized so the README's
-# first command trains on two CPU cores in minutes (tiny model: the small pre-trained UNet and VAE
-# that ship with the repository, a random frozen text encoder; nothing to download; latents cached
-# beside the data); chosen from measured CPU runs (bench/RESULTS.md).
-DATASET_DEFAULTS = {
-    "refcoco": dict(token_length=40),
-    "refcoco+": dict(token_length=40),
-    "refcocog": dict(token_length=77, splitBy="umd"),
-    "toy": dict(model="tiny", img_size=64, token_length=16, batch_size=20, epochs=5, lr=1e-3,
-                workers=0, attn_grad=True, cache_latents=GENERATED_LATENTS, eval_batch_size=64,
-                channels_last=True, dice_weight=1.0),
-    # no_target_area: chosen on gtoy's val split by gIoU (bench/RESULTS.md, gtoy).
-    "gtoy": dict(model="tiny", img_size=64, token_length=16, batch_size=32, epochs=8, lr=1e-3,
-                 workers=0, attn_grad=True, no_target_area=0.01, cache_latents=GENERATED_LATENTS,
-                 eval_batch_size=64, channels_last=True),
-}
-
-# Datasets that cannot join another in joint training: images of their own, or expressions
-# that may name several objects or none (another metric).
-SINGLE_DATASETS = ("refclef", "toy", "gtoy", "grefcoco")
 
 # Flags of VPD's / LAVT's command lines that change nothing here: accepted with one warning each.
 IGNORED_VPD_FLAGS = {
@@ -141,24 +117,21 @@ def nonnegative_float(text):
 
 # --------------------------------------------------------------------------------------- groups
 def dataset_list(text):
-    """--dataset: one name, or several joined by commas for joint training, each optionally with
-    its partition (refcocog:google)."""
+    """--dataset: one name of the catalog (or jsonl:FOLDER), or several joined by commas for joint
+    training, each optionally with its partition (refcocog:google)."""
     items = [item.strip() for item in text.split(",")]
-    names = [item.partition(":")[0] for item in items]
-    for name in names:
-        if name not in DATASETS:
-            raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; expected one of "
-                                             f"{', '.join(DATASETS)}, or several joined by commas")
+    names = [parse_dataset_item(item)[0] for item in items]
+    try:
+        records = [get_dataset(name) for name in names]
+    except CatalogError as error:
+        raise argparse.ArgumentTypeError(f"{error}; several joined by commas train jointly") from None
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise argparse.ArgumentTypeError(f"{', '.join(repeated)} listed twice in {text!r}")
     if len(items) > 1:
-        folders = {name: DATASETS[name].image_dir for name in names}
-        if len(set(folders.values())) > 1 or any(name in SINGLE_DATASETS for name in names):
-            raise argparse.ArgumentTypeError(
-                f"joint training takes refcoco, refcoco+ and refcocog (classic expressions on the "
-                f"same COCO train2014 images); {text!r} mixes "
-                + ", ".join(f"{name} ({folder})" for name, folder in folders.items()))
+        refusal = joint_training_refusal(records)
+        if refusal:
+            raise argparse.ArgumentTypeError(f"{text!r}: {refusal}")
     return ",".join(items)
 
 
@@ -167,29 +140,30 @@ def dataset_members(args):
     dataset's default."""
     members = []
     for item in args.dataset.split(","):
-        name, _, splitBy = item.partition(":")
-        splitBy = splitBy or args.splitBy or DATASET_DEFAULTS.get(name, {}).get(
-            "splitBy", PAPER_DEFAULTS["splitBy"])
-        members.append((name, splitBy))
+        name, splitBy = parse_dataset_item(item)
+        members.append((name, splitBy or args.splitBy or get_dataset(name).default_partition))
     return members
 
 
 def _add_refer_data_root(group):
     group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
                        help="folder holding images/ and the refcoco*/ folders (see refer/README.md); "
-                            "the toy datasets are generated in it")
+                            "the toy datasets are generated in it (a jsonl: dataset names its own "
+                            "folder)")
 
 
 def _data(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="refcoco", type=dataset_list,
-                       help=f"which REFER dataset to read: {', '.join(DATASETS)}; train.py also "
-                            f"takes several joined by commas (refcoco,refcoco+,refcocog:umd) for "
-                            f"joint training without test leakage (default: refcoco)")
+                       help=f"which dataset of the catalog to read: {', '.join(dataset_names())}, "
+                            f"or {JSONL_PREFIX}FOLDER (a folder of {{split}}.jsonl files, README "
+                            f"'Your own data'); train.py also takes several joined by commas "
+                            f"(refcoco,refcoco+,refcocog:umd) for joint training without test "
+                            f"leakage (default: refcoco)")
     group.add_argument("--splitBy", default=None,
                        help="REFER partition: unc (refcoco, refcoco+), umd or google (refcocog) "
-                            "(default: umd for refcocog, else unc; in a joint list give it per "
-                            "dataset, refcocog:google)")
+                            "(default: the dataset's, umd for refcocog, else unc; in a joint list "
+                            "give it per dataset, refcocog:google)")
     _add_refer_data_root(group)
     group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
                        help="data loader processes per GPU (default: 4; toy, gtoy: 0)")
@@ -220,7 +194,7 @@ def _model(parser):
                        help="generalized datasets (gtoy, grefcoco): a mask covering at most this "
                             "fraction of the image counts as 'no target' and is emptied (default: "
                             "0, only an empty mask; gtoy: "
-                            f"{DATASET_DEFAULTS['gtoy']['no_target_area']}, chosen on its val split)")
+                            f"{get_dataset('gtoy').recipe['no_target_area']}, chosen on its val split)")
 
 
 def _input(parser):
@@ -292,7 +266,7 @@ def _optimization(parser):
     group.add_argument("--dice_weight", type=nonnegative_float, default=None,
                        help="weight of a soft Dice term added to the cross-entropy loss (default: "
                             "0, VPD's loss is cross-entropy alone; toy: "
-                            f"{DATASET_DEFAULTS['toy']['dice_weight']}, it lifts the slow seeds "
+                            f"{get_dataset('toy').recipe['dice_weight']}, it lifts the slow seeds "
                             "of the 5-epoch CPU run, bench/RESULTS.md)")
     group.add_argument("--accum_steps", type=positive_int, default=1,
                        help="gradient accumulation: batches per optimizer step, so the global "
@@ -469,7 +443,7 @@ def _tiny_pretraining(parser):
     group.add_argument("--out", default=None,
                        help="diffusers folder to write (config.json + weights) (default: the "
                             "folder the tiny preset loads it from)")
-    group.add_argument("--img_size", type=positive_int, default=DATASET_DEFAULTS["toy"]["img_size"],
+    group.add_argument("--img_size", type=positive_int, default=get_dataset("toy").recipe["img_size"],
                        help="training image size (default: the toy's, %(default)s)")
     group.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
     group.add_argument("--batch_size", type=positive_int, default=None, help="images per step")
@@ -551,19 +525,25 @@ def get_parser(program, description=None):
 
 # ---------------------------------------------------------------------------- defaults and checks
 def resolve_defaults(args, model_flags=True):
-    """Fill flags left at None: the dataset's own defaults first, then the paper's.
+    """Fill flags left at None: the dataset's recipe (refer/catalog.py) first, then the paper's
+    setting and the model preset's training recipe.
 
     `model_flags=False` (test.py, demo.py) leaves the model's settings unset, to be taken from the
     checkpoint.
     """
-    names = [item.partition(":")[0] for item in getattr(args, "dataset", "").split(",") if item]
+    if hasattr(args, "dataset"):
+        args.datasets = dataset_members(args)
+        if len(args.datasets) == 1:
+            args.splitBy = args.datasets[0][1]
+    records = [get_dataset(name) for name, _ in getattr(args, "datasets", [])]
+    recipes = [record.flag_defaults(args.refer_data_root) for record in records]
 
     def fill(key, fallback):
-        if not hasattr(args, key) or getattr(args, key) is not None or key == "splitBy":
+        if not hasattr(args, key) or getattr(args, key) is not None:
             return
         if key in MODEL_FLAGS and not model_flags:
             return
-        values = [DATASET_DEFAULTS.get(name, {}).get(key, fallback) for name in names] or [fallback]
+        values = [recipe.get(key, fallback) for recipe in recipes] or [fallback]
         # A joint list takes the largest token length of its members; other settings agree.
         setattr(args, key, max(values) if key == "token_length" else values[0])
 
@@ -573,17 +553,10 @@ def resolve_defaults(args, model_flags=True):
         recipe = get_preset(args.model).recipe
         for key, value_of in RECIPE_FLAGS.items():
             fill(key, value_of(recipe))
-    if getattr(args, "cache_latents", None) == GENERATED_LATENTS:
-        args.cache_latents = GENERATED_LATENTS.format(refer_data_root=args.refer_data_root,
-                                                      dataset=names[0])
-    elif str(getattr(args, "cache_latents", None)).lower() == "none":
+    if str(getattr(args, "cache_latents", None)).lower() == "none":
         args.cache_latents = None
-    if hasattr(args, "dataset"):
-        args.datasets = dataset_members(args)
-        if len(args.datasets) == 1:
-            args.splitBy = args.datasets[0][1]
     if getattr(args, "model_id", "absent") is None:
-        args.model_id = "_".join(name for name, _ in args.datasets)
+        args.model_id = "_".join(record.short_name for record in records)
     return args
 
 
@@ -591,15 +564,8 @@ def resolve_defaults(args, model_flags=True):
 MODEL_FLAGS = ("model", "img_size", "token_length", "attn_grad", "no_target_area")
 
 
-def held_out_splits(dataset, splitBy):
-    """Split names that select held-out refs of a dataset/partition (REFER query semantics)."""
-    stored = DATASETS[dataset].splits[splitBy]
-    return [split for split in QUERY_SPLITS
-            if split != "train" and any(split_matches(split, name) for name in stored)]
-
-
 def check_args(parser, args, program):
-    """Cheap consistency checks (no file is read); argparse errors naming the flag."""
+    """Cheap consistency checks (no image is read); argparse errors naming the flag."""
     if hasattr(args, "datasets"):
         if len(args.datasets) > 1 and program != "train":
             parser.error(f"argument --dataset: {program} reads one dataset at a time; a joint "
@@ -607,20 +573,21 @@ def check_args(parser, args, program):
         if len(args.datasets) > 1 and args.splitBy:
             parser.error("argument --splitBy: in a joint list give each dataset's partition "
                          "after a colon, e.g. refcoco,refcocog:google")
-        if getattr(args, "no_target_area", None) and not all(
-                DATASETS[dataset].generalized for dataset, _ in args.datasets):
+        records = [get_dataset(dataset) for dataset, _ in args.datasets]
+        if getattr(args, "no_target_area", None) and not all(record.generalized for record in records):
+            generalized = [name for name in dataset_names() if get_dataset(name).generalized]
             parser.error(f"argument --no_target_area: only for datasets whose expressions may "
-                         f"refer to nothing ({', '.join(n for n, d in DATASETS.items() if d.generalized)})")
-        for dataset, splitBy in args.datasets:
-            partitions = DATASETS[dataset].splits
-            if splitBy not in partitions:
+                         f"refer to nothing ({', '.join(generalized)}, or a jsonl: folder with "
+                         f"no_target lines)")
+        for record, (dataset, splitBy) in zip(records, args.datasets):
+            if splitBy not in record.partitions:
                 parser.error(f"argument --splitBy: {dataset} has no {splitBy!r} partition; "
-                             f"expected one of {', '.join(partitions)}")
+                             f"expected one of {', '.join(record.partitions)}")
             if hasattr(args, "split"):
-                allowed = held_out_splits(dataset, splitBy) + (["all"] if program == "test" else [])
+                allowed = record.held_out_splits(splitBy) + (["all"] if program == "test" else [])
                 if args.split not in allowed:
                     parser.error(f"argument --split: {dataset} ({splitBy}) has no held-out split "
-                                 f"{args.split!r}; expected one of {', '.join(allowed)}")
+                                 f"{args.split!r}; expected one of {', '.join(allowed) or 'none'}")
     if getattr(args, "device", "auto") not in ("auto", "cpu", "cuda") and not str(
             args.device).startswith("cuda:"):
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from refer.catalog import get_dataset
 from utils.io import atomic_write, is_plain_file_name, sha256_of_file
 from utils.paths import REPO_ROOT
 from utils.plots import plot_runs, read_metrics
@@ -195,11 +196,11 @@ def run_manifest(args, config, datasets, world_size, device_names, global_batch,
     commit = _git("rev-parse", "HEAD") or None
     data_files = {}
     for dataset, splitBy in datasets:
-        for name in ("instances.json", f"refs({splitBy}).p"):
-            path = os.path.join(data_root, dataset, name)
+        for path in get_dataset(dataset).annotation_files(data_root, splitBy):
             if os.path.isfile(path):
-                data_files[os.path.relpath(path, data_root)] = {"bytes": os.path.getsize(path),
-                                                                "sha256": sha256_of_file(path)}
+                relative = os.path.relpath(path, data_root)
+                name = os.path.abspath(path) if relative.startswith("..") else relative
+                data_files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_of_file(path)}
     return {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "host": socket.gethostname(),

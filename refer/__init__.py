@@ -1,12 +1,15 @@
-"""REFER API (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF, toy); see ``refer/README.md`` for downloads."""
-from .refer import (DATASETS, QUERY_SPLITS, REFER, DatasetLayout, EmptySplitError,
-                    ReferFileNotFoundError, RefsFileError, ReferValueError, UnknownSplitError,
-                    dataset_layout, decode_rle, evaluation_splits, load_refs_file,
-                    segmentation_to_mask, segmentation_to_rle, split_matches)
+"""Referring data on disk: the dataset catalog, the REFER API (RefCOCO, RefCOCO+, RefCOCOg,
+RefCLEF, gRefCOCO), the JSONL format for your own data, the generated toy datasets and the
+checker; see ``refer/README.md`` for downloads and README "Your own data" for the JSONL format."""
+from .catalog import (QUERY_SPLITS, DatasetRecord, dataset_names, get_dataset, register_dataset,
+                      register_jsonl, split_matches)
+from .errors import (CatalogError, EmptySplitError, ReferFileNotFoundError, RefsFileError,
+                     ReferValueError, UnknownSplitError)
+from .refer import REFER, decode_rle, load_refs_file, segmentation_to_mask, segmentation_to_rle
 
 __all__ = [
-    "REFER", "DATASETS", "QUERY_SPLITS", "DatasetLayout", "EmptySplitError",
-    "ReferFileNotFoundError", "RefsFileError", "ReferValueError", "UnknownSplitError",
-    "load_refs_file", "segmentation_to_mask",
-    "split_matches", "decode_rle", "segmentation_to_rle", "evaluation_splits", "dataset_layout",
+    "REFER", "QUERY_SPLITS", "DatasetRecord", "dataset_names", "get_dataset", "register_dataset",
+    "register_jsonl", "CatalogError", "EmptySplitError", "ReferFileNotFoundError", "RefsFileError",
+    "ReferValueError", "UnknownSplitError", "load_refs_file", "segmentation_to_mask",
+    "split_matches", "decode_rle", "segmentation_to_rle",
 ]

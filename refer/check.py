@@ -1,17 +1,20 @@
-"""Check a REFER data folder: files present and readable, counts as published, every image there
-and decodable, every mask decodable and non-empty.
+"""Check a dataset before training on it: files present and readable, counts as published, every
+image there, decodable and of the annotated size, every mask decodable and non-empty; a JSONL
+folder line by line.
 
-    python -m refer.check                       # every dataset found under refer/data
+    python -m refer.check                          # every dataset found under refer/data
     python -m refer.check --dataset refcocog --quick
+    python -m refer.check --dataset jsonl:data/shoes
     python -m refer.check --refer_data_root /data/refer
     python -m refer.check --dataset toy --cache_latents refer/data/toy/latents
 
 Prints one row per dataset / partition / split, then each problem with what to download and
-where it goes. Missing, unreadable or broken files are errors (exit status 1); a count that differs
-from the published one is a warning naming both numbers (mirrors ship re-released splits, our
-test fixtures are small) and alone does not fail the check. train.py and test.py run the quick
-form for the dataset they read. With --cache_latents DIR it also compares every image with the
-record its cached latent was encoded from (size, time and sha256; data/latent_cache.py).
+where it goes (a JSONL folder: every problem with its file and line). Missing, unreadable or
+broken files are errors (exit status 1); a count that differs from the published one is a warning
+naming both numbers (mirrors ship re-released splits, our test fixtures are small) and alone does
+not fail the check. train.py and test.py run the quick form for the dataset they read. With
+--cache_latents DIR it also compares every image with the record its cached latent was encoded
+from (size, time and sha256; data/latent_cache.py).
 """
 from __future__ import annotations
 
@@ -31,36 +34,10 @@ from utils.io import compare_file_record
 from utils.logging import get_logger
 from utils.paths import DEFAULT_DATA_ROOT
 
-from .refer import DATASETS, REFER, MaskDecodeError
+from .catalog import dataset_names, get_dataset, parse_dataset_item
+from .errors import MaskDecodeError
+from .jsonl import read_jsonl_folder
 
-# Refs and sentences per split as published (REFER release; see refer/README.md for sources).
-# None: no published figure found for that count.
-PUBLISHED_COUNTS = {
-    ("refcoco", "unc"): {"train": (42_404, 120_624), "val": (3_811, 10_834),
-                         "testA": (1_975, 5_657), "testB": (1_810, 5_095)},
-    ("refcoco", "google"): {"train": (40_000, None), "val": (5_000, None), "test": (5_000, None)},
-    ("refcoco+", "unc"): {"train": (42_278, 120_191), "val": (3_805, 10_758),
-                          "testA": (1_975, 5_726), "testB": (1_798, 4_889)},
-    ("refcocog", "umd"): {"train": (42_226, 80_512), "val": (2_573, 4_896), "test": (5_023, 9_602)},
-    ("refcocog", "google"): {"train": (44_822, 85_474), "val": (5_000, 9_536)},
-}
-
-COCO_IMAGES_HINT = ("download train2014.zip (COCO 2014 train images, 13 GB) from "
-                    "https://cocodataset.org/#download and extract it to {image_dir}")
-DOWNLOAD_HINTS = {
-    "refcoco": COCO_IMAGES_HINT,
-    "refcoco+": COCO_IMAGES_HINT,
-    "refcocog": COCO_IMAGES_HINT,
-    "refclef": "download the SAIAPR TC-12 images linked from https://github.com/lichengunc/refer "
-               "and extract them to {image_dir}",
-    "toy": "delete {data_dir} and run again: the toy dataset is generated on first use",
-    "grefcoco": COCO_IMAGES_HINT,
-    "gtoy": "delete {data_dir} and run again: the gtoy dataset is generated on first use",
-}
-ANNOTATIONS_HINT = ("download {dataset}.zip of the REFER release (https://github.com/lichengunc/refer"
-                    "; any mirror of the same zip; gRefCOCO: https://github.com/henghuiding/gRefCOCO)"
-                    " and extract it into {data_root}, so that {data_dir}/instances.json and "
-                    "{data_dir}/{refs_file} exist")
 QUICK_SAMPLE = 8  # images decoded per split in --quick mode (all are checked for existence)
 
 
@@ -81,7 +58,10 @@ class SplitReport:
     broken_images: list = field(default_factory=list)
     broken_masks: list = field(default_factory=list)  # MaskDecodeErrors (file, annotation, ref)
     empty_masks: list = field(default_factory=list)
-    image_paths: list = field(default_factory=list, repr=False)  # those present
+    wrong_sizes: list = field(default_factory=list)   # (path, file's (w, h), annotated (w, h), id)
+    line_problems: int = 0                            # JSONL: lines left out for a problem
+    empty_reason: str = ""                            # why a mask may be empty (the reader's words)
+    cache_keys: dict = field(default_factory=dict, repr=False)  # latent-cache key -> image present
 
     @property
     def count_warnings(self):
@@ -97,7 +77,8 @@ class SplitReport:
 
     @property
     def status(self):
-        if self.missing_images or self.broken_images or self.broken_masks or self.empty_masks:
+        if (self.missing_images or self.broken_images or self.broken_masks or self.empty_masks
+                or self.wrong_sizes or self.line_problems):
             return "error"
         return "warning" if self.count_warnings else "ok"
 
@@ -105,7 +86,7 @@ class SplitReport:
 @dataclass
 class CheckResult:
     reports: list = field(default_factory=list)
-    errors: list = field(default_factory=list)    # (message, hint)
+    errors: list = field(default_factory=list)    # (message, what to do or None)
     warnings: list = field(default_factory=list)
     cache_warnings: list = field(default_factory=list)
 
@@ -121,29 +102,65 @@ def _expected_text(report):
     return f"{refs:,} / {sentences:,}" if sentences is not None else f"{refs:,} / ?"
 
 
+def _ordered_splits(refer, record, splitBy):
+    stored = record.partitions[splitBy]
+    return sorted({ref["split"] for ref in refer.Refs.values()},
+                  key=lambda s: (tuple(stored) + (s,)).index(s))
+
+
+def _check_images(report, refer, image_ids, quick, rng, show_progress):
+    """Existence of every image; decoding and the annotated size of all, or of a sample."""
+    present = []
+    for image_id in image_ids:
+        path = refer.image_path(refer.Imgs[image_id])
+        if os.path.isfile(path):
+            present.append((path, refer.Imgs[image_id]))
+            report.cache_keys[refer.image_key(refer.Imgs[image_id])] = path
+        else:
+            report.missing_images.append(path)
+    to_decode = rng.sample(present, min(QUICK_SAMPLE, len(present))) if quick else present
+    for path, info in tqdm(to_decode, desc=f"{report.dataset}({report.splitBy}) {report.split}: "
+                                           f"decoding images", disable=not show_progress, leave=False):
+        try:
+            with Image.open(path) as picture:
+                picture.load()
+                size = picture.size
+        except Exception as error:  # PIL raises many types for broken files
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            report.broken_images.append((path, reason))
+            continue
+        if size != (info["width"], info["height"]):
+            report.wrong_sizes.append((path, size, (info["width"], info["height"]), info["id"]))
+
+
 def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_progress=False,
                     seed=0):
-    """Check one dataset / partition. Returns (SplitReports, errors) or raises nothing: files
-    that are missing or unreadable become errors with a download hint."""
-    layout = DATASETS[dataset]
-    hint_values = {"dataset": dataset, "splitBy": splitBy, "data_root": data_root,
-                   "refs_file": layout.refs_file(splitBy),
-                   "data_dir": os.path.join(data_root, dataset),
-                   "image_dir": os.path.join(data_root, layout.image_dir)}
+    """Check one dataset / partition. Returns (SplitReports, errors): files that are missing or
+    unreadable become errors (message, what to do or None) instead of exceptions; a JSONL folder
+    gives one error per problem, its file and line first."""
+    record = get_dataset(dataset)
     try:
-        refer = REFER(data_root, dataset, splitBy)
+        if record.format == "jsonl":
+            refer = read_jsonl_folder(record.jsonl_dir, record.name, collect_problems=True)
+        else:
+            refer = record.read(data_root, splitBy)
     except InputError as error:
-        hint = ANNOTATIONS_HINT if "image folder" not in str(error) else DOWNLOAD_HINTS[dataset]
-        return [], [(str(error), hint.format(**hint_values))]
-    published = PUBLISHED_COUNTS.get((dataset, splitBy), {})
-    wanted = splits or sorted({ref["split"] for ref in refer.data["refs"]},
-                              key=lambda s: (layout.splits[splitBy] + (s,)).index(s))
+        kind = "images" if "image folder" in str(error) else "annotations"
+        return [], [(str(error), record.hint(kind, data_root, splitBy))]
+    line_problems = getattr(refer, "problems", [])
+    errors = [(str(problem), None) for problem in line_problems]
+    if errors:  # what to do, once after the last
+        errors[-1] = (errors[-1][0], record.hint("annotations", data_root, splitBy))
+    published = record.published_counts.get(splitBy, {})
+    wanted = splits or _ordered_splits(refer, record, splitBy)
     reports, rng = [], random.Random(seed)
     for split in wanted:
-        refs = [ref for ref in refer.data["refs"] if ref["split"] == split]
+        refs = [ref for ref in refer.Refs.values() if ref["split"] == split]
         report = SplitReport(dataset, splitBy, split, refs=len(refs),
                              sentences=sum(len(ref["sentences"]) for ref in refs),
-                             expected=published.get(split))
+                             expected=published.get(split), empty_reason=refer.empty_mask_reason)
+        report.line_problems = sum(os.path.basename(problem.path) == f"{split}.jsonl"
+                                   for problem in line_problems)
         image_ids = list(dict.fromkeys(ref["image_id"] for ref in refs))
         report.images = len(image_ids)
         for ref in refs:
@@ -154,38 +171,35 @@ def check_partition(data_root, dataset, splitBy, quick=False, splits=None, show_
             except MaskDecodeError as error:
                 report.broken_masks.append(error)
                 continue
+            except InputError as error:  # a JSONL mask file that does not decode
+                errors.append((str(error), record.hint("annotations", data_root, splitBy)))
+                continue
             if rle is None or int(mask_utils.area(rle)) == 0:
-                report.empty_masks.append(ref["ref_id"])
-        paths = [refer.image_path(refer.Imgs[image_id]) for image_id in image_ids]
-        present = [path for path in paths if os.path.isfile(path)]
-        report.missing_images = [path for path in paths if not os.path.isfile(path)]
-        report.image_paths = present
-        to_decode = rng.sample(present, min(QUICK_SAMPLE, len(present))) if quick else present
-        for path in tqdm(to_decode, desc=f"{dataset}({splitBy}) {split}: decoding images",
-                         disable=not show_progress, leave=False):
-            try:
-                with Image.open(path) as picture:
-                    picture.load()
-            except Exception as error:  # PIL raises many types for broken files
-                report.broken_images.append((path, str(error).splitlines()[0] if str(error) else type(error).__name__))
+                report.empty_masks.append(refer.where(ref))
+        _check_images(report, refer, image_ids, quick, rng, show_progress)
         reports.append(report)
-    return reports, []
+    return reports, errors
 
 
 def found_partitions(data_root):
-    """Every (dataset, splitBy) whose refs file exists under `data_root`."""
-    return [(dataset, splitBy) for dataset, layout in DATASETS.items() for splitBy in layout.splits
-            if os.path.isfile(os.path.join(data_root, dataset, layout.refs_file(splitBy)))]
+    """Every (dataset, splitBy) of the catalog whose files exist: REFER refs files under
+    `data_root`, and registered JSONL folders."""
+    found = []
+    for name in dataset_names():
+        record = get_dataset(name)
+        found += [(name, splitBy) for splitBy in record.partitions
+                  if record.format == "jsonl" or os.path.isfile(
+                      os.path.join(record.data_dir(data_root), record.refs_file(splitBy)))]
+    return found
 
 
-def check_latent_cache(cache_dir, image_paths, quick=False, seed=0):
-    """(errors as (message, fix), warnings) of a latent cache (data/latent_cache.py) for the
-    images in `image_paths`: each cached `{stem}.npy` of one of them (any VAE, any size) against
-    the record beside it, `{stem}.json` (utils.io.file_record), bytes included. `quick`: a sample
-    of QUICK_SAMPLE latents."""
+def check_latent_cache(cache_dir, images, quick=False, seed=0):
+    """(errors as (message, fix), warnings) of a latent cache (data/latent_cache.py) for
+    `images` (cache key -> image path): each cached `{key}.npy` of one of them (any VAE, any
+    size) against the record beside it, `{key}.json` (utils.io.file_record), bytes included.
+    `quick`: a sample of QUICK_SAMPLE latents."""
     if not os.path.isdir(cache_dir):
         return [(f"no latent cache at {cache_dir}", "pass the folder given to --cache_latents")], []
-    images = {os.path.splitext(os.path.basename(path))[0]: path for path in image_paths}
     latents = sorted(os.path.join(folder, name) for folder, _, names in os.walk(cache_dir)
                      for name in names
                      if name.endswith(".npy") and os.path.splitext(name)[0] in images)
@@ -230,9 +244,7 @@ def check_data(data_root, partitions=None, quick=False, show_progress=False, cac
     partitions = partitions or found_partitions(data_root)
     if not partitions:
         result.errors.append((f"no REFER dataset found under {data_root}",
-                              ANNOTATIONS_HINT.format(dataset="refcoco", refs_file="refs(unc).p",
-                                                      data_root=data_root,
-                                                      data_dir=os.path.join(data_root, "refcoco"))))
+                              get_dataset("refcoco").hint("annotations", data_root)))
     for dataset, splitBy in partitions:
         reports, errors = check_partition(data_root, dataset, splitBy, quick=quick,
                                           show_progress=show_progress)
@@ -242,7 +254,8 @@ def check_data(data_root, partitions=None, quick=False, show_progress=False, cac
             result.warnings += [f"{dataset}({splitBy}) {report.split}: {text}" for text in report.count_warnings]
     if cache_dir:
         errors, result.cache_warnings = check_latent_cache(
-            cache_dir, [path for report in result.reports for path in report.image_paths], quick)
+            cache_dir, {key: path for report in result.reports for key, path in report.cache_keys.items()},
+            quick)
         result.errors += errors
     return result
 
@@ -260,26 +273,33 @@ def format_table(result):
 
 
 def image_problems(report, data_root):
-    """(problem, fix) for the missing and undecodable images of a split."""
+    """(problem, fix) for the missing, undecodable and wrongly sized images of a split."""
+    record = get_dataset(report.dataset)
     where = f"{report.dataset}({report.splitBy}) {report.split}"
     found = []
     if report.missing_images:
-        image_dir = os.path.join(data_root, DATASETS[report.dataset].image_dir)
         found.append((f"{where}: {len(report.missing_images)} images missing, e.g. "
                       f"{report.missing_images[0]}",
-                      DOWNLOAD_HINTS[report.dataset].format(
-                          image_dir=image_dir, data_dir=os.path.join(data_root, report.dataset))))
+                      record.hint("images", data_root, report.splitBy)))
     if report.broken_images:
         path, reason = report.broken_images[0]
         found.append((f"{where}: {len(report.broken_images)} images cannot be decoded, e.g. "
                       f"{path} ({reason})", "copy these files again (an interrupted download or "
                                             "extraction truncates them)"))
+    if report.wrong_sizes:
+        path, (width, height), (annotated_width, annotated_height), image_id = report.wrong_sizes[0]
+        found.append((f"{where}: {len(report.wrong_sizes)} images are not of the size the "
+                      f"annotations give, e.g. {path} is {width}x{height} pixels, "
+                      f"{os.path.join(record.data_dir(data_root), 'instances.json')} gives image_id "
+                      f"{image_id} {annotated_width}x{annotated_height}",
+                      "take the images and instances.json from the same release (masks are drawn "
+                      "at the annotated size)"))
     return found
 
 
 def problems(result, data_root):
     """Lines describing each problem and, for files, what to download and where it goes."""
-    lines = [f"error: {message}\n  fix: {hint}" for message, hint in result.errors]
+    lines = [f"error: {message}" + (f"\n  fix: {hint}" if hint else "") for message, hint in result.errors]
     for r in result.reports:
         where = f"{r.dataset}({r.splitBy}) {r.split}"
         lines += [f"error: {problem}\n  fix: {fix}" for problem, fix in image_problems(r, data_root)]
@@ -291,11 +311,11 @@ def problems(result, data_root):
                          f"{r.broken_masks[0]}\n  fix: take instances.json from the {r.dataset}.zip "
                          f"of the REFER release")
         if r.empty_masks:
-            lines.append(f"error: {where}: {len(r.empty_masks)} refs have an empty mask (ref_id "
-                         f"{', '.join(map(str, r.empty_masks[:5]))}): their annotation in "
-                         f"{os.path.join(data_root, r.dataset, 'instances.json')} has no usable "
-                         f"segmentation\n  fix: take instances.json from the {r.dataset}.zip of "
-                         f"the REFER release")
+            fix = (f"take instances.json from the {r.dataset}.zip of the REFER release"
+                   if get_dataset(r.dataset).format == "refer" else
+                   "give these lines a target that covers the object")
+            lines.append(f"error: {where}: {len(r.empty_masks)} refs have an empty mask "
+                         f"({', '.join(map(str, r.empty_masks[:5]))}): {r.empty_reason}\n  fix: {fix}")
     lines += [f"warning: {text} (a re-released split or a subset? training and evaluation still "
               f"run; compare numbers only with matching splits)" for text in result.warnings]
     lines += [f"warning: {text}" for text in result.cache_warnings]
@@ -304,18 +324,45 @@ def problems(result, data_root):
 
 def preflight(data_root, dataset, splitBy, splits=None, images=True):
     """The quick check train.py / test.py run for the data they read: counts against the
-    published ones (a warning), every image present and a sample decodable, masks non-empty (a
-    warning: ReferDataset names the refs). Missing or broken images stop the run now rather than
-    in the middle of an epoch; `images=False` (latents cached) leaves the images alone."""
+    published ones (a warning), every image present and a sample decodable; a JSONL folder's first
+    problem. Missing or broken images stop the run now rather than in the middle of an epoch;
+    `images=False` (latents cached) leaves the images alone. An image of another size than
+    annotated stops the run when its item is read (ImageSizeMismatchError names the file and ref);
+    the full check finds them all."""
+    record = get_dataset(dataset)
+    if record.format == "jsonl":
+        read_jsonl_folder(record.jsonl_dir, record.name)  # raises the first problem, naming its line
     reports, errors = check_partition(data_root, dataset, splitBy, quick=True, splits=splits)
     if errors:
-        return  # REFER raises the same error, naming the file, when the data is read
+        return  # the reader raises the same error, naming the file, when the data is read
     for report in reports:
+        report.wrong_sizes = []  # see the docstring
         for text in report.count_warnings:
             get_logger().warning(f"{dataset}({splitBy}) {report.split}: {text} (python -m refer.check "
-                           f"gives the full report)")
+                                 f"gives the full report)")
         for problem, fix in image_problems(report, data_root) if images else ():
             raise DataCheckError(f"{problem}; {fix} (python -m refer.check lists every problem)")
+
+
+def partitions_to_check(parser, items, data_root):
+    """(dataset, splitBy) for each --dataset item: its partition, else those whose refs file
+    exists, else the default one."""
+    partitions = []
+    for item in items:
+        name, splitBy = parse_dataset_item(item)
+        try:
+            record = get_dataset(name)
+        except InputError as error:
+            parser.error(str(error))
+        if splitBy and splitBy not in record.partitions:
+            parser.error(f"{name} has no {splitBy!r} partition; expected one of "
+                         f"{', '.join(record.partitions)}")
+        splitBys = [splitBy] if splitBy else [
+            s for s in record.partitions if record.format == "jsonl"
+            or os.path.isfile(os.path.join(record.data_dir(data_root), record.refs_file(s)))
+        ] or [record.default_partition]
+        partitions += [(name, s) for s in splitBys]
+    return partitions
 
 
 def main(argv=None):
@@ -323,7 +370,8 @@ def main(argv=None):
     parser.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
                         help="folder holding images/ and the refcoco*/ folders (default: refer/data)")
     parser.add_argument("--dataset", nargs="+", default=None, metavar="NAME[:SPLITBY]",
-                        help="datasets to check, e.g. refcoco refcocog:umd (default: every one found)")
+                        help="datasets to check, e.g. refcoco refcocog:umd jsonl:data/shoes "
+                             "(default: every one found)")
     parser.add_argument("--quick", action="store_true",
                         help=f"decode only {QUICK_SAMPLE} images per split (all are checked for existence)")
     parser.add_argument("--cache_latents", default=None, metavar="DIR",
@@ -333,17 +381,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     partitions = None
     if args.dataset:
-        partitions = []
-        for item in args.dataset:
-            name, _, splitBy = item.partition(":")
-            if name not in DATASETS:
-                parser.error(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-            layout = DATASETS[name]
-            splitBys = [splitBy] if splitBy else [
-                s for s in layout.splits
-                if os.path.isfile(os.path.join(args.refer_data_root, name, layout.refs_file(s)))
-            ] or [next(iter(layout.splits))]
-            partitions += [(name, s) for s in splitBys]
+        partitions = partitions_to_check(parser, args.dataset, args.refer_data_root)
     result = check_data(args.refer_data_root, partitions, quick=args.quick,
                         show_progress=sys.stderr.isatty(), cache_dir=args.cache_latents)
     print(format_table(result))

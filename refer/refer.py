@@ -18,121 +18,19 @@ import os
 import pickle
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from utils.errors import InputError
+from .catalog import QUERY_SPLITS, get_dataset, split_matches
+from .errors import (EmptySplitError, MaskDecodeError, ReferFileNotFoundError, ReferValueError,
+                     RefsFileError, UnknownSplitError)
 
 __all__ = [
-    "REFER", "DATASETS", "DatasetLayout", "ReferFileNotFoundError", "ReferValueError",
-    "RefsFileError", "UnknownSplitError", "EmptySplitError", "load_refs_file", "load_grefs_file", "QUERY_SPLITS", "segmentation_to_mask",
-    "split_matches", "decode_rle", "segmentation_to_rle", "evaluation_splits", "dataset_layout",
-    "MaskDecodeError", "compressed_rle_counts",
+    "REFER", "ReferFileNotFoundError", "ReferValueError", "RefsFileError", "UnknownSplitError",
+    "EmptySplitError", "MaskDecodeError", "load_refs_file", "load_grefs_file",
+    "segmentation_to_mask", "decode_rle", "segmentation_to_rle", "compressed_rle_counts",
 ]
-
-
-@dataclass(frozen=True)
-class DatasetLayout:
-    """Where a dataset's images live and which partitions (splitBy) it was released with.
-
-    ``splits`` lists, per splitBy, the split names its refs file holds; it documents the data and
-    feeds error messages, while queries are checked against ``QUERY_SPLITS``. A *generalized*
-    dataset (gRefCOCO's format) has JSON refs whose expressions may name several objects or none.
-    """
-    image_dir: str                          # relative to data_root
-    splits: dict[str, tuple[str, ...]]      # splitBy -> split names in that refs file
-    generalized: bool = False               # grefs({splitBy}).json; ann_id lists; no_target
-    other_image_dirs: tuple[str, ...] = ()  # accepted too, when image_dir does not exist
-
-    @property
-    def split_bys(self) -> tuple[str, ...]:
-        return tuple(self.splits)
-
-    def refs_file(self, splitBy: str) -> str:
-        return f"grefs({splitBy}).json" if self.generalized else f"refs({splitBy}).p"
-
-
-_COCO_IMAGES = os.path.join("images", "mscoco", "images", "train2014")
-
-# The one table of supported datasets.
-DATASETS: dict[str, DatasetLayout] = {
-    "refcoco": DatasetLayout(_COCO_IMAGES, {
-        "unc": ("train", "val", "testA", "testB"),
-        "google": ("train", "val", "test"),
-    }),
-    "refcoco+": DatasetLayout(_COCO_IMAGES, {
-        "unc": ("train", "val", "testA", "testB"),
-    }),
-    "refcocog": DatasetLayout(_COCO_IMAGES, {
-        "umd": ("train", "val", "test"),
-        "google": ("train", "val"),
-    }),
-    "refclef": DatasetLayout(os.path.join("images", "saiapr_tc-12"), {
-        "unc": ("train", "val", "testA", "testB", "testC"),
-        "berkeley": ("train", "val", "test"),
-    }),
-    "toy": DatasetLayout(os.path.join("toy", "images"), {
-        "unc": ("train", "val", "testA", "testB"),
-    }),
-    # gRefCOCO (GRES, Liu, Ding & Jiang, CVPR 2023): RefCOCO's images and partition, expressions
-    # with several targets or none. Its release puts the images in images/train2014.
-    "grefcoco": DatasetLayout(_COCO_IMAGES, {
-        "unc": ("train", "val", "testA", "testB"),
-    }, generalized=True, other_image_dirs=(os.path.join("images", "train2014"),)),
-    "gtoy": DatasetLayout(os.path.join("gtoy", "images"), {
-        "unc": ("train", "val", "testA", "testB"),
-    }, generalized=True),
-}
-
-# Split names getRefIds understands, as in the original API. 'testA'/'testB'/'testC' select every
-# test split carrying that letter (so 'testA' also covers 'testAB'), 'test' every test split,
-# 'testAB'/'testBC'/'testAC' and 'train'/'val' match exactly.
-QUERY_SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
-
-
-class ReferFileNotFoundError(InputError, FileNotFoundError):
-    """A file or folder the REFER layout requires is missing."""
-
-
-class ReferValueError(InputError, ValueError):
-    """An argument names something REFER does not know (dataset, splitBy, split, id)."""
-
-
-class MaskDecodeError(ReferValueError):
-    """An annotation's segmentation that does not describe a mask of its size (corrupt RLE).
-    Raised by REFER.ref_rle with `ann_id` and `ref_id` set."""
-
-    ann_id = ref_id = None
-
-
-class UnknownSplitError(ReferValueError):
-    """A split name outside ``QUERY_SPLITS``."""
-
-
-class EmptySplitError(ReferValueError):
-    """A valid split name that selects no ref of the loaded refs file."""
-
-
-def dataset_layout(dataset: str, splitBy: str) -> DatasetLayout:
-    """The ``DATASETS`` entry of a dataset, after checking both names."""
-    if dataset not in DATASETS:
-        raise ReferValueError(
-            f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    layout = DATASETS[dataset]
-    if splitBy not in layout.splits:
-        raise ReferValueError(
-            f"unknown splitBy {splitBy!r} for dataset {dataset!r}; "
-            f"expected one of {', '.join(layout.split_bys)}")
-    return layout
-
-
-def evaluation_splits(dataset: str, splitBy: str) -> list[str]:
-    """Every held-out split of a dataset/partition, in the order papers report them
-    (e.g. refcoco/unc -> val, testA, testB; refcocog/umd -> val, test)."""
-    layout = dataset_layout(dataset, splitBy)
-    return [split for split in layout.splits[splitBy] if split != "train"]
 
 
 def _as_list(value) -> list:
@@ -152,19 +50,6 @@ def _filter_by_image_and_category(items: list[dict], by_image: dict, image_ids: 
         wanted_cats = set(cat_ids)
         items = [item for item in items if item["category_id"] in wanted_cats]
     return items
-
-
-def split_matches(query: str, ref_split: str) -> bool:
-    """Whether a ref stored with split ``ref_split`` belongs to the queried split."""
-    if query in ("testA", "testB", "testC"):
-        return ref_split.startswith("test") and query[-1] in ref_split[len("test"):]
-    if query == "test":
-        return ref_split.startswith("test")
-    return ref_split == query
-
-
-class RefsFileError(ReferValueError):
-    """A refs file that is not a plain-data list of refs (or would run code when unpickled)."""
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -263,20 +148,49 @@ def load_grefs_file(path: str) -> list[dict]:
 
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 _SENTENCE_KEYS = ("sent", "sent_id")
+_IMAGE_KEYS = ("id", "file_name", "height", "width")
+_ANNOTATION_KEYS = ("id", "image_id", "segmentation")
 
 
-def _check_ref(ref: dict, path: str) -> None:
-    """A ref has the keys the API reads; its sentences are dicts with 'sent' and 'sent_id'."""
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_entries(entries, path: str, table: str, keys: tuple[str, ...]) -> None:
+    """Each COCO entry of ``table`` (images, annotations) is a dict with ``keys`` and an integer
+    id; one-line errors name the file, the entry and the key."""
+    for position, entry in enumerate(entries):
+        where = f"{path}: {table}[{position}]"
+        if not isinstance(entry, dict):
+            raise ReferValueError(f"{where} is a {type(entry).__name__}, expected a JSON object "
+                                  f"with {', '.join(keys)}")
+        if "id" in entry:
+            where += f" (id {entry['id']!r})"
+        missing = [key for key in keys if key not in entry]
+        if missing:
+            raise ReferValueError(f"{where} has no {', '.join(repr(k) for k in missing)}; an entry "
+                                  f"of COCO's {table!r} has {', '.join(keys)}")
+        if not _is_integer(entry["id"]):
+            raise ReferValueError(f"{where} has id {entry['id']!r}; expected an integer")
+
+
+def _check_ref(ref: dict, position: int, path: str) -> None:
+    """A ref has the keys the API reads, an integer ref_id and image_id, and sentences that are
+    dicts with 'sent' and 'sent_id' (ReferDataset reads the sent_id as an integer)."""
     missing = [key for key in _REF_KEYS if key not in ref]
-    where = f"ref_id {ref['ref_id']}" if "ref_id" in ref else "a ref without ref_id"
+    where = f"{path}: ref_id {ref['ref_id']!r}" if "ref_id" in ref else f"{path}: refs[{position}]"
     if missing:
-        raise ReferValueError(f"{path}: {where} has no {', '.join(repr(k) for k in missing)}; "
+        raise ReferValueError(f"{where} has no {', '.join(repr(k) for k in missing)}; "
                               f"expected the keys {', '.join(_REF_KEYS)}")
+    for key in ("ref_id", "image_id"):
+        if not _is_integer(ref[key]):
+            raise ReferValueError(f"{path}: refs[{position}] has {key} {ref[key]!r}; expected an "
+                                  f"integer")
     sentences = ref["sentences"]
     if not isinstance(sentences, list) or not all(
             isinstance(sentence, dict) and all(key in sentence for key in _SENTENCE_KEYS)
             for sentence in sentences):
-        raise ReferValueError(f"{path}: {where} has malformed 'sentences'; expected a list of "
+        raise ReferValueError(f"{where} has malformed 'sentences'; expected a list of "
                               f"dicts with {', '.join(_SENTENCE_KEYS)}")
 
 
@@ -286,27 +200,32 @@ class REFER:
     Args:
         data_root: folder holding ``{dataset}/`` and ``images/`` (``refer/data`` by default in
             our scripts, ``--refer_data_root`` elsewhere).
-        dataset: one of ``DATASETS`` (refcoco, refcoco+, refcocog, refclef, toy).
+        dataset: a dataset of the catalog in the REFER layout (refcoco, refcoco+, refcocog,
+            refclef, grefcoco, toy, gtoy, or one registered; refer/catalog.py).
         splitBy: the partition, e.g. ``unc`` for RefCOCO, ``umd`` or ``google`` for RefCOCOg.
         verbose: print load timings like the original API.
     """
 
     def __init__(self, data_root: str, dataset: str = "refcoco", splitBy: str = "unc",
                  verbose: bool = False):
-        layout = dataset_layout(dataset, splitBy)
+        record = get_dataset(dataset)
+        if record.format != "refer":
+            raise ReferValueError(f"{dataset} is a {record.format} dataset, not in the REFER "
+                                  f"layout; read it with refer.catalog.get_dataset(name).read()")
+        record.check_partition(splitBy)
 
         self.data_root = os.path.expanduser(data_root)
         self.dataset = dataset
         self.splitBy = splitBy
-        self.layout = layout
-        self.data_dir = os.path.join(self.data_root, dataset)
-        self.generalized = layout.generalized
-        self.image_dir = os.path.join(self.data_root, layout.image_dir)
-        for other in layout.other_image_dirs:
+        self.record = record
+        self.data_dir = record.data_dir(self.data_root)
+        self.generalized = record.generalized
+        self.image_dir = os.path.join(self.data_root, record.image_dir)
+        for other in record.other_image_dirs:
             if not os.path.isdir(self.image_dir) and os.path.isdir(os.path.join(self.data_root, other)):
                 self.image_dir = os.path.join(self.data_root, other)
         self.instances_path = os.path.join(self.data_dir, "instances.json")
-        self.refs_path = os.path.join(self.data_dir, layout.refs_file(splitBy))
+        self.refs_path = os.path.join(self.data_dir, record.refs_file(splitBy))
 
         for path, what in ((self.instances_path, "COCO-style annotations of " + dataset),
                            (self.refs_path, f"refs of {dataset} ({splitBy})")):
@@ -347,7 +266,10 @@ class REFER:
 
     # ----------------------------------------------------------------------------------- index
     def createIndex(self) -> None:
-        """Build every lookup table in a single pass over annotations, images and refs."""
+        """Build every lookup table in a single pass over annotations, images and refs, checking
+        each entry has what the API reads (a one-line error names the file, entry and key)."""
+        _check_entries(self.data["images"], self.instances_path, "images", _IMAGE_KEYS)
+        _check_entries(self.data["annotations"], self.instances_path, "annotations", _ANNOTATION_KEYS)
         self.Anns, self.Imgs, self.Cats = {}, {}, {}
         self.imgToAnns: dict[int, list[dict]] = {}
         for ann in self.data["annotations"]:
@@ -361,15 +283,22 @@ class REFER:
         self.Refs, self.imgToRefs, self.refToAnn, self.annToRef, self.catToRefs = {}, {}, {}, {}, {}
         self.refToAnns: dict[int, list[dict]] = {}
         self.Sents, self.sentToRef, self.sentToTokens = {}, {}, {}
-        for ref in self.data["refs"]:
-            _check_ref(ref, self.refs_path)
+        for position, ref in enumerate(self.data["refs"]):
+            _check_ref(ref, position, self.refs_path)
             ref_id = ref["ref_id"]
+            if ref_id in self.Refs:
+                raise ReferValueError(f"{self.refs_path}: refs[{position}] repeats ref_id {ref_id}")
+            if ref["image_id"] not in self.Imgs:
+                raise ReferValueError(f"{self.refs_path}: ref_id {ref_id} has image_id "
+                                      f"{ref['image_id']}, which {self.instances_path} has no "
+                                      f"image of")
             ann_ids = self._target_ann_ids(ref)
             for ann_id in ann_ids:
                 if ann_id not in self.Anns:
                     raise ReferValueError(
                         f"{self.refs_path}: ref_id {ref_id} points to ann_id {ann_id}, which "
                         f"{self.instances_path} does not contain")
+                self._check_rle_size(self.Anns[ann_id], ref)
             self.Refs[ref_id] = ref
             self.imgToRefs.setdefault(ref["image_id"], []).append(ref)
             for category_id in dict.fromkeys(_as_list(ref.get("category_id", []))):
@@ -383,6 +312,19 @@ class REFER:
                 self.Sents[sent["sent_id"]] = sent
                 self.sentToRef[sent["sent_id"]] = ref
                 self.sentToTokens[sent["sent_id"]] = sent.get("tokens", [])
+
+    def _check_rle_size(self, ann: dict, ref: dict) -> None:
+        """An RLE segmentation's ``size`` is [height, width] of its image."""
+        segmentation = ann["segmentation"]
+        image = self.Imgs[ref["image_id"]]
+        for rle in segmentation if isinstance(segmentation, list) else [segmentation]:
+            if isinstance(rle, dict) and list(rle.get("size", ())) != [image["height"], image["width"]]:
+                raise ReferValueError(
+                    f"{self.instances_path}: annotation {ann['id']} (ref_id {ref['ref_id']}) is an "
+                    f"RLE of size {rle.get('size')} ([height, width]), but image_id "
+                    f"{ref['image_id']} is {image['height']} x {image['width']} pixels (height x "
+                    f"width) in the same file: the RLE's 'size' or the image's 'height'/'width' "
+                    f"is wrong")
 
     # --------------------------------------------------------------------------------- queries
     def getRefIds(self, image_ids=[], cat_ids=[], ref_ids=[], split: str = "") -> list[int]:
@@ -447,17 +389,43 @@ class REFER:
         """Path of an image given its ``Imgs`` entry."""
         return os.path.join(self.image_dir, image_info["file_name"])
 
+    def image_key(self, image_info: dict) -> str:
+        """The image's key in a latent cache: its file name without extension (RefCOCO, RefCOCO+
+        and RefCOCOg name the same COCO image alike, so they share its latent)."""
+        return os.path.splitext(os.path.basename(image_info["file_name"]))[0]
+
+    def where(self, ref: dict) -> str:
+        """A ref in messages."""
+        return f"ref_id {ref['ref_id']}"
+
+    @property
+    def empty_mask_reason(self) -> str:
+        return (f"their annotations in {self.instances_path} have no segmentation or only polygons "
+                f"of fewer than 3 points")
+
     # ------------------------------------------------------------------------------------ masks
     def _target_ann_ids(self, ref: dict) -> list[int]:
         """The annotations a ref names: one in the classic datasets; in generalized ones a list,
         empty for an expression that refers to nothing (gRefCOCO: ann_id [-1], no_target)."""
+        where = f"{self.refs_path}: ref_id {ref['ref_id']}"
         if not self.generalized:
+            if not _is_integer(ref["ann_id"]):
+                raise ReferValueError(f"{where} has ann_id {ref['ann_id']!r}; the refs of "
+                                      f"{self.dataset} name one annotation by its integer id")
             return [ref["ann_id"]]
         ann_ids = _as_list(ref["ann_id"])
-        where = f"{self.refs_path}: ref_id {ref['ref_id']}"
         if not ann_ids:
             raise ReferValueError(f"{where} has an empty ann_id list; expected the ids of its "
                                   f"targets, or [-1] for an expression that refers to nothing")
+        for ann_id in ann_ids:
+            if isinstance(ann_id, (list, tuple, dict)):
+                raise ReferValueError(f"{where} has a nested list in ann_id ({ref['ann_id']!r}); "
+                                      f"expected a flat list of integer ids")
+            if isinstance(ann_id, str):
+                raise ReferValueError(f"{where} lists ann_id {ann_id!r}, a string; ids are "
+                                      f"integers ({ann_id.strip() or '...'} without quotes)")
+            if not _is_integer(ann_id):
+                raise ReferValueError(f"{where} lists ann_id {ann_id!r}; ids are integers")
         if -1 in ann_ids:
             if ann_ids != [-1]:
                 raise ReferValueError(f"{where} mixes -1 (no target) with annotations {ann_ids}")

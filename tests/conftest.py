@@ -2,7 +2,7 @@ import signal
 
 import pytest
 
-from data.toy import ensure_toy_dataset
+from refer.toy import ensure_toy_dataset
 
 
 @pytest.fixture(scope="session")

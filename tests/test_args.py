@@ -3,10 +3,10 @@ import argparse
 
 import pytest
 
-from engine.args import (DATASET_DEFAULTS, GROUPS, PAPER_DEFAULTS, PROGRAM_GROUPS, get_parser,
+from engine.args import (GROUPS, PAPER_DEFAULTS, PROGRAM_GROUPS, get_parser,
                          model_config, parse_args, reconcile_model_config)
 from models import PRESETS, SegmenterConfig, get_preset
-from refer.refer import DATASETS
+from refer.catalog import dataset_names, get_dataset
 
 
 def flags_of(program):
@@ -55,8 +55,8 @@ def test_choices_come_from_the_registries(capsys):
     actions = {action.dest: action for action in get_parser("train")._actions}
     assert tuple(actions["model"].choices) == tuple(PRESETS)
     message = parse_error("train", ["--dataset", "coco"], capsys)
-    assert f"unknown dataset 'coco'; expected one of {', '.join(DATASETS)}" in message
-    for name in DATASETS:
+    assert f"unknown dataset 'coco'; expected one of {', '.join(dataset_names())}" in message
+    for name in dataset_names():
         assert parse_args("train", ["--dataset", name]).datasets[0][0] == name
 
 
@@ -66,8 +66,14 @@ def test_joint_dataset_lists(capsys):
     assert args.token_length == 77 and args.model_id == "refcoco_refcoco+_refcocog"
     assert parse_args("train", ["--dataset", "refcoco,refcocog:google"]).datasets[1] == ("refcocog", "google")
     assert "refcoco listed twice" in parse_error("train", ["--dataset", "refcoco,refcoco"], capsys)
-    assert "joint training takes refcoco, refcoco+ and refcocog" in parse_error(
-        "train", ["--dataset", "refcoco,refclef"], capsys)
+    # The joint-training rule reads the catalog: datasets marked joint, of one metric family.
+    assert parse_args("train", ["--dataset", "refcoco,refclef"]).datasets == [("refcoco", "unc"), ("refclef", "unc")]
+    assert "toy cannot join joint training (a recipe of its own); joint training takes datasets of " \
+           "one kind marked joint in the catalog: refcoco, refcoco+, refcocog, refclef (one target " \
+           "per expression), or grefcoco (several or none)" in parse_error(
+               "train", ["--dataset", "refcoco,toy"], capsys)
+    assert "'refcoco,grefcoco': refcoco (one target), grefcoco (several or no targets) are scored " \
+           "with different metrics" in parse_error("train", ["--dataset", "refcoco,grefcoco"], capsys)
     assert "in a joint list give each dataset's partition" in parse_error(
         "train", ["--dataset", "refcoco,refcocog", "--splitBy", "umd"], capsys)
     assert "test reads one dataset at a time" in parse_error(
@@ -89,7 +95,7 @@ def test_dataset_defaults_and_flags_win():
     refcocog = parse_args("train", ["--dataset", "refcocog"])
     assert refcocog.token_length == 77 and refcocog.splitBy == "umd"
     toy = parse_args("train", ["--dataset", "toy"])
-    assert toy.model == "tiny" and toy.sd_path is None and toy.img_size == DATASET_DEFAULTS["toy"]["img_size"]
+    assert toy.model == "tiny" and toy.sd_path is None and toy.img_size == get_dataset("toy").recipe["img_size"]
     # The Dice term is the toy's (bench/RESULTS.md), not VPD's: off for the real datasets.
     assert toy.dice_weight == 1.0 and parse_args("train", ["--dataset", "refcoco"]).dice_weight == 0.0
     toy = parse_args("train", ["--dataset", "toy", "--img_size", "32", "--lr", "0.5"])
@@ -113,7 +119,7 @@ def test_generated_datasets_cache_their_latents_beside_their_images(tmp_path):
 def test_test_and_demo_leave_the_model_settings_to_the_checkpoint():
     args = parse_args("test", ["--dataset", "toy", "--checkpoint", "x.pth"])
     assert (args.model, args.img_size, args.token_length, args.attn_grad) == (None, None, None, None)
-    assert args.workers == DATASET_DEFAULTS["toy"]["workers"]
+    assert args.workers == get_dataset("toy").recipe["workers"]
 
 
 def test_vpd_command_lines(capsys):
@@ -176,7 +182,7 @@ def test_model_config_from_flags_and_from_a_checkpoint():
 
 def test_no_target_area_is_part_of_the_model_config_and_gtoy_sets_it():
     args = parse_args("train", ["--dataset", "gtoy"])
-    assert model_config(args).no_target_area == DATASET_DEFAULTS["gtoy"]["no_target_area"] > 0
+    assert model_config(args).no_target_area == get_dataset("gtoy").recipe["no_target_area"] > 0
     assert model_config(parse_args("train", ["--dataset", "toy"])).no_target_area == 0.0
     args = parse_args("train", ["--dataset", "gtoy", "--no_target_area", "0"])
     assert model_config(args).no_target_area == 0.0

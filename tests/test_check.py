@@ -5,9 +5,11 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
-from refer.check import PUBLISHED_COUNTS, DataCheckError, check_data, format_table, main, preflight
 from data.latent_cache import LatentCache
+from refer.catalog import get_dataset
+from refer.check import DataCheckError, check_data, format_table, main, preflight
 from refer.synthetic import make_refer_dataset
 from tests.test_refer import corrupt_rle_counts
 from utils.io import file_record
@@ -32,7 +34,7 @@ def test_complete_data_passes_with_a_table_and_warns_about_counts(data_root, cap
     assert lines[0].startswith("| dataset | splitBy | split | refs | sentences | expected")
     train = info.ref_ids_by_split["train"]
     sentences = sum(len(info.sentences[r]) for r in train)
-    refs, published_sentences = PUBLISHED_COUNTS[("refcoco", "unc")]["train"]
+    refs, published_sentences = get_dataset("refcoco").published_counts["unc"]["train"]
     assert (f"| refcoco | unc | train | {len(train)} | {sentences} | {refs:,} / {published_sentences:,} "
             f"| 2 | 0 | 0 | 0 | 0 | warning |") in lines
     # A small subset differs from the published counts: a warning naming both numbers, not a failure.
@@ -110,7 +112,7 @@ def test_a_count_that_differs_is_only_a_warning(data_root, capsys, monkeypatch):
     root, info = data_root
     val = info.ref_ids_by_split["val"]
     sentences = sum(len(info.sentences[r]) for r in val)
-    monkeypatch.setitem(PUBLISHED_COUNTS, ("refcoco", "unc"), {"val": (len(val), sentences + 1)})
+    monkeypatch.setitem(get_dataset("refcoco").published_counts, "unc", {"val": (len(val), sentences + 1)})
     status, out = run_main(["--refer_data_root", root], capsys)
     assert status == 0
     assert f"warning: refcoco(unc) val: {sentences} sentences where {sentences + 1} were published" in out
@@ -152,3 +154,31 @@ def test_a_latent_cache_is_checked_against_its_images_bytes(data_root, tmp_path,
             f"encoded, e.g. {changed}; the next run that uses the cache encodes them again") in out
     assert f"warning: latent cache {cache.root}: 1 latents have no record of their image" in out
     assert out.rstrip().endswith("problems found: see the lines above")
+
+
+def test_an_image_of_another_size_than_annotated_is_found(data_root, capsys):
+    """An image file of another size than instances.json gives it (masks are drawn at the
+    annotated size): the full check decodes every image and says so (before: "all files present
+    and readable", and training stopped at the first item of that image)."""
+    root, info = data_root
+    ref_id = info.ref_ids_by_split["val"][0]
+    path = info.image_path_of_ref(ref_id)
+    image = info.images[info.refs[ref_id]["image_id"]]
+    width, height = image["width"], image["height"]
+    with Image.open(path) as picture:
+        picture.convert("RGB").resize((width + 3, height + 2)).save(path, "JPEG")
+    status, out = run_main(["--refer_data_root", root], capsys)
+    assert status == 1 and "| refcoco | unc | val |" in out
+    assert (f"error: refcoco(unc) val: 1 images are not of the size the annotations give, e.g. "
+            f"{path} is {width + 3}x{height + 2} pixels, {info.instances_path} gives image_id "
+            f"{info.refs[ref_id]['image_id']} {width}x{height}\n  fix: take the images and "
+            f"instances.json from the same release") in out
+
+
+def test_an_unknown_partition_is_named_without_a_download_hint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--refer_data_root", str(tmp_path), "--dataset", "refcoco:umd"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "error: refcoco has no 'umd' partition; expected one of unc, google" in err
+    assert "refcoco.zip" not in err

@@ -1,8 +1,10 @@
 """ReferDataset, transforms and loaders on synthetic REFER data (refer/synthetic.py)."""
+import dataclasses
 import json
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ from data import (CLIPTokenizer, EmptySentenceError, ImageFileNotFoundError, Ima
                   ImageReadError, ReferDataset, ShardedEvalSampler, build_dataset, build_loader,
                   collate_eval, load_rgb)
 from engine.inference import to_rgb_image
-from refer import EmptySplitError, UnknownSplitError
-from refer.refer import MaskDecodeError
 from models.config import SegmenterConfig
+from refer import EmptySplitError, UnknownSplitError
+from refer.catalog import get_dataset, register_dataset
+from refer.refer import MaskDecodeError
 from refer.synthetic import make_refer_dataset
 from tests.test_refer import corrupt_rle_counts
 from utils.errors import InputError
@@ -207,37 +210,47 @@ def test_build_dataset_takes_its_sizes_from_the_model_config(fixture_data):
     assert item["input_ids"][0, -1] == 3  # padded with the config's id
 
 
-def test_build_dataset_generates_toy_on_first_use_and_after_a_generator_update(tmp_path, monkeypatch):
-    import data.loaders
-    from data.toy import toy_params
-    calls = []
-    version = {"params": toy_params()}
+def test_build_dataset_generates_toy_on_first_use_and_after_a_generator_update(tmp_path):
+    from refer.toy import Generator, toy_params
+    calls, written = [], {"params": toy_params()}
 
-    def fake_ensure(root):
-        calls.append(root)
-        make_refer_dataset(root, "toy", "unc", num_images=4, special_images=False)
-        instances_path = os.path.join(root, "toy", "instances.json")
+    def write_toy(folder):
+        """A small REFER-layout toy in `folder`, recording written["params"] as its generator's."""
+        scratch = tmp_path / f"scratch{len(os.listdir(tmp_path))}"
+        make_refer_dataset(str(scratch), "toy", "unc", num_images=4, special_images=False)
+        shutil.copytree(scratch / "toy", folder, dirs_exist_ok=True)
+        instances_path = os.path.join(folder, "instances.json")
         with open(instances_path) as f:
             instances = json.load(f)
-        instances["info"] = {"params": version["params"]}
+        instances["info"] = {"params": written["params"]}
         with open(instances_path, "w") as f:
             json.dump(instances, f)
 
-    monkeypatch.setitem(data.loaders.GENERATED, "toy", (fake_ensure, toy_params))
-    config = SegmenterConfig(preset="tiny", img_size=16, token_length=16)
-    assert len(build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)) > 0
-    assert len(build_dataset(str(tmp_path), "toy", "unc", "val", config, eval_mode=True)) > 0
-    assert calls == [str(tmp_path)]  # not regenerated once it exists
-    # This generator with other parameters (the tests' small toys): kept.
-    version["params"] = toy_params(num_train_images=24)
-    fake_ensure(str(tmp_path))
-    build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)
-    assert len(calls) == 2
-    # Written by an older generator: rebuilt.
-    version["params"] = dict(toy_params(), generator_version=toy_params()["generator_version"] - 1)
-    fake_ensure(str(tmp_path))
-    build_dataset(str(tmp_path), "toy", "unc", "train", config, eval_mode=False)
-    assert len(calls) == 4
+    def build(folder, **arguments):
+        calls.append(folder)
+        write_toy(folder)
+
+    toy = get_dataset("toy")
+    register_dataset(dataclasses.replace(toy, generator=Generator("toy", "refs(unc).p", toy_params, build)),
+                     replace_existing=True)
+    try:
+        root = str(tmp_path / "root")
+        config = SegmenterConfig(preset="tiny", img_size=16, token_length=16)
+        assert len(build_dataset(root, "toy", "unc", "train", config, eval_mode=False)) > 0
+        assert len(build_dataset(root, "toy", "unc", "val", config, eval_mode=True)) > 0
+        assert len(calls) == 1  # not regenerated once it exists
+        # This generator with other parameters (the tests' small toys): kept.
+        written["params"] = toy_params(num_train_images=24)
+        write_toy(os.path.join(root, "toy"))
+        build_dataset(root, "toy", "unc", "train", config, eval_mode=False)
+        assert len(calls) == 1
+        # Written by an older generator: rebuilt.
+        written["params"] = dict(toy_params(), generator_version=toy_params()["generator_version"] - 1)
+        write_toy(os.path.join(root, "toy"))
+        build_dataset(root, "toy", "unc", "train", config, eval_mode=False)
+        assert len(calls) == 2
+    finally:
+        register_dataset(toy, replace_existing=True)
 
 
 # ------------------------------------------------------------------------- images/transforms

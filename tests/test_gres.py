@@ -11,7 +11,7 @@ import torch
 
 from PIL import Image
 
-from data.gtoy import ensure_gtoy_dataset, resolve_generalized
+from refer.toy import ensure_gtoy_dataset, resolve_generalized
 from data.loaders import build_loader
 from data.refer_dataset import ReferDataset
 from refer import REFER, ReferValueError, RefsFileError

@@ -18,8 +18,9 @@ from models import (
     create_segmenter,
     install_attention_map_processors,
 )
+from data.loaders import split_images
 from data.tokenizer import CLIPTokenizer
-from data.toy import ensure_toy_dataset, scene_captions, split_images
+from refer.toy import ensure_toy_dataset, scene_captions
 from data.transforms import ImageMaskTransform, load_rgb
 from models.config import ConfigError
 from models.presets.tiny import (
@@ -308,7 +309,7 @@ def test_tiny_unet_is_the_shipped_pretrained_denoiser(tmp_path):
 
     assert (TINY_UNET_DIR / "config.json").is_file()
     ensure_toy_dataset(str(tmp_path), seed=7, num_train_images=8, num_eval_images=4)
-    names, images = split_images(str(tmp_path), "train", 64)
+    names, images = split_images(str(tmp_path), "toy", "train", 64)
     captions = scene_captions(tmp_path / "toy")
     tokenizer = CLIPTokenizer(16)
     model = create_segmenter("tiny", token_length=16).eval()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from refer import (DATASETS, REFER, ReferFileNotFoundError, RefsFileError, ReferValueError,
-                   UnknownSplitError, load_refs_file, segmentation_to_mask)
+from refer import (REFER, ReferFileNotFoundError, RefsFileError, ReferValueError,
+                   UnknownSplitError, get_dataset, load_refs_file, segmentation_to_mask)
 from refer.refer import MaskDecodeError, compressed_rle_counts
 from refer.synthetic import make_refer_dataset, polygon_outline, rasterise_polygons, uncompressed_rle
 from utils.logging import get_logger
@@ -264,7 +264,7 @@ def test_dataset_layouts(tmp_path, dataset, split_by, image_folder, splits):
     assert refer.image_dir == os.path.join(str(tmp_path), image_folder)
     assert refer.refs_path == os.path.join(str(tmp_path), dataset, f"refs({split_by}).p")
     assert refer.splits() == sorted(splits)
-    assert DATASETS[dataset].splits[split_by] == splits
+    assert get_dataset(dataset).partitions[split_by] == splits
     for split in splits:
         assert sorted(refer.getRefIds(split=split)) == info.expected_ref_ids(split)
 
@@ -444,11 +444,63 @@ def test_ref_pointing_to_missing_annotation(tmp_path):
     assert "999999" in _one_line(error) and f"ref_id {refs[0]['ref_id']}" in _one_line(error)
 
 
+def _ref_of_kind(info, kinds):
+    return next(r for r, kind in info.segmentation_kind.items() if kind in kinds)
+
+
+# Each: (change to instances.json / the refs, the error's text). The error names the file, the
+# entry and the key (before: KeyError / TypeError tracebacks, the last one mid-epoch).
+BAD_ENTRIES = {
+    "segmentation": (lambda info, inst, refs: inst["annotations"][0].pop("segmentation"),
+                     lambda info, inst, refs: f"{info.instances_path}: annotations[0] (id "
+                                        f"{inst['annotations'][0]['id']}) has no 'segmentation'"),
+    "file_name": (lambda info, inst, refs: inst["images"][1].pop("file_name"),
+                  lambda info, inst, refs: f"{info.instances_path}: images[1] (id {inst['images'][1]['id']}) "
+                                     f"has no 'file_name'; an entry of COCO's 'images' has id, "
+                                     f"file_name, height, width"),
+    "height": (lambda info, inst, refs: inst["images"][2].pop("height"),
+               lambda info, inst, refs: f"images[2] (id {inst['images'][2]['id']}) has no 'height'"),
+    "id": (lambda info, inst, refs: inst["images"][0].pop("id"),
+           lambda info, inst, refs: f"{info.instances_path}: images[0] has no 'id'"),
+    "image_id": (lambda info, inst, refs: refs[2].update(image_id=999999),
+                 lambda info, inst, refs: f"{info.refs_path}: ref_id {refs[2]['ref_id']} "
+                                    f"has image_id 999999, which {info.instances_path} has no image of"),
+    "ref_id": (lambda info, inst, refs: refs[3].update(ref_id=None),
+               lambda info, inst, refs: f"{info.refs_path}: refs[3] has ref_id None; expected an integer"),
+    "rle size": (lambda info, inst, refs: next(
+                     a for a in inst["annotations"]
+                     if a["id"] == info.refs[_ref_of_kind(info, ("rle_compressed",))]["ann_id"]
+                 )["segmentation"].update(size=[7, 5]),
+                 lambda info, inst, refs: "is an RLE of size [7, 5] ([height, width]), but image_id"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ENTRIES)
+def test_bad_entries_are_named_with_their_file_entry_and_key(tmp_path, case):
+    from refer.check import check_data
+    info = make_refer_dataset(str(tmp_path), num_images=4, special_images=False)
+    with open(info.instances_path) as handle:
+        instances = json.load(handle)
+    with open(info.refs_path, "rb") as handle:
+        refs = pickle.load(handle)
+    change, expected = BAD_ENTRIES[case]
+    message = expected(info, instances, refs)  # of the entries as written
+    change(info, instances, refs)
+    with open(info.instances_path, "w") as handle:
+        json.dump(instances, handle)
+    with open(info.refs_path, "wb") as handle:
+        pickle.dump(refs, handle)
+    with pytest.raises(ReferValueError) as error:
+        REFER(str(tmp_path), "refcoco", "unc")
+    assert message in _one_line(error) and "\n" not in str(error.value)
+    result = check_data(str(tmp_path))  # the checker reports it, no traceback
+    assert not result.ok and [text for text, _ in result.errors] == [str(error.value)]
+
+
 def test_evaluation_splits():
-    from refer import evaluation_splits
-    assert evaluation_splits("refcoco", "unc") == ["val", "testA", "testB"]
-    assert evaluation_splits("refcoco+", "unc") == ["val", "testA", "testB"]
-    assert evaluation_splits("refcocog", "umd") == ["val", "test"]
-    assert evaluation_splits("refcocog", "google") == ["val"]
+    assert get_dataset("refcoco").evaluation_splits("unc") == ["val", "testA", "testB"]
+    assert get_dataset("refcoco+").evaluation_splits("unc") == ["val", "testA", "testB"]
+    assert get_dataset("refcocog").evaluation_splits("umd") == ["val", "test"]
+    assert get_dataset("refcocog").evaluation_splits("google") == ["val"]
     with pytest.raises(ReferValueError, match="umd, google"):
-        evaluation_splits("refcocog", "unc")
+        get_dataset("refcocog").evaluation_splits("unc")

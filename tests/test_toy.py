@@ -1,4 +1,4 @@
-"""Tests of the synthetic toy REFER dataset (data/toy.py)."""
+"""Tests of the generated toy REFER dataset (refer/toy/)."""
 
 import hashlib
 import json
@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data.toy import (
+from refer.toy import (
     PALETTE,
     SHAPES,
     SPLITS,
+    build_gtoy_dataset,
     build_toy_dataset,
     ensure_toy_dataset,
     parse_expression,
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 SMALL = dict(num_train_images=24, num_eval_images=8, image_size=96)
 # Another interpreter, given the repository as its first argument.
-_SUBPROCESS_PRELUDE = "import sys; sys.path.insert(0, sys.argv[1]); from data import toy;"
+_SUBPROCESS_PRELUDE = "import sys; sys.path.insert(0, sys.argv[1]); from refer import toy;"
 
 
 def _load(root):
@@ -94,6 +95,33 @@ def test_the_files_do_not_depend_on_the_number_of_processes_making_them(tmp_path
     build_toy_dataset(str(tmp_path / "one"), seed=5, processes=1, **SMALL)
     build_toy_dataset(str(tmp_path / "three"), seed=5, processes=3, **SMALL)
     assert _digest(str(tmp_path / "one")) == _digest(str(tmp_path / "three"))
+
+
+# sha256 of the files of a small seeded toy and gtoy (every file: the sorted "path sha256" lines,
+# hashed; and the annotation files alone), as data/toy.py and data/gtoy.py wrote them at commit
+# b3983c1, before they became the refer/toy package (Pillow 12.3.0, which encodes the JPEGs):
+#   git archive b3983c1 | tar -x -C /tmp/old && cd /tmp/old && python -c "import sys, tempfile;
+#   from data.toy import build_toy_dataset as b; d = tempfile.mkdtemp(); b(d, seed=3,
+#   num_train_images=6, num_eval_images=4, image_size=64, processes=1); print(d)"
+# (data.gtoy.build_gtoy_dataset likewise), then the digest below of the printed folder.
+RECORDED = {
+    "toy": ("9d5218b79d504ccfc8d63db62352dd5038a606e9a04cab8baf7fd775ea4c1d56",
+            {"instances.json": "c413abb778e6c4ea7cf7cc7a48d1f8874c6cd102dc070eec10a2967e9493e132",
+             "refs(unc).p": "83dfd5817c9522c4d1672cf42fa91d31aff91f6a6552f87cacfac97a42feda01"}),
+    "gtoy": ("10cb763d9e0600ee3b3cc5f3ebd15854488ab8fb7450d3789cf7dc04048b6a74",
+             {"instances.json": "6617ca3f555694a29ccb47b8f4a9d30c0790ec05532deb6e0d6bf0e0bdcb0f46",
+              "grefs(unc).json": "5c5bc833d282cac1317bfda02044f0aae287d40c2e3531b6d5296994ec7095ca"}),
+}
+
+
+@pytest.mark.parametrize("name,build", [("toy", build_toy_dataset), ("gtoy", build_gtoy_dataset)])
+def test_the_generators_write_the_files_of_the_code_they_replace(tmp_path, name, build):
+    build(str(tmp_path), seed=3, num_train_images=6, num_eval_images=4, image_size=64, processes=1)
+    files = _digest(str(tmp_path))
+    total, annotations = RECORDED[name]
+    assert {path: files[path] for path in annotations} == annotations
+    lines = sorted(f"{path} {digest}" for path, digest in files.items())
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == total
 
 
 def test_process_map_keeps_the_order_and_names_a_failed_worker():
@@ -329,8 +357,7 @@ def test_text_blind_baselines_are_weak(default_toy):
 @ON_DEFAULT_TOY
 def test_cli_prints_summary(default_toy):
     # On the fixture's data root: the CLI finds the dataset complete and only summarises it.
-    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "toy.py"),
-                          default_toy["data_root"]],
+    out = subprocess.run([sys.executable, "-m", "refer.toy", default_toy["data_root"]], cwd=REPO_ROOT,
                          check=True, capture_output=True, text=True, timeout=60).stdout
     for word in ("train", "val", "testA", "testB", "refs", "objects per image"):
         assert word in out

@@ -8,7 +8,7 @@ import torch
 
 from data.loaders import build_loader, set_loader_epoch
 from data.refer_dataset import ReferDataset
-from data.toy import ensure_toy_dataset
+from refer.toy import ensure_toy_dataset
 from models import create_segmenter
 from engine.evaluation import evaluate
 from engine.training import train_one_epoch

@@ -27,20 +27,22 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from data.tokenizer import CLIPTokenizer
-from data.toy import TOY_DATASET_NAME, ensure_toy_dataset, scene_captions, split_images
-from engine.args import DATASET_DEFAULTS, get_parser
+from data.loaders import split_images
+from engine.args import get_parser
 from models.presets.tiny import (SD15_NOISE_SCHEDULE, TINY_UNET_DIR, load_tiny_vae,
                                  random_tiny_unet, tiny_text_encoder)
 from models.text_encoder import CLIPTextEncoder
+from refer.catalog import get_dataset
+from refer.toy import TOY_DATASET_NAME, ensure_toy_dataset, scene_captions
 from utils.optim import fit_with_cosine_adamw
 
-TOKEN_LENGTH = DATASET_DEFAULTS["toy"]["token_length"]
+TOKEN_LENGTH = get_dataset("toy").recipe["token_length"]
 
 
 @torch.no_grad()
 def encode_split(data_root, split, img_size, vae, text_encoder, tokenizer, captions_by_name):
     """(latents, caption embeddings, captions) of every image of a toy split."""
-    names, images = split_images(data_root, split, img_size)
+    names, images = split_images(data_root, "toy", split, img_size)
     captions = [captions_by_name[name] for name in names]
     ids = torch.stack([tokenizer(caption)[0] for caption in captions])
     latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(64)])

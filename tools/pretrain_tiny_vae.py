@@ -16,9 +16,10 @@ Objective: L1 + MSE reconstruction plus a small KL term that keeps the latents n
 import torch
 import torch.nn.functional as F
 
-from data.toy import ensure_toy_dataset, split_images
+from data.loaders import split_images
 from engine.args import get_parser
 from models.presets.tiny import TINY_VAE_DIR, random_tiny_vae
+from refer.toy import ensure_toy_dataset
 from utils.optim import fit_with_cosine_adamw
 
 
@@ -30,8 +31,8 @@ def main():
 
     torch.manual_seed(args.seed)
     ensure_toy_dataset(args.refer_data_root)
-    _, train_images = split_images(args.refer_data_root, "train", args.img_size)
-    _, val_images = split_images(args.refer_data_root, "val", args.img_size)
+    _, train_images = split_images(args.refer_data_root, "toy", "train", args.img_size)
+    _, val_images = split_images(args.refer_data_root, "toy", "val", args.img_size)
     vae = random_tiny_vae(seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
