@@ -53,8 +53,8 @@ REFER_ANNOTATIONS_HINT = ("download {dataset}.zip of the REFER release "
                           "extract it into {data_root}, so that {data_dir}/instances.json and "
                           "{data_dir}/{refs_file} exist")
 GENERATED_HINT = "delete {data_dir} and run again: the {dataset} dataset is generated on first use"
-JSONL_HINT = ("write {data_dir}/{split}.jsonl, one JSON object per line (README, 'Your own data'); "
-              "`python -m refer.check --dataset {dataset}` lists every problem")
+JSONL_HINT = ("correct the lines named above: each has image, sentences and one target (README, "
+              "'Your own data')")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class DatasetRecord:
     Checking and preparing:
         published_counts: splitBy -> split -> (refs, sentences) as published (None: unknown).
         images_hint, annotations_hint: what to do when images / annotation files are missing
-            (format fields: dataset, data_root, data_dir, image_dir, refs_file, split).
+            (format fields: dataset, data_root, data_dir, image_dir, refs_file).
         generator: a generated dataset's generator (made on first use, refer/toy/).
     """
     name: str
@@ -161,13 +161,13 @@ class DatasetRecord:
         self.check_partition(partition)
         return [split for split in self.partitions[partition] if split != "train"]
 
-    def hint(self, kind: str, data_root: str, partition: str | None = None, split: str = "train") -> str:
+    def hint(self, kind: str, data_root: str, partition: str | None = None) -> str:
         """What to do when ``kind`` ('images' or 'annotations') is missing."""
         text = self.images_hint if kind == "images" else self.annotations_hint
         partition = partition or self.default_partition
         return text.format(dataset=self.name, data_root=data_root, data_dir=self.data_dir(data_root),
                            image_dir=os.path.join(data_root, self.image_dir or ""),
-                           refs_file=self.refs_file(partition), split=split)
+                           refs_file=self.refs_file(partition))
 
     # ------------------------------------------------------------------------- using the data
     def flag_defaults(self, data_root: str) -> dict:
@@ -316,9 +316,32 @@ def jsonl_splits(folder: str) -> tuple[str, ...]:
                                               else len(SPLIT_ORDER), s)))
 
 
+def jsonl_state(folder: str) -> tuple:
+    """(split, modification time, size) of each .jsonl file: what a cached reading depends on."""
+    state = []
+    for split in jsonl_splits(folder):
+        try:
+            stat = os.stat(os.path.join(folder, f"{split}.jsonl"))
+        except OSError:
+            continue
+        state.append((split, stat.st_mtime_ns, stat.st_size))
+    return (os.path.abspath(folder), tuple(state))
+
+
+_NO_TARGET_SCANS: dict[tuple, bool] = {}
+
+
 def jsonl_has_no_target(folder: str, splits) -> bool:
-    """Whether a line of the folder's files says ``"no_target": true`` (a quick scan; lines that
-    do not parse are left to the reader, which names them)."""
+    """Whether a line of the folder's files says ``"no_target": true`` (a quick scan, once per
+    state of the files; lines that do not parse are left to the reader, which names them)."""
+    state = jsonl_state(folder)
+    if state not in _NO_TARGET_SCANS:
+        _NO_TARGET_SCANS.clear()
+        _NO_TARGET_SCANS[state] = _scan_no_target(folder, splits)
+    return _NO_TARGET_SCANS[state]
+
+
+def _scan_no_target(folder: str, splits) -> bool:
     for split in splits:
         try:
             with open(os.path.join(folder, f"{split}.jsonl"), encoding="utf-8", errors="replace") as handle:

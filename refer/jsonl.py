@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .catalog import JSONL_PREFIX, jsonl_splits
+from .catalog import JSONL_PREFIX, jsonl_splits, jsonl_state
 from .errors import EmptySplitError, ReferValueError, UnknownSplitError
 from .refer import segmentation_to_rle
 
@@ -150,8 +150,8 @@ class JsonlRefs:
     def _read_line(self, split: str, path: str, number: int, text: str) -> None:
         try:
             entry = json.loads(text)
-        except ValueError as error:
-            raise _LineProblem(f"not JSON ({error})") from None
+        except json.JSONDecodeError as error:
+            raise _LineProblem(f"not JSON: {error.msg} at column {error.colno}") from None
         if not isinstance(entry, dict):
             raise _LineProblem(f"expected a JSON object {{...}}, got a {type(entry).__name__}")
         unknown = [key for key in entry if key not in KEYS]
@@ -357,21 +357,17 @@ _READ_MAX = 4
 
 
 def read_jsonl_folder(folder: str, name: str | None = None, collect_problems: bool = False) -> JsonlRefs:
-    """``JsonlRefs(folder, name, collect_problems)``, reused while the folder's .jsonl files are
-    unchanged (the images and masks they name are read again only when a file changed)."""
+    """The folder's refs, read once while its .jsonl files are unchanged. With
+    ``collect_problems=False`` (programs) the first problem is raised (JsonlError, one line
+    naming its file and line); with True (the checker) they are listed in ``problems``."""
     folder = os.path.expanduser(folder)
-    state = []
-    for split in jsonl_splits(folder):
-        path = os.path.join(folder, f"{split}.jsonl")
-        try:
-            stat = os.stat(path)
-        except OSError:
-            continue
-        state.append((split, stat.st_mtime_ns, stat.st_size))
-    key = (os.path.abspath(folder), name, collect_problems, tuple(state))
+    key = (jsonl_state(folder), name)
     if key not in _READ:
-        refs = JsonlRefs(folder, name=name, collect_problems=collect_problems)
         if len(_READ) >= _READ_MAX:
             _READ.pop(next(iter(_READ)))
-        _READ[key] = refs
-    return _READ[key]
+        _READ[key] = JsonlRefs(folder, name=name, collect_problems=True)
+    refs = _READ[key]
+    if refs.problems and not collect_problems:
+        raise JsonlError(f"{refs.problems[0]} (python -m refer.check --dataset {refs.dataset} "
+                         f"lists every problem)")
+    return refs

@@ -11,10 +11,10 @@ import torch
 
 from PIL import Image
 
-from refer.toy import ensure_gtoy_dataset, resolve_generalized
 from data.loaders import build_loader
-from data.refer_dataset import ReferDataset
+from data.refer_dataset import EmptyMaskError, ReferDataset
 from refer import REFER, ReferValueError, RefsFileError
+from refer.toy import ensure_gtoy_dataset, resolve_generalized
 from refer.synthetic import make_refer_dataset
 from tests.programs import SMALL_RUN, main_here, run
 from utils.metrics import GRESMetric, gres_sample_scores
@@ -65,6 +65,9 @@ def test_dataset_items_and_the_no_target_flag(grefcoco):
     (lambda refs: next(r for r in refs if r.get("no_target") is False).update(no_target=True),
      "is marked no_target but lists annotations"),
     (lambda refs: refs[0].update(ann_id=[-1, 20003]), "mixes -1 (no target) with annotations [-1, 20003]"),
+    # An id written as a string is not "an id that does not exist"; a nested list is no traceback.
+    (lambda refs: refs[0].update(ann_id=["20003"]), "lists ann_id '20003', a string; ids are integers"),
+    (lambda refs: refs[0].update(ann_id=[[20003]]), "has a nested list in ann_id ([[20003]])"),
 ])
 def test_bad_refs_are_named(tmp_path, change, message):
     info = make_refer_dataset(str(tmp_path), "grefcoco", "unc", num_images=4, special_images=False)
@@ -76,6 +79,26 @@ def test_bad_refs_are_named(tmp_path, change, message):
     with pytest.raises(ReferValueError, match=re.escape(message)) as error:
         REFER(str(tmp_path), "grefcoco", "unc")
     assert "ref_id" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_train_split_that_names_nothing_is_refused(tmp_path):
+    """Classic datasets refuse a train split of empty masks; a generalized one whose every train
+    ref refers to nothing has nothing to learn either (evaluating such a split stays possible)."""
+    info = make_refer_dataset(str(tmp_path), "grefcoco", "unc", num_images=4, special_images=False)
+    with open(info.refs_path) as handle:
+        refs = json.load(handle)
+    for ref in refs:
+        if ref["split"] == "train":
+            ref.update(ann_id=[-1], no_target=True)
+    with open(info.refs_path, "w") as handle:
+        json.dump(refs, handle)
+    with pytest.raises(EmptyMaskError) as error:
+        ReferDataset(str(tmp_path), "grefcoco", "unc", split="train", img_size=16, token_length=16)
+    assert str(error.value) == ("every ref of grefcoco(unc) train refers to nothing (no target): "
+                                "there is no object to learn to segment; a training split needs "
+                                "refs with targets")
+    assert len(ReferDataset(str(tmp_path), "grefcoco", "unc", split="train", img_size=16,
+                            token_length=16, eval_mode=True)) > 0
 
 
 def test_a_grefs_file_must_be_json(tmp_path):
