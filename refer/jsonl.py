@@ -72,7 +72,8 @@ def _image_size(path: str, what: str) -> tuple[int, int]:
         with Image.open(path) as picture:
             return picture.size
     except Exception as error:  # PIL raises many types for files it cannot read
-        raise _LineProblem(f"{what} cannot be read as an image ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _LineProblem(f"{what} cannot be read as an image ({reason})") from None
 
 
 class JsonlRefs:
@@ -102,7 +103,6 @@ class JsonlRefs:
         self.problems: list[Problem] = []
         self.Refs: dict = {}
         self.Imgs: dict[int, dict] = {}
-        self.lines_per_split: dict[str, int] = {}
         self._image_ids: dict[str, int] = {}
         self._targets: dict = {}
         self._ids: dict[str, tuple[str, int]] = {}  # ref_id -> (file, line) that used it first
@@ -113,7 +113,6 @@ class JsonlRefs:
         for split in self.split_names:
             self._read_file(split)
         self.generalized = any(target is None for target in self._targets.values())
-        self.data = {"refs": list(self.Refs.values())}
 
     # -------------------------------------------------------------------------------- reading
     def _problem(self, problem: Problem) -> None:
@@ -129,8 +128,8 @@ class JsonlRefs:
             return
         count = 0
         try:
-            with open(path, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
+            with open(path, encoding="utf-8-sig") as handle:  # a BOM (some editors write one) is no text
+                lines = list(handle)  # split at newlines only (a JSON string may hold U+2028)
         except (OSError, UnicodeDecodeError) as error:
             self._problem(Problem(path, None, f"cannot be read as UTF-8 text ({error})"))
             return
@@ -139,10 +138,9 @@ class JsonlRefs:
                 continue  # blank lines (a trailing newline) hold nothing
             count += 1
             try:
-                self._read_line(split, path, number, text)
+                self._read_line(split, path, number, text.rstrip("\n"))
             except _LineProblem as problem:
                 self._problem(Problem(path, number, str(problem)))
-        self.lines_per_split[split] = count
         if count == 0:
             self._problem(Problem(path, None, "holds no line; expected one JSON object per referred "
                                               "object or region"))

@@ -20,8 +20,9 @@ from data.refer_dataset import EmptyMaskError, ReferDataset
 from engine.args import parse_args
 from models import SegmenterConfig
 from refer import REFER, get_dataset
-from refer.catalog import CatalogError, register_jsonl, unregister_dataset
-from refer.check import main as check_main
+from refer.catalog import (CatalogError, DatasetRecord, register_dataset, register_jsonl,
+                           unregister_dataset)
+from refer.check import check_data
 from refer.jsonl import JsonlError, JsonlRefs
 from refer.synthetic import make_refer_dataset
 from tests.programs import environment, main_here, run, train_command
@@ -264,6 +265,26 @@ def test_a_registered_folder_is_a_dataset_name_with_its_recipe(tmp_path, capsys)
     with pytest.raises(SystemExit):
         parse_args("train", ["--dataset", "shoes"])
     assert "unknown dataset 'shoes'; expected one of refcoco," in capsys.readouterr().err
+
+
+def test_a_registered_refer_layout_dataset_is_read_checked_and_trained_like_refcoco(tmp_path):
+    """A dataset in the REFER layout under a new name: one record, and every program knows it."""
+    info = make_refer_dataset(str(tmp_path), "refcoco", "unc", num_images=4, special_images=False)
+    shutil.copytree(tmp_path / "refcoco", tmp_path / "mycoco")
+    register_dataset(DatasetRecord("mycoco", image_dir=os.path.relpath(info.image_dir, tmp_path),
+                                   partitions={"unc": ("train", "val", "testA", "testB")},
+                                   recipe={"token_length": 24}, joint=True,
+                                   published_counts={"unc": {"val": (1, None)}}))
+    try:
+        args = parse_args("train", ["--dataset", "mycoco,refcoco", "--refer_data_root", str(tmp_path)])
+        assert args.datasets == [("mycoco", "unc"), ("refcoco", "unc")] and args.token_length == 40
+        assert parse_args("test", ["--dataset", "mycoco", "--checkpoint", "c.pth"]).token_length is None
+        dataset = ReferDataset(str(tmp_path), "mycoco", "unc", "val", img_size=16, token_length=24)
+        assert [ref["ref_id"] for ref in dataset.refs] == info.expected_ref_ids("val")
+        result = check_data(str(tmp_path), [("mycoco", "unc")])
+        assert result.ok and result.warnings[0].startswith("mycoco(unc) val: 2 refs where 1 were published")
+    finally:
+        unregister_dataset("mycoco")
 
 
 def test_joint_training_with_a_jsonl_folder_leaves_out_the_same_refs(tmp_path):
