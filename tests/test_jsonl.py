@@ -23,6 +23,7 @@ from refer import REFER, get_dataset
 from refer.catalog import (CatalogError, DatasetRecord, register_dataset, register_jsonl,
                            unregister_dataset)
 from refer.check import check_data
+from refer.check import main as check_main
 from refer.jsonl import JsonlError, JsonlRefs
 from refer.synthetic import make_refer_dataset
 from tests.programs import environment, main_here, run, train_command
@@ -97,7 +98,6 @@ def results(path):
     return table
 
 
-@pytest.mark.xdist_group("jsonl_programs")
 def test_one_checkpoint_scores_both_formats_alike(converted, toy_checkpoint, tmp_path, capsys):
     """test.py on the REFER files and on their conversion with PNG masks, test.sh on two processes
     on the conversion with RLE targets: every metric of every split and every saved mask the same
@@ -218,23 +218,22 @@ def test_a_bad_line_is_named_with_its_file_and_line(tmp_path, case):
     assert message.startswith(f"{folder}/train.jsonl:2: {problem}") and "\n" not in message
 
 
-def test_the_checker_lists_every_problem_and_training_stops_at_the_first(tmp_path):
+def test_the_checker_lists_every_problem_and_training_stops_at_the_first(tmp_path, capsys):
     folder = write_folder(str(tmp_path / "data"), [dict(GOOD, id="cup")] + [line for line, _ in BAD_LINES.values()])
-    result = subprocess.run([sys.executable, "-m", "refer.check", "--dataset", f"jsonl:{folder}"],
-                            cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert check_main(["--dataset", f"jsonl:{folder}"]) == 1
+    out = capsys.readouterr().out
     for number, (_, problem) in enumerate(BAD_LINES.values(), start=2):
-        assert f"error: {folder}/train.jsonl:{number}: {problem}" in result.stdout
-    assert f"| jsonl:{folder} | jsonl | train | 1 | 1 | - | 1 | 0 | 0 | 0 | error |" in result.stdout
-    assert f"| jsonl:{folder} | jsonl | val | 1 | 1 | - | 1 | 0 | 0 | 0 | ok |" in result.stdout
-    # train.py: one line naming the first problem, before anything is trained or written.
-    result = run([sys.executable, "train.py", "--dataset", f"jsonl:{folder}", "--model", "tiny",
-                  "--output-dir", str(tmp_path / "ckpt"), "--workers", "0"])
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {folder}/train.jsonl:2: {BAD_LINES['not JSON'][1]} (python -m refer.check "
-        f"--dataset jsonl:{folder} lists every problem)")
-    assert not os.listdir(tmp_path / "ckpt") or os.listdir(tmp_path / "ckpt") == ["logs"]
+        assert f"error: {folder}/train.jsonl:{number}: {problem}" in out
+    assert f"| jsonl:{folder} | jsonl | train | 1 | 1 | - | 1 | 0 | 0 | 0 | error |" in out
+    assert f"| jsonl:{folder} | jsonl | val | 1 | 1 | - | 1 | 0 | 0 | 0 | ok |" in out
+    # train.py: the first problem, before anything is trained or saved (run_cli prints it as one
+    # line with exit status 2).
+    with pytest.raises(JsonlError) as error:
+        main_here("train.py", ["--dataset", f"jsonl:{folder}", "--model", "tiny", "--output-dir",
+                               str(tmp_path / "ckpt"), "--workers", "0"])
+    assert str(error.value) == (f"{folder}/train.jsonl:2: {BAD_LINES['not JSON'][1]} (python -m "
+                                f"refer.check --dataset jsonl:{folder} lists every problem)")
+    assert not [name for name in os.listdir(tmp_path / "ckpt") if name.endswith(".pth")]
 
 
 def test_a_folder_without_files_and_a_train_split_of_no_target(tmp_path):
@@ -326,7 +325,6 @@ def readme_example():
     return files, commands.strip().splitlines()
 
 
-@pytest.mark.xdist_group("jsonl_programs")
 def test_the_readme_example_runs_as_written(tmp_path):
     files, commands = readme_example()
     assert set(files) == {"my_data/train.jsonl", "my_data/val.jsonl"} and len(commands) == 3
