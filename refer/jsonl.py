@@ -333,10 +333,14 @@ class JsonlRefs:
             return value
         mask = None
         for path in value:
-            with Image.open(path) as picture:
-                if picture.mode in ("LA", "RGBA"):  # the colour is the mask, not the alpha
-                    picture = picture.convert(picture.mode[:-1])
-                pixels = np.asarray(picture)
+            try:
+                with Image.open(path) as picture:
+                    if picture.mode in ("LA", "RGBA"):  # the colour is the mask, not the alpha
+                        picture = picture.convert(picture.mode[:-1])
+                    pixels = np.asarray(picture)
+            except Exception as error:  # PIL raises many types for files it cannot decode
+                raise JsonlError(f"{self.where(ref)}: mask {os.path.relpath(path, self.folder)} "
+                                 f"cannot be decoded ({error})") from None
             pixels = pixels.any(axis=-1) if pixels.ndim == 3 else pixels != 0
             mask = pixels if mask is None else mask | pixels
         return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

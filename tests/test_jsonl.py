@@ -236,6 +236,21 @@ def test_the_checker_lists_every_problem_and_training_stops_at_the_first(tmp_pat
     assert not [name for name in os.listdir(tmp_path / "ckpt") if name.endswith(".pth")]
 
 
+def test_a_mask_that_cannot_be_decoded_is_named(tmp_path, capsys):
+    """Its header reads (the line passes), its pixels do not: named when the masks are read."""
+    folder = write_folder(str(tmp_path), [GOOD, dict(GOOD, mask="masks/cut.png")])
+    with open(os.path.join(folder, "masks", "a.png"), "rb") as handle:
+        head = handle.read(60)
+    with open(os.path.join(folder, "masks", "cut.png"), "wb") as handle:
+        handle.write(head)
+    expected = f"{folder}/train.jsonl:2: mask masks/cut.png cannot be decoded ("
+    with pytest.raises(JsonlError) as error:
+        ReferDataset(None, f"jsonl:{folder}", "jsonl", "train", img_size=16, token_length=8)
+    assert str(error.value).startswith(expected)
+    assert check_main(["--dataset", f"jsonl:{folder}"]) == 1
+    assert f"error: {expected}" in capsys.readouterr().out
+
+
 def test_a_folder_without_files_and_a_train_split_of_no_target(tmp_path):
     with pytest.raises(CatalogError, match="no folder"):
         get_dataset(f"jsonl:{tmp_path / 'nowhere'}")
