@@ -145,6 +145,20 @@ def dataset_members(args):
     return members
 
 
+def recipe_note(flag, show=str):
+    """The datasets whose recipe sets `flag`, by value, for help texts: 'toy, gtoy: 0'."""
+    by_value = {}
+    for name in dataset_names():
+        recipe = get_dataset(name).recipe
+        if flag in recipe:
+            by_value.setdefault(show(recipe[flag]), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
+
+
+def _on_off(value):
+    return "on" if value else "off"
+
+
 def _add_refer_data_root(group):
     group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
                        help="folder holding images/ and the refcoco*/ folders (see refer/README.md); "
@@ -166,7 +180,8 @@ def _data(parser):
                             "give it per dataset, refcocog:google)")
     _add_refer_data_root(group)
     group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
-                       help="data loader processes per GPU (default: 4; toy, gtoy: 0)")
+                       help=f"data loader processes per GPU (default: {PAPER_DEFAULTS['workers']}; "
+                            f"{recipe_note('workers')})")
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
                        help="page-locked loader memory (default: on when a GPU is used)")
 
@@ -186,15 +201,15 @@ def _model(parser):
     group.add_argument("--model", default=None, choices=tuple(PRESETS),
                        help="model preset: " + "; ".join(f"{name}: {preset.description}"
                                                          for name, preset in PRESETS.items())
-                            + f" (default: {PAPER_DEFAULTS['model']}; toy: tiny)")
+                            + f" (default: {PAPER_DEFAULTS['model']}; {recipe_note('model')})")
     group.add_argument("--attn_grad", action=argparse.BooleanOptionalAction, default=None,
                        help="let the cross-attention maps fed to the decoder carry gradient "
-                            "(default: off, as in VPD; on for toy)")
+                            f"(default: off, as in VPD; {recipe_note('attn_grad', _on_off)})")
     group.add_argument("--no_target_area", type=area_fraction, default=None,
                        help="generalized datasets (gtoy, grefcoco): a mask covering at most this "
                             "fraction of the image counts as 'no target' and is emptied (default: "
-                            "0, only an empty mask; gtoy: "
-                            f"{get_dataset('gtoy').recipe['no_target_area']}, chosen on its val split)")
+                            f"0, only an empty mask; {recipe_note('no_target_area')}, chosen on "
+                            f"its val split)")
 
 
 def _input(parser):
@@ -306,7 +321,8 @@ def _evaluation(parser):
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval_batch_size", type=positive_int, default=None,
                        help="images per process per evaluation step; all sentences of each "
-                            "image are evaluated together (default: 8; toy, gtoy: 64)")
+                            f"image are evaluated together (default: "
+                            f"{PAPER_DEFAULTS['eval_batch_size']}; {recipe_note('eval_batch_size')})")
 
 
 def _validation_precision(parser):
@@ -370,8 +386,8 @@ def _speed(parser):
     group.add_argument("--grad_checkpoint", action="store_true",
                        help="gradient checkpointing in the UNet (less memory, ~30%% slower)")
     group.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels_last memory format for the convolutional parts (default: off; "
-                            "toy, gtoy: on, ~6%% faster on a CPU)")
+                       help=f"channels_last memory format for the convolutional parts (default: "
+                            f"off; {recipe_note('channels_last', _on_off)}, ~6%% faster on a CPU)")
     group.add_argument("--bn_group_size", type=positive_int, default=None,
                        help="the decoder's BatchNorm statistics over groups of this many images of "
                             "a process's batch, without SyncBatchNorm ('ghost' batch norm; must "
@@ -400,7 +416,7 @@ def _latent_cache(parser):
                             "missing images are encoded before training/evaluation starts, then "
                             "items read latents instead of images (test.py ignores it with "
                             "--vis_dir); none: encode the images every time (default: none; "
-                            "toy, gtoy: latents/ in the dataset's folder)")
+                            f"{recipe_note('cache_latents', lambda _: 'latents/ in the dataset folder')})")
 
 
 def _device(parser):
