@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from data.toy import ensure_toy_dataset
+from refer.toy import ensure_toy_dataset
 from utils.paths import REPO_ROOT
 
 
