@@ -224,8 +224,8 @@ def test_the_checker_lists_every_problem_and_training_stops_at_the_first(tmp_pat
     out = capsys.readouterr().out
     for number, (_, problem) in enumerate(BAD_LINES.values(), start=2):
         assert f"error: {folder}/train.jsonl:{number}: {problem}" in out
-    assert f"| jsonl:{folder} | jsonl | train | 1 | 1 | - | 1 | 0 | 0 | 0 | error |" in out
-    assert f"| jsonl:{folder} | jsonl | val | 1 | 1 | - | 1 | 0 | 0 | 0 | ok |" in out
+    assert f"| jsonl:{folder} | jsonl | train | 1 | 1 | - | 1 | 0 | 0 | 0 | 0 | error |" in out
+    assert f"| jsonl:{folder} | jsonl | val | 1 | 1 | - | 1 | 0 | 0 | 0 | 0 | ok |" in out
     # train.py: the first problem, before anything is trained or saved (run_cli prints it as one
     # line with exit status 2).
     with pytest.raises(JsonlError) as error:
