@@ -92,7 +92,8 @@ def main(argv=None):
                             f"another object's sentences")
         if use_cache:  # encode each image once; the dataset then reads latents
             attach_latent_cache(model, [dataset], args.cache_latents, device, dtype,
-                                args.eval_batch_size, show_progress, workers=args.workers)
+                                args.eval_batch_size, show_progress, workers=args.workers,
+                                training=False)
         loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
                               drop_last=False, eval_mode=True, pin_memory=args.pin_mem)
         results_by_split[split] = evaluate(model, loader, device, dtype, on_predictions=writer,

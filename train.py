@@ -106,7 +106,7 @@ def train(args, config, dist_info, stop):
     seed_everything(args.seed)
     model = build_model(config, pretrained=not args.random_weights).to(device)
     if args.grad_checkpoint:
-        model.backbone.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.frozen_bf16:
@@ -170,14 +170,16 @@ def train(args, config, dist_info, stop):
 
     # 3. Optimisation, and where to start from.
     recipe = get_preset(config.preset).recipe  # its optimizer groups and schedule
-    optimizer = build_optimizer(model, args.lr, args.wd, {**recipe.lr_scales, "unet": args.unet_lr_scale},
-                                amsgrad=args.amsgrad, group_of=recipe.group_of,
+    optimizer = build_optimizer(model, args.lr, args.wd, args.lr_scale, amsgrad=args.amsgrad,
+                                group_of=recipe.group_of,
                                 decays=weight_decay_rule(model, args.weight_decay_rule))
     scheduler = build_scheduler(optimizer, args.epochs * steps_per_epoch,
                                 warmup_iterations=round(args.warmup_epochs * steps_per_epoch),
-                                schedule=recipe.schedule)
+                                schedule=recipe.schedule,
+                                first_step_lr_scales=recipe.first_step_scales(args.lr_scale))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "wd": args.wd,
+                "lr_scales": dict(args.lr_scale),
                 "warmup_epochs": args.warmup_epochs, "accum_steps": args.accum_steps,
                 "weight_decay_rule": args.weight_decay_rule, "dice_weight": args.dice_weight,
                 "bn_group_size": args.bn_group_size,

@@ -172,7 +172,7 @@ def build(args, variant: Variant, device: torch.device):
                                         img_size=args.img_size, attn_grad=args.attn_grad), pretrained=False)
     model.to(device)
     if variant.grad_checkpoint:
-        model.backbone.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     if variant.channels_last:
         model.to(memory_format=torch.channels_last)
     if variant.sdpa_maps:

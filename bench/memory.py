@@ -44,7 +44,7 @@ from bench.common import command_line, library_versions, synthetic_inputs
 from engine.args import get_parser, parse_args
 from engine.precision import PRECISIONS, autocast
 from engine.training import forward_backward, optimizer_step
-from models import SegmenterConfig, build_model, build_model_on_meta
+from models import SegmenterConfig, build_model, build_model_on_meta, get_preset
 from utils.optim import build_optimizer
 
 # One row per variant: a precision and the memory flags of train.py it turns on.
@@ -57,9 +57,11 @@ VARIANTS = {
     "bf16+grad_checkpoint+cached_latents+frozen_bf16": dict(
         precision="bf16", grad_checkpoint=True, cached_latents=True, frozen_bf16=True),
 }
-# What gradient checkpointing recomputes in backward, one unit at a time (diffusers' UNet blocks
-# checkpoint each ResNet block and each transformer block).
-CHECKPOINTED_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")
+# What gradient checkpointing recomputes in backward, one unit at a time: diffusers' UNet blocks
+# checkpoint each ResNet block and each transformer block; where they train (EVP), diffusers' VAE
+# encoder each down block and its middle block, transformers' CLIP each encoder layer.
+CHECKPOINTED_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "DownEncoderBlock2D", "UNetMidBlock2D",
+                      "CLIPEncoderLayer")
 GIB = 2 ** 30
 FAKE_MODE = FakeTensorMode(allow_non_fake_inputs=True)
 
@@ -135,13 +137,22 @@ def to_fake(model):
     return model
 
 
+def applies(config, variant):
+    """Whether train.py can run `variant` for the model: cached latents need a frozen VAE, and
+    --frozen_bf16 frozen parts (EVP trains its VAE and CLIP)."""
+    frozen = get_preset(config.preset).frozen_modules
+    settings = VARIANTS[variant]
+    return ((not settings.get("cached_latents") or "backbone.vae" in frozen)
+            and (not settings.get("frozen_bf16") or bool(frozen)))
+
+
 def prepare_model(config, variant, fake=True):
     """The model as train.py holds it under the variant's flags: fake, or real on the CPU."""
     settings = VARIANTS[variant]
     model = build_model_on_meta(config) if fake else build_model(config, pretrained=False)
     model.train()
     if settings.get("grad_checkpoint"):
-        model.backbone.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     if settings.get("frozen_bf16"):
         model.hold_frozen_weights_in(torch.bfloat16)
     return to_fake(model) if fake else model
@@ -322,8 +333,13 @@ def main(argv=None):
     print("- method: forward and backward on fake tensors (FakeTensorMode); saved tensors via "
           "saved_tensors_hooks (each storage once); see bench/memory.py")
     print()
+    variants = [variant for variant in args.variants if applies(config, variant)]
+    skipped = [variant for variant in args.variants if variant not in variants]
+    if skipped:
+        print(f"- not for the {config.preset} model (its VAE or CLIP trains): {', '.join(skipped)}")
+        print()
     accounts = [account(config, args.batch_size, variant, fused_adamw=args.fused_adamw,
-                        amsgrad=False) for variant in args.variants]
+                        amsgrad=False) for variant in variants]
     print_table(config, args.batch_size, accounts)
     if args.check:
         print()

@@ -47,7 +47,6 @@ RECIPE_FLAGS = {
     "lr": lambda recipe: recipe.lr,
     "wd": lambda recipe: recipe.weight_decay,
     "weight_decay_rule": lambda recipe: recipe.weight_decay_rule,
-    "unet_lr_scale": lambda recipe: recipe.lr_scales.get("unet", 1.0),
     "epochs": lambda recipe: recipe.epochs,
     "batch_size": lambda recipe: recipe.batch_size,
     "warmup_epochs": lambda recipe: recipe.warmup_epochs,
@@ -93,6 +92,14 @@ def positive_float(text):
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def lr_scale_setting(text):
+    """--lr_scale GROUP=VALUE -> (group, value); the group is checked against the preset later."""
+    group, sep, value = text.partition("=")
+    if not sep or not group:
+        raise argparse.ArgumentTypeError(f"expected GROUP=VALUE such as unet=0.01, got {text!r}")
+    return group, nonnegative_float(value)
 
 
 def area_fraction(text):
@@ -247,7 +254,8 @@ def _random_weights(parser):
 def _batch(parser):
     group = parser.add_argument_group("batch")
     group.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int,
-                       default=None, help="images per process per step (paper: 4 x 8 GPUs)")
+                       default=None, help="images per process per step (default: the preset's "
+                                          "recipe; paper: 4 x 8 GPUs, EVP: 3 x 2)")
 
 
 def _seed(parser):
@@ -259,25 +267,31 @@ def _seed(parser):
 def _optimization(parser):
     group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", type=positive_int, default=None,
-                       help="training epochs (default: the preset's recipe; paper: 40)")
+                       help="training epochs (default: the preset's recipe; paper: 40, EVP: 20)")
     group.add_argument("--lr", type=positive_float, default=None,
-                       help="AdamW learning rate, decayed as (1 - it/total)^0.9 (default: the "
-                            "preset's recipe; paper: 5e-5)")
+                       help="AdamW learning rate, decayed by the preset's schedule (vpd: (1 - "
+                            "it/total)^0.9; evp: cosine after a warm-up from 1e-7) (default: the "
+                            "preset's recipe; paper: 5e-5, EVP: 8e-5)")
     group.add_argument("--wd", "--weight-decay", dest="wd", type=nonnegative_float, default=None,
-                       help="AdamW weight decay (default: the preset's recipe; paper: 1e-2)")
+                       help="AdamW weight decay (default: the preset's recipe; paper and EVP: 1e-2)")
     group.add_argument("--weight_decay_rule", default=None, choices=WEIGHT_DECAY_RULES,
                        help="which tensors decay: vpd = VPD's rule, every tensor whose name in "
-                            "VPD's model lacks 'norm' (biases and most norms included); modern = "
-                            "only tensors of more than one dimension, a deviation from VPD "
-                            "(default: the preset's recipe; paper: vpd)")
-    group.add_argument("--unet_lr_scale", type=nonnegative_float, default=None,
-                       help="learning-rate multiplier for the UNet (default: the preset's recipe; "
-                            "paper: 1.0, VPD declared 0.01 but never applied it, and its numbers "
-                            "come from 1.0)")
+                            "VPD's model lacks 'norm' (biases and most norms included); evp = "
+                            "EVP's, the same on EVP's names except that every CLIP and VAE tensor "
+                            "decays; modern = only tensors of more than one dimension, a deviation "
+                            "from both (default: the preset's recipe; paper: vpd)")
+    group.add_argument("--lr_scale", type=lr_scale_setting, action="append", default=None,
+                       metavar="GROUP=VALUE",
+                       help="learning-rate multiplier of one optimizer group of the preset (vpd: "
+                            "unet, head; evp: unet, text_encoder, vae, head), repeatable, e.g. "
+                            "--lr_scale unet=0.01 (default: the preset's recipe; vpd: unet=1, VPD "
+                            "declared 0.01 but never applied it, and its numbers come from 1; evp: "
+                            "unet, text_encoder and vae 1e-4, EVP's declared 0.01 applied twice "
+                            "by its code)")
     group.add_argument("--amsgrad", action="store_true", help="AdamW's AMSGrad variant (VPD: off)")
     group.add_argument("--warmup_epochs", type=nonnegative_float, default=None,
-                       help="epochs of linear learning-rate warm-up before the poly decay "
-                            "(default: the preset's recipe; VPD: 0)")
+                       help="epochs of linear learning-rate warm-up before the preset's decay "
+                            "(default: the preset's recipe; VPD: 0, EVP: 1)")
     group.add_argument("--dice_weight", type=nonnegative_float, default=None,
                        help="weight of a soft Dice term added to the cross-entropy loss (default: "
                             "0, VPD's loss is cross-entropy alone; toy: "
@@ -412,11 +426,13 @@ def _speed(parser):
 def _latent_cache(parser):
     group = parser.add_argument_group("latent cache")
     group.add_argument("--cache_latents", default=None,
-                       help="folder caching the frozen VAE's latents (fp16, one file per image); "
+                       help="folder caching the VAE's latents (fp16, one file per image); "
                             "missing images are encoded before training/evaluation starts, then "
                             "items read latents instead of images (test.py ignores it with "
-                            "--vis_dir); none: encode the images every time (default: none; "
-                            f"{recipe_note('cache_latents', lambda _: 'latents/ in the dataset folder')})")
+                            "--vis_dir; train.py refuses it for a model whose VAE trains, evp); "
+                            "none: encode the images every time (default: none; "
+                            f"{recipe_note('cache_latents', lambda _: 'latents/ in the dataset folder')}"
+                            ", except for a model whose VAE trains)")
 
 
 def _device(parser):
@@ -563,12 +579,17 @@ def resolve_defaults(args, model_flags=True):
         # A joint list takes the largest token length of its members; other settings agree.
         setattr(args, key, max(values) if key == "token_length" else values[0])
 
+    given_cache_latents = getattr(args, "cache_latents", None)
     for key, paper_value in PAPER_DEFAULTS.items():
         fill(key, paper_value)
     if getattr(args, "model", None) is not None:
-        recipe = get_preset(args.model).recipe
+        preset = get_preset(args.model)
         for key, value_of in RECIPE_FLAGS.items():
-            fill(key, value_of(recipe))
+            fill(key, value_of(preset.recipe))
+        if hasattr(args, "lr_scale"):  # the recipe's scales, with the groups given replaced
+            args.lr_scale = {**preset.recipe.lr_scales, **dict(args.lr_scale or [])}
+        if "backbone.vae" not in preset.frozen_modules and given_cache_latents is None:
+            args.cache_latents = None  # not the dataset's default cache: the VAE trains
     if str(getattr(args, "cache_latents", None)).lower() == "none":
         args.cache_latents = None
     if getattr(args, "model_id", "absent") is None:
@@ -613,6 +634,20 @@ def check_args(parser, args, program):
     if getattr(args, "bn_group_size", None) and args.batch_size % args.bn_group_size:
         parser.error(f"argument --bn_group_size: {args.bn_group_size} does not divide --batch-size "
                      f"{args.batch_size}")
+    if isinstance(getattr(args, "lr_scale", None), dict) and getattr(args, "model", None) is not None:
+        groups = get_preset(args.model).recipe.groups
+        unknown = sorted(set(args.lr_scale) - set(groups))
+        if unknown:
+            parser.error(f"argument --lr_scale: the {args.model} model has no optimizer group "
+                         f"{', '.join(unknown)}; its groups: {', '.join(groups)}")
+    if program == "train" and getattr(args, "cache_latents", None) and getattr(args, "model", None) \
+            and "backbone.vae" not in get_preset(args.model).frozen_modules:
+        parser.error(f"argument --cache_latents: the {args.model} model trains its VAE, so its "
+                     f"latents change every step and cannot be cached; leave the flag out")
+    if getattr(args, "frozen_bf16", False) and getattr(args, "model", None) \
+            and not get_preset(args.model).frozen_modules:
+        parser.error(f"argument --frozen_bf16: the {args.model} model has no frozen parts (its VAE "
+                     f"and CLIP train); leave the flag out")
     if getattr(args, "frozen_bf16", False) and args.precision != "bf16":
         parser.error(f"argument --frozen_bf16: needs --precision bf16 (got {args.precision})")
     if getattr(args, "out", None) is not None and os.path.isdir(args.out):

@@ -35,6 +35,7 @@ SCHEDULE_FLAGS = {
     "batch_size": "--batch-size",
     "lr": "--lr",
     "wd": "--wd",
+    "lr_scales": "--lr_scale",
     "warmup_epochs": "--warmup_epochs",
     "accum_steps": "--accum_steps",
     "weight_decay_rule": "--weight_decay_rule",

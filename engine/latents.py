@@ -1,4 +1,5 @@
-"""--cache_latents: the frozen VAE's latents encoded once per image, then read instead of images."""
+"""--cache_latents: the VAE's latents encoded once per image, then read instead of images (a VAE
+that trains cannot be cached while it trains)."""
 import itertools
 
 import torch
@@ -13,13 +14,15 @@ from .precision import autocast
 
 
 def attach_latent_cache(model, datasets, cache_dir, device, dtype, batch_size, show_progress,
-                        workers=0, should_stop=None):
+                        workers=0, should_stop=None, training=True):
     """Fill the cache for every image of `datasets` (once, on first use) with the model's VAE under
     `dtype` autocast, as on the uncached path, then have the datasets serve latents instead of
     images. `should_stop()` true ends the filling early (a stop request during set-up); the
-    caller then stops too. Collective: every rank calls it."""
+    caller then stops too. `training`: refused for a model whose VAE trains (EVP); evaluating one
+    (test.py) may cache, as the cache is keyed by the VAE's weights. Collective: every rank calls
+    it."""
     segmenter = unwrap(model)
-    if "backbone.vae" not in segmenter.frozen_module_names:
+    if training and "backbone.vae" not in segmenter.frozen_module_names:
         raise InputError(f"--cache_latents: the {segmenter.config.preset} model trains its VAE, so its "
                          f"latents change every step and cannot be cached; leave the flag out")
     cache = LatentCache(cache_dir, vae_fingerprint(segmenter.backbone.vae), datasets[0].img_size)

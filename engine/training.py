@@ -6,7 +6,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from models.weights import vpd_parameter_name
+from models.weights import evp_parameter_name, vpd_parameter_name
 from utils.dist import unwrap
 from utils.logging import get_logger
 from utils.optim import decays_matrices
@@ -27,10 +27,30 @@ def vpd_weight_decay(model):
     return lambda name, parameter: "norm" not in vpd_names[name]
 
 
+def evp_weight_decay(model):
+    """EVP's recipe (its refer/train.py), on each tensor's name in EVP's own model, first match
+    wins: a UNet tensor whose name has "norm" does not decay (VPD's rule on the UNet); every other
+    UNet, CLIP and VAE tensor decays, norms and embeddings included; of the rest (text adapter,
+    neck, decoder), those whose name has "norm" do not: the neck's GroupNorms after its attention
+    modules (group_norm) are exempt, those of its 1x1 fusions (conv1.1) and the decoder's
+    BatchNorms (bn*) decay."""
+    segmenter = unwrap(model)
+    unet_config = segmenter.backbone.unet.config
+
+    def evp_name(name):
+        if name.startswith(("backbone.vae.", "text_encoder.")):
+            return None  # decays whatever its name
+        return evp_parameter_name(name, unet_config)
+
+    evp_names = {name: evp_name(name.removeprefix("module."))
+                 for name, parameter in segmenter.named_parameters() if parameter.requires_grad}
+    return lambda name, parameter: evp_names[name] is None or "norm" not in evp_names[name]
+
+
 # Which trainable tensors get weight decay, by --weight_decay_rule (default: the preset's recipe):
 # a function of the model giving utils.optim's `decays(name, parameter)`. modern: decay on tensors
-# of more than one dimension only (not VPD's).
-WEIGHT_DECAY_RULES = {"vpd": vpd_weight_decay, "modern": lambda model: decays_matrices}
+# of more than one dimension only (neither VPD's nor EVP's).
+WEIGHT_DECAY_RULES = {"vpd": vpd_weight_decay, "evp": evp_weight_decay, "modern": lambda model: decays_matrices}
 
 
 def weight_decay_rule(model, rule):
@@ -224,7 +244,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
         if print_freq and iteration % print_freq == 0:
             values = readings.read(epoch)
             now = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
+            lr = scheduled_lr(scheduler)
             mean_loss, images_per_second = sum(values) / len(values), interval_images / (now - interval_start)
             progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
             if on_interval is not None:
@@ -240,9 +260,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
     progress.close()
     readings.read(epoch)  # before anything is saved: a non-finite loss since the last reading
     steps = steps_done(iteration, start_iteration)
-    return {"loss": readings.total / steps, "lr": scheduler.get_last_lr()[0],
+    return {"loss": readings.total / steps, "lr": scheduled_lr(scheduler),
             "images": num_images, "seconds": time.perf_counter() - start_time,
             "iterations": iteration, "stopped": iteration < total}
+
+
+def scheduled_lr(scheduler):
+    """The lr to log: the largest of the groups' (the schedule's own value unless every group is
+    scaled down; EVP scales its UNet, CLIP and VAE groups by 1e-4)."""
+    return max(scheduler.get_last_lr())
 
 
 def steps_done(iteration, start_iteration):

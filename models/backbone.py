@@ -1,4 +1,4 @@
-"""Diffusion backbone: frozen VAE encoder + SD UNet read out as a multi-scale feature extractor."""
+"""Diffusion backbone: VAE encoder (frozen in VPD) + SD UNet read out as a multi-scale feature extractor."""
 
 from __future__ import annotations
 
@@ -38,15 +38,18 @@ class DiffusionBackbone(nn.Module):
     The backbone takes ownership of the modules it is given and removes the parts VPD never uses:
     the VAE decoder, and the UNet's noise-prediction head (`conv_norm_out` / `conv_out` become
     no-ops, so the UNet's output *is* up_blocks[-1]'s output, c1). Their weights are therefore not
-    part of this module's state dict.
+    part of this module's state dict. A VAE that trains (EVP) also loses its `post_quant_conv`,
+    the decoder's input layer: a trainable parameter that never gets a gradient stops DDP.
 
     Args:
         unet: a UNet2DConditionModel with SD1.5's block structure (4 up blocks of >= 2 layers).
         vae: an AutoencoderKL.
         attn_grad: let the cross-attention maps carry gradient (VPD: they do not).
+        vae_trains: the VAE encoder will train (EVP; VPD's stays frozen and keeps post_quant_conv).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, attn_grad: bool = False):
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, attn_grad: bool = False,
+                 vae_trains: bool = False):
         super().__init__()
         up_blocks = unet.up_blocks
         if len(up_blocks) != len(FEATURE_NAMES):
@@ -58,6 +61,8 @@ class DiffusionBackbone(nn.Module):
         # 1. VAE: only the encoder (and quant_conv) is ever run.
         self.vae = vae
         self.vae.decoder = None
+        if vae_trains:
+            self.vae.post_quant_conv = None
 
         # 2. UNet without its noise-prediction head.
         self.unet = unet

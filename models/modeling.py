@@ -30,6 +30,15 @@ class SegmenterBase(nn.Module):
         for name in self.frozen_module_names:
             self.get_submodule(name).requires_grad_(False).eval()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory (train.py --grad_checkpoint): diffusers' checkpointing in the
+        UNet, and in the VAE encoder and the CLIP text model when they train (EVP)."""
+        self.backbone.enable_gradient_checkpointing()
+        if "backbone.vae" not in self.frozen_module_names:
+            self.backbone.vae.enable_gradient_checkpointing()
+        if "text_encoder" not in self.frozen_module_names:
+            self.text_encoder.clip.activation_checkpointing_enable()
+
     def train(self, mode: bool = True):
         super().train(mode)
         for name in self.frozen_module_names:
@@ -67,13 +76,16 @@ class SegmenterBase(nn.Module):
         else:
             unet, vae, clip = preset.random_components()
             config = config.replace(sd_path=None, clip_path=None)
-        backbone = DiffusionBackbone(unet, vae, attn_grad=config.attn_grad)
+        backbone = DiffusionBackbone(unet, vae, attn_grad=config.attn_grad,
+                                     vae_trains="backbone.vae" not in preset.frozen_modules)
         text_encoder = CLIPTextEncoder(clip, frozen="text_encoder" in preset.frozen_modules)
         with seeded(INIT_SEED):
             text_adapter = TextAdapter(text_encoder.hidden_size)
             in_channels = decoder_in_channels(backbone.feature_channels, config.token_length)
-            decoder = preset.build_decoder(in_channels, config.decoder_hidden)
-        return cls(backbone, text_encoder, text_adapter, decoder, config)
+            neck = preset.build_neck(in_channels) if preset.build_neck is not None else None
+            decoder = preset.build_decoder(neck.out_channels if neck is not None else in_channels,
+                                           config.decoder_hidden)
+        return cls(backbone, text_encoder, text_adapter, decoder, config, neck=neck)
 
     @classmethod
     def from_pretrained(cls, path, sd_path=None, clip_path=None, device=None, dtype=None, configure=None,

@@ -3,9 +3,10 @@
 A source is any of: a model folder (`config.json` + `model.safetensors`, or a sharded
 `model.safetensors.index.json`), a Hugging Face cache folder of one (`snapshots/REVISION/`), a
 training checkpoint of ours (with "config", or an older one with only the run's "args"), or a
-checkpoint in a foreign layout a preset reads (VPD's released `vpd_ris_*.pth`). `read_model_source`
-reads it once: weights refused when not finite, the layout detected and converted to our names
-once. `load_model(source, build, ...)` then builds the model its config describes and loads it.
+checkpoint in a foreign layout a preset reads (VPD's released `vpd_ris_*.pth`, EVP's
+`model_best_*.pth`). `read_model_source` reads it once: weights refused when not finite, the
+layout detected and converted to our names once. `load_model(source, build, ...)` then builds the
+model its config describes and loads it.
 
 What a saved model leaves out is decided by its preset (`Preset.reloaded_modules`): the frozen
 parts that come back from the weights the user supplies (`sd_path`). A source without some frozen
@@ -35,7 +36,7 @@ from utils.io import atomic_write
 
 from .config import ConfigError, SegmenterConfig
 from .registry import PRESETS, Preset, get_preset
-from .weights import UNUSED_UNET_HEAD, CheckpointLayout, LoadReport, check_sd_path, detect_layout, load_segmenter_state
+from .weights import IGNORED_KEYS, CheckpointLayout, LoadReport, check_sd_path, detect_layout, load_segmenter_state
 
 __all__ = [
     "CONFIG_NAME",
@@ -253,7 +254,8 @@ def _check_fits(model: nn.Module, source: ModelSource, config: SegmenterConfig, 
     may be on the meta device): every trainable tensor present, nothing unknown, shapes equal."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     prefixes = tuple(f"{name}." for name in frozen)
-    weights = {key: value for key, value in source.weights.items() if not key.startswith(UNUSED_UNET_HEAD)}
+    weights = {key: value for key, value in source.weights.items()
+               if key in expected or not key.startswith(IGNORED_KEYS)}
     missing = sorted(key for key in set(expected) - set(weights) if not key.startswith(prefixes))
     unexpected = sorted(set(weights) - set(expected))
     mismatched = sorted(key for key in set(expected) & set(weights) if tuple(weights[key].shape) != expected[key])
@@ -360,8 +362,8 @@ def export_model_folder(path, directory, build: Build, sd_path=None, no_target_a
     source = read_model_source(path)
     configure = (lambda config: config.replace(no_target_area=no_target_area)) if no_target_area is not None else None
     config, preset, _ = _resolve(source, sd_path, None, configure, exporting=True)
-    _on_meta(build, source, config, preset)
-    drop = tuple(f"{name}." for name in preset.reloaded_modules) + UNUSED_UNET_HEAD
+    own = _on_meta(build, source, config, preset).state_dict()
+    reloaded = tuple(f"{name}." for name in preset.reloaded_modules)
     write_model_folder(directory, config, {key: value for key, value in source.weights.items()
-                                           if not key.startswith(drop)})
+                                           if key in own and not key.startswith(reloaded)})
     return config

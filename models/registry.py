@@ -2,8 +2,9 @@
 registry `--model NAME` and saved configs are resolved against.
 
 A preset says where its pretrained parts come from (and whether the user must supply them), how
-its decoder is built, how its tokenizer pads, how VAE latents are scaled, which parts stay frozen,
-which foreign checkpoint layouts it reads, its training recipe and its published numbers. Nothing
+its decoder (and a neck before it) is built, how its tokenizer pads, how VAE latents are scaled,
+which parts stay frozen, which foreign checkpoint layouts it reads, its training recipe and its
+published numbers. Nothing
 else in the repository decides anything by a preset's name.
 
 `register_preset(Preset(...))` adds one. Every module in `models/presets/` is imported with
@@ -88,9 +89,12 @@ class Recipe:
     """A preset's training defaults; train.py's flags override them (engine/args.py).
 
     optimizer_groups: (group, parameter-name prefix) pairs; a trainable tensor in none of them is
-    in group "head". lr_scales: group -> learning-rate multiplier (`--unet_lr_scale` sets "unet").
-    weight_decay_rule: which tensors decay, a name in engine/training.py's WEIGHT_DECAY_RULES.
-    schedule(total_iterations, warmup_iterations) -> the lr factor of each iteration.
+    in group "head". lr_scales: group -> learning-rate multiplier of every step (`--lr_scale
+    GROUP=VALUE` sets one). first_step_lr_scales: group -> the multiplier of the very first
+    optimizer step where it differs from lr_scales (EVP's code; kept only while the group's scale
+    is the recipe's own). weight_decay_rule: which tensors decay, a name in engine/training.py's
+    WEIGHT_DECAY_RULES. schedule(total_iterations, warmup_iterations, base_lr) -> the lr factor of
+    each iteration (warmup_iterations: round(warmup_epochs x iterations per epoch)).
     """
 
     lr: float = 5e-5
@@ -98,6 +102,7 @@ class Recipe:
     weight_decay_rule: str = "vpd"
     optimizer_groups: tuple[tuple[str, str], ...] = (("unet", "backbone.unet."),)
     lr_scales: Mapping[str, float] = field(default_factory=lambda: {"unet": 1.0})
+    first_step_lr_scales: Mapping[str, float] = field(default_factory=dict)
     schedule: Callable[[int, int], Callable[[int], float]] = functools.partial(poly_lr_lambda, power=0.9)
     epochs: int = 40
     batch_size: int = 4
@@ -107,6 +112,17 @@ class Recipe:
         """The optimizer group of a parameter (its name in the segmenter, DDP's prefix allowed)."""
         name = name.removeprefix("module.")
         return next((group for group, prefix in self.optimizer_groups if name.startswith(prefix)), "head")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The optimizer groups' names, "head" last."""
+        return tuple(dict.fromkeys([group for group, _ in self.optimizer_groups] + ["head"]))
+
+    def first_step_scales(self, lr_scales: Mapping[str, float]) -> dict[str, float]:
+        """The first step's multipliers that apply under `lr_scales` (a group whose scale was
+        changed from the recipe's keeps the changed scale from the first step on)."""
+        return {group: scale for group, scale in self.first_step_lr_scales.items()
+                if lr_scales.get(group, 1.0) == self.lr_scales.get(group, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -123,8 +139,10 @@ class Preset:
         decoder_hidden: the decoder's width when the config leaves it to the preset.
         weights: the weights the user supplies for the pretrained parts; None when they ship with
             the repository (a saved model then stores its frozen parts too).
-        build_decoder(in_channels, hidden) -> the module turning [c1, c2+L, c3+L, c4] into logits
-            (VPD: SimpleDecoder; a neck between the UNet's taps and a decoder goes here).
+        build_decoder(in_channels, hidden) -> the module turning [c1, c2+L, c3+L, c4] (or the
+            neck's output) into logits (VPD: SimpleDecoder).
+        build_neck(in_channels) -> a module refining [c1, c2+L, c3+L, c4] before the decoder, with
+            `in_channels` and `out_channels` attributes; None: no neck (VPD; EVP: its IMAFR).
         pad_token_id: the id the tokenizer pads sentences with.
         max_token_length: positions of the text encoder (the longest token_length).
         latent_scale: VAE latents are multiplied by it before the UNet (VPD: 1, no scaling).
@@ -142,6 +160,7 @@ class Preset:
     decoder_hidden: int
     weights: PretrainedWeights | None = None
     build_decoder: Callable[[Sequence[int], int], nn.Module] = SimpleDecoder
+    build_neck: Callable[[Sequence[int]], nn.Module] | None = None
     pad_token_id: int = CLIP_END_OF_TEXT_ID
     max_token_length: int = 77
     latent_scale: float = 1.0

@@ -22,12 +22,13 @@ CLASS_WEIGHTS = (0.9, 1.1)
 
 
 class VPDSegmenter(SegmenterBase):
-    """Diffusion backbone (VAE + UNet), CLIP text encoder, text adapter and decoder (VPD: the VAE
-    and CLIP frozen, the rest trained; the preset decides).
+    """Diffusion backbone (VAE + UNet), CLIP text encoder, text adapter, an optional neck and the
+    decoder (VPD: the VAE and CLIP frozen, no neck; EVP: everything trained, its IMAFR neck; the
+    preset decides).
 
     `config` (a `SegmenterConfig`) is the model's identity: `VPDSegmenter.from_config(config)`
     rebuilds it, and every checkpoint and model folder stores it. Attribute names (`backbone.unet`,
-    `backbone.vae`, `text_encoder`, `text_adapter`, `decoder`) are the state-dict prefixes of our
+    `backbone.vae`, `text_encoder`, `text_adapter`, `neck`, `decoder`) are the state-dict prefixes of our
     checkpoints; `frozen_module_names` lists the sub-modules that never train (the preset's).
     """
 
@@ -38,11 +39,13 @@ class VPDSegmenter(SegmenterBase):
         text_adapter: TextAdapter,
         decoder: nn.Module,
         config: SegmenterConfig,
+        neck: nn.Module | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.text_adapter = text_adapter
+        self.neck = neck
         self.decoder = decoder
         self.config = config
 
@@ -53,11 +56,16 @@ class VPDSegmenter(SegmenterBase):
             )
         # A decoder (or a neck before one) that states its widths must agree with the features.
         expected = decoder_in_channels(backbone.feature_channels, config.token_length)
-        if list(getattr(decoder, "in_channels", expected)) != expected:
+        first = neck if neck is not None else decoder
+        if list(getattr(first, "in_channels", expected)) != expected:
             raise ConfigError(
-                f"decoder in_channels {list(decoder.in_channels)} do not match [c1, c2+L, c3+L, c4] = {expected} "
-                f"for features {list(backbone.feature_channels)} and token_length {config.token_length}"
+                f"{'neck' if neck is not None else 'decoder'} in_channels {list(first.in_channels)} do not match "
+                f"[c1, c2+L, c3+L, c4] = {expected} for features {list(backbone.feature_channels)} and "
+                f"token_length {config.token_length}"
             )
+        if neck is not None and list(getattr(decoder, "in_channels", neck.out_channels)) != list(neck.out_channels):
+            raise ConfigError(f"decoder in_channels {list(decoder.in_channels)} != the neck's out_channels "
+                              f"{list(neck.out_channels)}")
         if config.token_length > text_encoder.max_length:
             raise ConfigError(
                 f"token_length {config.token_length} > the text encoder's {text_encoder.max_length} positions"
@@ -146,7 +154,7 @@ class VPDSegmenter(SegmenterBase):
                 f"{input_ids.shape[0]} sentences for {latents.shape[0]} images: pass image_index to map them"
             )
 
-        # 3. Text context: frozen CLIP + trainable adapter.
+        # 3. Text context: CLIP (frozen in VPD) + trainable adapter.
         context = self.encode_text(input_ids, attention_mask)
 
         # 4. UNet features, with the cross-attention maps appended to c2 and c3.
@@ -156,7 +164,9 @@ class VPDSegmenter(SegmenterBase):
             for name, feature in zip(FEATURE_NAMES, features)
         ]
 
-        # 5. Decode and upsample to the image size.
+        # 5. The preset's neck, if any (EVP's IMAFR); decode and upsample to the image size.
+        if self.neck is not None:
+            features = self.neck(features)
         return self.decoder(features, output_size=output_size)
 
     @torch.no_grad()

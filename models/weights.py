@@ -6,7 +6,8 @@
   shipped in `models/configs/sd15`, so the hub is never consulted.
 * `load_segmenter_state(model, state_dict)`: our checkpoints, or VPD's released RIS checkpoints
   (`vpd_ris_refcoco.pth`, ...) converted to our names; `VPD_RELEASE` is that layout as a preset
-  records it (models/pretrained.py reads every saved model through it).
+  records it (models/pretrained.py reads every saved model through it). `EVP_RELEASE`: EVP's
+  checkpoints (its refer/train.py's `model_best_*.pth`), VPD's names plus its neck and CLIP.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "SD15_CONFIG_DIR",
     "CheckpointLayout",
     "VPD_RELEASE",
+    "EVP_RELEASE",
     "WeightsNotFoundError",
     "WeightsFormatError",
     "LoadReport",
@@ -42,6 +44,8 @@ __all__ = [
     "load_clip_text_model",
     "components_from_ldm_state_dict",
     "convert_vpd_state_dict",
+    "convert_evp_state_dict",
+    "evp_parameter_name",
     "detect_layout",
     "ldm_unet_name",
     "vpd_parameter_name",
@@ -215,10 +219,10 @@ def _first_line(error: BaseException) -> str:
 class LoadReport:
     """What `load_segmenter_state` did.
 
-    layout: 'ours' or 'vpd'. loaded: model keys set from the checkpoint. missing: trainable keys the
-    checkpoint lacks (left as built). frozen_kept: keys of frozen modules the checkpoint lacks (left as
-    built: pretrained or seeded). unexpected: checkpoint keys the model does not have. ignored:
-    checkpoint keys dropped on purpose (the UNet's noise-prediction head, unused by VPD).
+    layout: 'ours', 'vpd' or 'evp'. loaded: model keys set from the checkpoint. missing: trainable keys
+    the checkpoint lacks (left as built). frozen_kept: keys of frozen modules the checkpoint lacks (left
+    as built: pretrained or seeded). unexpected: checkpoint keys the model does not have. ignored:
+    checkpoint keys dropped on purpose (IGNORED_KEYS: e.g. the UNet's noise-prediction head).
     """
 
     layout: str
@@ -243,9 +247,13 @@ _VPD_DECODER_KEY = re.compile(r"^classifier\.(conv|bn)([12])_([432])\.(.+)$")
 _VPD_UNET_PREFIX = "unet.unet.diffusion_model."
 _VPD_VAE_PREFIX = "encoder_vq."
 # The top-level modules of our segmenters: the keys of our checkpoints start with these.
-OUR_PREFIXES = ("backbone.", "text_encoder.", "text_adapter.", "decoder.")
-# The UNet output head VPD never runs; the backbone removes it, so its weights are dropped.
-UNUSED_UNET_HEAD = ("backbone.unet.conv_norm_out.", "backbone.unet.conv_out.")
+OUR_PREFIXES = ("backbone.", "text_encoder.", "text_adapter.", "neck.", "decoder.")
+# Checkpoint keys (in our names) dropped on purpose where the model has no such tensor: the UNet's
+# noise-prediction head and the VAE's post_quant_conv, which VPD and EVP never run (the backbone
+# removes them: the head always, post_quant_conv when the VAE trains), and CLIP's position ids, a
+# constant buffer that transformers >= 4.31 no longer saves.
+IGNORED_KEYS = ("backbone.unet.conv_norm_out.", "backbone.unet.conv_out.", "backbone.vae.post_quant_conv.",
+                "text_encoder.clip.embeddings.position_ids")
 
 
 def convert_vpd_state_dict(
@@ -355,9 +363,10 @@ class CheckpointLayout:
 
 
 def _is_vpd_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    # VPD's names first: both layouts have `text_adapter.*` keys.
-    return any(key.startswith((_VPD_UNET_PREFIX, _VPD_VAE_PREFIX, "classifier.")) or key == "gamma"
-               for key in state_dict)
+    # VPD's names first: both layouts have `text_adapter.*` keys. EVP's model adds a neck and CLIP
+    # to VPD's names.
+    return (any(key.startswith((_VPD_UNET_PREFIX, _VPD_VAE_PREFIX, "classifier.")) or key == "gamma"
+                for key in state_dict) and not _is_evp_layout(state_dict))
 
 
 def _vpd_release_settings(args: Mapping) -> dict:
@@ -377,20 +386,112 @@ VPD_RELEASE = CheckpointLayout(
 )
 
 
+# ------------------------------------------------------------------------------------ EVP's layout
+# EVP's RIS model (Lavreniuk/EVP, refer/models_refer/model.py) is VPD's with two more modules: its
+# neck `aggregation` (InverseMultiAttentiveFeatureRefinement; ours: models/neck.py) and its trained
+# CLIP text model `clip_model` (transformers' CLIPTextModel names with their `text_model.` level).
+_EVP_NECK_PREFIX = "aggregation."
+_EVP_CLIP_PREFIX = "clip_model.text_model."
+# Our neck's modules -> EVP's, and their parts: EVP's ConvLayer holds its conv and GroupNorm in a
+# Sequential (conv1.0, conv1.1); its attention modules name them conv1 / conv2 / group_norm.
+_EVP_NECK_MODULES = {"refine_c1": "layer1", "down_c1": "layer2", "fuse_c2": "layer3", "down_c2": "layer4",
+                     "fuse_c3": "layer5", "down_c3": "layer6", "fuse_c4": "layer7"}
+_EVP_NECK_PARTS = {"spatial_attention": "spatial_attention.0", "channel_attention.reduce": "channel_attention.1",
+                   "channel_attention.expand": "channel_attention.3", "conv": "conv1", "conv_down": "conv2",
+                   "norm": "group_norm"}
+_EVP_FUSION_PARTS = {"conv": "conv1.0", "norm": "conv1.1"}
+
+
+def _evp_neck_parts(module: str) -> dict[str, str]:
+    return _EVP_FUSION_PARTS if module.startswith("fuse_") else _EVP_NECK_PARTS
+
+
+def _our_neck_name(key: str) -> str | None:
+    """EVP's `aggregation.*` key -> ours (`neck.*`), None for a key of no neck module here."""
+    layer, _, rest = key.removeprefix(_EVP_NECK_PREFIX).partition(".")
+    module = next((ours for ours, theirs in _EVP_NECK_MODULES.items() if theirs == layer), None)
+    if module is None:
+        return None
+    head, _, tail = rest.rpartition(".")
+    part = next((ours for ours, theirs in _evp_neck_parts(module).items() if theirs == head), None)
+    return None if part is None else f"neck.{module}.{part}.{tail}"
+
+
+def evp_parameter_name(name: str, unet_config: Mapping) -> str:
+    """The name EVP's RIS model gives one of our parameters, for its UNet, CLIP, text adapter, neck
+    and decoder (EVP's recipe decides weight decay on these names; its VAE's all decay)."""
+    if name.startswith("neck."):
+        module, part_and_tail = name.removeprefix("neck.").split(".", 1)
+        part, _, tail = part_and_tail.rpartition(".")
+        return f"{_EVP_NECK_PREFIX}{_EVP_NECK_MODULES[module]}.{_evp_neck_parts(module)[part]}.{tail}"
+    if name.startswith("text_encoder.clip."):
+        # transformers >= 5.6 has no `text_model.` level in CLIPTextModel; the 4.x EVP used had one.
+        return _EVP_CLIP_PREFIX + name.removeprefix("text_encoder.clip.").removeprefix("text_model.")
+    return vpd_parameter_name(name, unet_config)
+
+
+def convert_evp_state_dict(
+    state_dict: Mapping[str, torch.Tensor], unet_config: Mapping, vae_config: Mapping
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """EVP RIS checkpoint keys -> our keys: its neck and CLIP here, the rest as VPD's (the same UNet,
+    VAE, adapter and decoder names, through the same diffusers converters). Returns (converted,
+    unconverted EVP keys)."""
+    converted: dict[str, torch.Tensor] = {}
+    rest, leftover = {}, []
+    for key, value in state_dict.items():
+        if key.startswith(_EVP_NECK_PREFIX):
+            name = _our_neck_name(key)
+            if name is None:
+                leftover.append(key)
+            else:
+                converted[name] = value
+        elif key.startswith(_EVP_CLIP_PREFIX):
+            converted["text_encoder.clip." + key.removeprefix(_EVP_CLIP_PREFIX)] = value
+        else:
+            rest[key] = value
+    shared, unconverted = convert_vpd_state_dict(rest, unet_config, vae_config)
+    converted.update(shared)
+    return converted, leftover + unconverted
+
+
+def _is_evp_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(key.startswith((_EVP_NECK_PREFIX, _EVP_CLIP_PREFIX)) for key in state_dict)
+
+
+def _evp_release_settings(args: Mapping) -> dict:
+    # EVP trains and evaluates at 512 px (its train.sh / test.sh; its attention store works at no
+    # other size) and builds its neck for 40 tokens (its args.py's default of 77 cannot run).
+    return {"token_length": int(args.get("token_length", 40)), "img_size": int(args.get("img_size", 512))}
+
+
+# EVP's RIS checkpoints (its train.py saves {'model', 'optimizer', 'epoch', 'args', 'lr_scheduler'}):
+# every tensor of its model, the VAE and CLIP included (both train there).
+EVP_RELEASE = CheckpointLayout(
+    name="evp",
+    detect=_is_evp_layout,
+    convert=convert_evp_state_dict,
+    settings=_evp_release_settings,
+    unet_key=(_VPD_UNET_PREFIX + "input_blocks.0.0.weight", "conv_in.weight"),
+)
+
+
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    if EVP_RELEASE.detect(state_dict):
+        return EVP_RELEASE.name
     if VPD_RELEASE.detect(state_dict):
         return VPD_RELEASE.name
     if any(key.startswith(OUR_PREFIXES) for key in state_dict):
         return "ours"
     sample = ", ".join(list(state_dict)[:3])
     raise CheckpointError(
-        f"unrecognised checkpoint layout (first keys: {sample}); expected our model state or VPD's released RIS checkpoint"
+        f"unrecognised checkpoint layout (first keys: {sample}); expected our model state or VPD's or EVP's RIS "
+        f"checkpoint"
     )
 
 
 def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = False,
                          layout: str | None = None) -> LoadReport:
-    """Load a model state dict, ours or VPD's released RIS layout, into a `VPDSegmenter`.
+    """Load a model state dict, ours or VPD's / EVP's RIS layout, into a `VPDSegmenter`.
 
     `state_dict` is the model part of a checkpoint (`utils.checkpoint.model_state_from_checkpoint`)
     or a model folder's weights. Keys of frozen modules (`model.frozen_module_names`) may be absent:
@@ -403,9 +504,10 @@ def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = F
     state_dict = dict(state_dict)
     layout = layout or detect_layout(state_dict)
     unexpected: list[str] = []
-    if layout == VPD_RELEASE.name:
+    foreign = {release.name: release for release in (VPD_RELEASE, EVP_RELEASE)}
+    if layout in foreign:
         unet, vae = model.backbone.unet, model.backbone.vae
-        state_dict, unexpected = VPD_RELEASE.convert(state_dict, unet.config, vae.config)
+        state_dict, unexpected = foreign[layout].convert(state_dict, unet.config, vae.config)
 
     # 2. Compare with the model.
     own = model.state_dict()
@@ -413,7 +515,7 @@ def load_segmenter_state(model: nn.Module, state_dict: Mapping, strict: bool = F
     matched, mismatched = {}, []
     for key, value in state_dict.items():
         if key not in own:
-            (report.ignored if key.startswith(UNUSED_UNET_HEAD) else unexpected).append(key)
+            (report.ignored if key.startswith(IGNORED_KEYS) else unexpected).append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         else:

@@ -84,7 +84,7 @@ def test_paper_defaults():
     args = parse_args("train", [])
     assert (args.model, args.img_size, args.batch_size, args.epochs, args.lr, args.wd) == \
         ("vpd", 512, 4, 40, 5e-5, 1e-2)
-    assert args.model_id == "refcoco" and args.unet_lr_scale == 1.0
+    assert args.model_id == "refcoco" and args.lr_scale == {"unet": 1.0}
     # The weights' default path is the preset's, resolved when the model is built.
     assert args.sd_path is None and get_preset(args.model).weights.default_path == "./stable-diffusion-v1-5"
     assert args.precision == args.eval_precision == "fp32"  # VPD trained and evaluated in fp32
@@ -155,9 +155,32 @@ def test_vpd_command_lines(capsys):
     ("train", ["--no_target_area", "1.5"], "argument --no_target_area: must be in [0, 1), got 1.5"),
     ("train", ["--dataset", "refcoco", "--no_target_area", "0.01"],
      "argument --no_target_area: only for datasets whose expressions may refer to nothing"),
+    ("train", ["--lr_scale", "unet"], "argument --lr_scale: expected GROUP=VALUE such as unet=0.01, got 'unet'"),
+    ("train", ["--lr_scale", "unet=-1"], "argument --lr_scale: must be >= 0"),
+    ("train", ["--model", "evp", "--lr_scale", "clip=0.1"],
+     "argument --lr_scale: the evp model has no optimizer group clip; its groups: unet, text_encoder, vae, head"),
+    ("train", ["--lr_scale", "vae=0.1"], "argument --lr_scale: the vpd model has no optimizer group vae; its "
+                                         "groups: unet, head"),
+    ("train", ["--model", "evp", "--cache_latents", "latents"],
+     "argument --cache_latents: the evp model trains its VAE, so its latents change every step"),
+    ("train", ["--model", "evp", "--precision", "bf16", "--frozen_bf16"],
+     "argument --frozen_bf16: the evp model has no frozen parts"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(program, argv, expected, capsys):
     assert expected in parse_error(program, argv, capsys)
+
+
+def test_the_evp_presets_recipe_is_its_default_and_lr_scales_override_one_group():
+    args = parse_args("train", ["--model", "evp"])
+    assert (args.lr, args.wd, args.epochs, args.batch_size, args.warmup_epochs, args.weight_decay_rule,
+            args.token_length, args.img_size) == (8e-5, 1e-2, 20, 3, 1.0, "evp", 40, 512)
+    assert args.lr_scale == {"unet": 1e-4, "text_encoder": 1e-4, "vae": 1e-4}
+    args = parse_args("train", ["--model", "evp", "--lr_scale", "unet=0.01", "--lr_scale", "vae=0.01"])
+    assert args.lr_scale == {"unet": 0.01, "text_encoder": 1e-4, "vae": 0.01}
+    assert parse_args("train", ["--lr_scale", "head=0.5"]).lr_scale == {"unet": 1.0, "head": 0.5}
+    # The toy's latent cache is its default only for models whose VAE is frozen.
+    assert parse_args("train", ["--dataset", "toy"]).cache_latents
+    assert parse_args("train", ["--dataset", "toy", "--model", "evp-tiny"]).cache_latents is None
 
 
 def test_out_folder_is_refused(tmp_path, capsys):

@@ -262,7 +262,7 @@ def test_dice_term_of_the_loss(model):
 def test_build_model_from_config_and_unknown_name():
     config = SegmenterConfig(preset="tiny", token_length=TOKEN_LENGTH)
     assert build_model(config).token_length == TOKEN_LENGTH
-    with pytest.raises(ValueError, match="known models: tiny, vpd"):
+    with pytest.raises(ValueError, match="known models: evp, evp-tiny, tiny, vpd"):
         build_model(SegmenterConfig(preset="huge", token_length=TOKEN_LENGTH))
 
 

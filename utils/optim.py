@@ -1,4 +1,6 @@
-"""Optimizer and learning-rate schedule of the VPD recipe, and the loop of the tiny pre-training tools."""
+"""Optimizer and learning-rate schedules of the model recipes (VPD's poly decay, EVP's cosine), and
+the loop of the tiny pre-training tools."""
+import math
 import time
 
 import torch
@@ -28,7 +30,7 @@ def parameter_groups(model, weight_decay, lr_scales=None, decays=decays_matrices
         key = (role, decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": lr_scales.get(role, 1.0),
+                           "lr_scale": lr_scales.get(role, 1.0), "role": role,
                            "name": f"{role}_{'decay' if decay else 'no_decay'}"}
         groups[key]["params"].append(parameter)
     return list(groups.values())
@@ -48,9 +50,10 @@ def build_optimizer(model, lr, weight_decay, lr_scales=None, fused=None, amsgrad
                              foreach=None if fused else True, amsgrad=amsgrad)
 
 
-def poly_lr_lambda(total_iterations, power=0.9, warmup_iterations=0):
+def poly_lr_lambda(total_iterations, power=0.9, warmup_iterations=0, base_lr=None):
     """(1 - it / total) ^ power, stepped every iteration (VPD's schedule), times a linear warm-up
-    over the first `warmup_iterations` steps when there are any (VPD has none)."""
+    over the first `warmup_iterations` steps when there are any (VPD has none). The factors do not
+    depend on `base_lr`."""
     def factor(iteration):
         poly = max(0.0, 1.0 - iteration / max(total_iterations, 1)) ** power
         if warmup_iterations and iteration < warmup_iterations:
@@ -59,13 +62,44 @@ def poly_lr_lambda(total_iterations, power=0.9, warmup_iterations=0):
     return factor
 
 
-def build_scheduler(optimizer, total_iterations, power=0.9, warmup_iterations=0, schedule=None):
-    """Each iteration's lr factor from `schedule(total_iterations, warmup_iterations)` (a model
-    preset's recipe), default the poly decay of `power`."""
-    factor = (schedule(total_iterations, warmup_iterations=warmup_iterations) if schedule is not None
-              else poly_lr_lambda(total_iterations, power, warmup_iterations))
+def cosine_lr_lambda(total_iterations, warmup_iterations=0, base_lr=1.0, warmup_lr=0.0, min_lr=0.0):
+    """timm's CosineLRScheduler as EVP calls it (t_initial = the run, warmup_prefix=True, one
+    cycle), per iteration: a linear warm-up from the lr `warmup_lr` to `base_lr` over the first
+    `warmup_iterations` steps, then a half cosine from `base_lr` towards `min_lr` over
+    `total_iterations` steps counted from the warm-up's end, so a run of `total_iterations` steps
+    in all ends before the cosine does. `warmup_lr` and `min_lr` are learning rates, not factors."""
+    def factor(iteration):
+        if iteration < warmup_iterations:
+            lr = warmup_lr + iteration * (base_lr - warmup_lr) / warmup_iterations
+        else:
+            progress = (iteration - warmup_iterations) / max(total_iterations, 1)
+            lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+        return lr / base_lr
+    return factor
+
+
+def build_scheduler(optimizer, total_iterations, power=0.9, warmup_iterations=0, schedule=None,
+                    first_step_lr_scales=None):
+    """Each iteration's lr factor from `schedule(total_iterations, warmup_iterations, base_lr)` (a
+    model preset's recipe; base_lr: the optimizer's lr), default the poly decay of `power`.
+    `first_step_lr_scales` (group role -> multiplier) replaces the lr scale of those groups for
+    the very first step only (EVP's code: Recipe.first_step_lr_scales)."""
+    base_lr = optimizer.defaults["lr"]
+    factor = (schedule(total_iterations, warmup_iterations=warmup_iterations, base_lr=base_lr)
+              if schedule is not None else poly_lr_lambda(total_iterations, power, warmup_iterations))
     # LambdaLR multiplies each group's initial lr (already scaled by its lr_scale).
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    factors = []
+    for group in optimizer.param_groups:
+        first = (first_step_lr_scales or {}).get(group.get("role"))
+        if first is None or group["lr_scale"] == 0:
+            factors.append(factor)
+        else:
+            factors.append(_first_step_scaled(factor, first / group["lr_scale"]))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def _first_step_scaled(factor, first_step_ratio):
+    return lambda iteration: factor(iteration) * (first_step_ratio if iteration == 0 else 1.0)
 
 
 def fit_with_cosine_adamw(parameters, step_loss, steps, lr, weight_decay, log_every=100):
