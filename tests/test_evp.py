@@ -19,6 +19,7 @@ from tests.programs import load_program, main_here, train_command
 from tests.test_weights import unet_to_ldm, vae_to_ldm
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.optim import build_optimizer, build_scheduler, parameter_groups
+from utils.paths import REPO_ROOT
 
 TOKEN_LENGTH = 16
 
@@ -295,3 +296,10 @@ def test_training_evp_tiny_trains_vae_and_clip_and_records_the_scales(toy_root, 
     # Another lr scale is another run: resuming under it is refused.
     with pytest.raises(ResumeError, match="--lr_scale"):
         main_here("train.py", command + ["--lr_scale", "unet=0.01"])
+
+
+def test_the_readme_shows_evps_published_numbers():
+    numbers = get_preset("evp").published["RefCOCO"]
+    with open(f"{REPO_ROOT}/README.md") as handle:
+        readme = handle.read()
+    assert f"| `evp` | {numbers['oIoU']:.2f} / {numbers['mIoU']:.2f} |" in readme
