@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch._dynamo.utils import counters
 
 from data.tokenizer import CLIPTokenizer
 from engine.checkpointing import ResumeError
-from engine.training import weight_decay_rule
+from engine.training import compile_step, forward_backward, weight_decay_rule
 from models import SegmenterConfig, VPDSegmenter, build_model, build_model_on_meta, get_preset
 from models.neck import InverseAttentiveRefinement, group_count
 from models.weights import convert_evp_state_dict, detect_layout, evp_parameter_name
@@ -161,6 +162,28 @@ def test_gradient_checkpointing_covers_the_trained_vae_and_clip():
     vpd = build_model(SegmenterConfig(preset="tiny", token_length=TOKEN_LENGTH, img_size=32))
     vpd.enable_gradient_checkpointing()  # its frozen VAE and CLIP never build a graph
     assert not vpd.backbone.vae.encoder.gradient_checkpointing
+
+
+def test_the_whole_evp_step_compiles_as_one_graph():
+    """With the VAE encoder and CLIP in the training step (EVP trains both), --compile's whole-step
+    graph still has no break, and gives eager's loss and gradients."""
+    model = tiny_evp().train()
+    input_ids, images, masks = inputs()
+    batch = {"input_ids": input_ids, "images": images}
+    cpu = torch.device("cpu")
+    eager_loss = forward_backward(model, batch, masks, cpu, torch.float32)
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        loss = forward_backward(model, batch, masks, cpu, torch.float32, step=compile_step(backend="aot_eager"))
+        assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------ EVP's checkpoint layout
