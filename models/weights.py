@@ -369,10 +369,18 @@ def _is_vpd_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
                 for key in state_dict) and not _is_evp_layout(state_dict))
 
 
-def _vpd_release_settings(args: Mapping) -> dict:
-    # VPD trained and evaluated its released RIS models at 512 px (its train.sh / test.sh); its
-    # --token_length defaults to 77.
-    return {"token_length": int(args.get("token_length", 77)), "img_size": int(args.get("img_size", 512))}
+def _release_settings(token_length: int) -> Callable[[Mapping], dict]:
+    """The config values a foreign checkpoint's own args imply: its token length (default
+    `token_length`) and image size (default 512 px, at which VPD and EVP train and evaluate)."""
+    def settings(args: Mapping) -> dict:
+        return {"token_length": int(args.get("token_length", token_length)),
+                "img_size": int(args.get("img_size", 512))}
+    return settings
+
+
+# One UNet tensor of both layouts whose shape tells which preset a checkpoint holds: (its name
+# there, its name in the UNet).
+_LDM_UNET_KEY = (_VPD_UNET_PREFIX + "input_blocks.0.0.weight", "conv_in.weight")
 
 
 # VPD's released RIS checkpoints (vpd_ris_refcoco.pth, ...): LDM-named UNet and VAE, its decoder
@@ -381,8 +389,8 @@ VPD_RELEASE = CheckpointLayout(
     name="vpd",
     detect=_is_vpd_layout,
     convert=convert_vpd_state_dict,
-    settings=_vpd_release_settings,
-    unet_key=(_VPD_UNET_PREFIX + "input_blocks.0.0.weight", "conv_in.weight"),
+    settings=_release_settings(77),  # VPD's --token_length defaults to 77
+    unet_key=_LDM_UNET_KEY,
 )
 
 
@@ -458,20 +466,15 @@ def _is_evp_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith((_EVP_NECK_PREFIX, _EVP_CLIP_PREFIX)) for key in state_dict)
 
 
-def _evp_release_settings(args: Mapping) -> dict:
-    # EVP trains and evaluates at 512 px (its train.sh / test.sh; its attention store works at no
-    # other size) and builds its neck for 40 tokens (its args.py's default of 77 cannot run).
-    return {"token_length": int(args.get("token_length", 40)), "img_size": int(args.get("img_size", 512))}
-
-
 # EVP's RIS checkpoints (its train.py saves {'model', 'optimizer', 'epoch', 'args', 'lr_scheduler'}):
 # every tensor of its model, the VAE and CLIP included (both train there).
 EVP_RELEASE = CheckpointLayout(
     name="evp",
     detect=_is_evp_layout,
     convert=convert_evp_state_dict,
-    settings=_evp_release_settings,
-    unet_key=(_VPD_UNET_PREFIX + "input_blocks.0.0.weight", "conv_in.weight"),
+    # EVP builds its neck for 40 tokens (its args.py's default of 77 cannot run).
+    settings=_release_settings(40),
+    unet_key=_LDM_UNET_KEY,
 )
 
 

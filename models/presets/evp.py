@@ -40,7 +40,7 @@ from ..neck import InverseAttentiveRefinement
 from ..registry import Preset, PretrainedWeights, Recipe, register_preset
 from ..text_encoder import CLIP_END_OF_TEXT_ID
 from ..weights import ACCEPTED_SD_LAYOUTS, EVP_RELEASE, load_pretrained_components
-from .tiny import load_tiny_unet, load_tiny_vae, random_tiny_unet, random_tiny_vae, tiny_text_encoder
+from .tiny import pretrained_tiny_components, random_tiny_components
 from .vpd import random_sd15_components
 
 # EVP divides the VAE posterior's mode by 4.7164 before the UNet (model.py:288-289).
@@ -88,8 +88,8 @@ register_preset(Preset(
     name="evp-tiny",
     description="EVP's model at toy size (the tiny preset's UNet, VAE and CLIP, trained) for CPU "
                 "runs and tests; its weights ship with the repository",
-    pretrained_components=lambda sd_path, clip_path: (load_tiny_unet(), load_tiny_vae(), tiny_text_encoder()),
-    random_components=lambda: (random_tiny_unet(), random_tiny_vae(), tiny_text_encoder()),
+    pretrained_components=pretrained_tiny_components,
+    random_components=random_tiny_components,
     decoder_hidden=32,
     build_neck=functools.partial(InverseAttentiveRefinement, groups=8),  # the tiny UNet's GroupNorm(8)
     latent_scale=EVP_LATENT_SCALE,

@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..config import ConfigError
 from ..registry import INIT_SEED, Preset, register_preset, seeded
-from ..weights import VPD_RELEASE
+from ..weights import VPD_RELEASE, Components
 
 __all__ = [
     "TINY_UNET_CONFIG",
@@ -30,6 +30,8 @@ __all__ = [
     "load_tiny_unet",
     "load_tiny_vae",
     "tiny_text_encoder",
+    "pretrained_tiny_components",
+    "random_tiny_components",
 ]
 
 # SD v1.5's UNet at toy size, shaped for speed on a CPU: one layer per block, and cross-attention
@@ -141,12 +143,21 @@ def load_tiny_unet() -> UNet2DConditionModel:
                          "tools/pretrain_tiny_unet.py")
 
 
+def pretrained_tiny_components(sd_path=None, clip_path=None) -> Components:
+    """The shipped UNet and VAE and the seeded CLIP (no weights path: they ship with us)."""
+    return load_tiny_unet(), load_tiny_vae(), tiny_text_encoder()
+
+
+def random_tiny_components() -> Components:
+    return random_tiny_unet(), random_tiny_vae(), tiny_text_encoder()
+
+
 register_preset(Preset(
     name="tiny",
     description="Stable Diffusion's classes at toy size for CPU runs and tests; its weights ship "
                 "with the repository",
-    pretrained_components=lambda sd_path, clip_path: (load_tiny_unet(), load_tiny_vae(), tiny_text_encoder()),
-    random_components=lambda: (random_tiny_unet(), random_tiny_vae(), tiny_text_encoder()),
+    pretrained_components=pretrained_tiny_components,
+    random_components=random_tiny_components,
     decoder_hidden=32,
     # VPD's names for a tiny model: the tests of the conversion.
     checkpoint_layouts=(VPD_RELEASE,),
