@@ -28,8 +28,8 @@ class VPDSegmenter(SegmenterBase):
 
     `config` (a `SegmenterConfig`) is the model's identity: `VPDSegmenter.from_config(config)`
     rebuilds it, and every checkpoint and model folder stores it. Attribute names (`backbone.unet`,
-    `backbone.vae`, `text_encoder`, `text_adapter`, `neck`, `decoder`) are the state-dict prefixes of our
-    checkpoints; `frozen_module_names` lists the sub-modules that never train (the preset's).
+    `backbone.vae`, `text_encoder`, `text_adapter`, `neck`, `decoder`) are the state-dict prefixes
+    of our checkpoints; `frozen_module_names` lists the sub-modules that never train (the preset's).
     """
 
     def __init__(
@@ -63,9 +63,10 @@ class VPDSegmenter(SegmenterBase):
                 f"[c1, c2+L, c3+L, c4] = {expected} for features {list(backbone.feature_channels)} and "
                 f"token_length {config.token_length}"
             )
-        if neck is not None and list(getattr(decoder, "in_channels", neck.out_channels)) != list(neck.out_channels):
-            raise ConfigError(f"decoder in_channels {list(decoder.in_channels)} != the neck's out_channels "
-                              f"{list(neck.out_channels)}")
+        if neck is not None and (list(getattr(decoder, "in_channels", neck.out_channels))
+                                 != list(neck.out_channels)):
+            raise ConfigError(f"decoder in_channels {list(decoder.in_channels)} != the neck's "
+                              f"out_channels {list(neck.out_channels)}")
         if config.token_length > text_encoder.max_length:
             raise ConfigError(
                 f"token_length {config.token_length} > the text encoder's {text_encoder.max_length} positions"
