@@ -32,7 +32,7 @@ from utils.cpu_threads import CpuThreads
 from utils.dist import all_gather_objects, cleanup, init_distributed
 from utils.errors import InputError
 from utils.io import remove_stale_temporaries
-from utils.lock import OutputLock, OutputLockedError
+from utils.lock import OutputLock, acquire_on_main
 from utils.memory import peak_memory_bytes
 from utils.logging import get_logger, progress_enabled, run_cli, setup_logging
 from utils.optim import build_optimizer, build_scheduler
@@ -47,28 +47,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def acquire_output_lock(args, dist_info):
-    """Rank 0 takes the output folder's lock (and so checks it is writable); every rank learns
-    the outcome, so a refused run stops on all of them at once."""
-    lock, refusal = None, None
-    if dist_info.is_main:
-        try:
-            lock = OutputLock(args.output_dir, args.model_id).acquire()
-        except InputError as error:
-            refusal = (type(error), str(error))
-    outcome = all_gather_objects(refusal)[0]
-    if outcome is not None:
-        error_type, message = outcome
-        raise (error_type if issubclass(error_type, InputError) else OutputLockedError)(message)
-    return lock
-
-
 def main(argv=None):
     stop = StopRequest().install()  # first: a stop at any moment of set-up ends the run cleanly
     args = parse_args("train", argv, description=__doc__.splitlines()[0])
     config = model_config(args)
     dist_info = init_distributed(args.dist_backend, args.device, args.local_rank)
-    lock = acquire_output_lock(args, dist_info)
+    lock = acquire_on_main(OutputLock(args.output_dir, args.model_id), dist_info.is_main)
     try:
         return train(args, config, dist_info, stop)
     except StoppedDuringSetup:
@@ -276,8 +260,8 @@ def train(args, config, dist_info, stop):
                        for index, (name, loader) in enumerate(val_loaders.items())}
             score = sum(r[score_metric] for r in results.values()) / len(results)
             improved = score > best["score"]
-            if improved:
-                best = {"score": score, "epoch": epoch, "metric": score_name}
+            if improved:  # its validation rows go into the checkpoint (a model card's table)
+                best = {"score": score, "epoch": epoch, "metric": score_name, "val": results}
             images_per_second = train_stats["images"] * dist_info.world_size / train_stats["seconds"]
             eval_seconds = sum(r["seconds"] for r in results.values())
             # The record first: a kill before the checkpoints below leaves a row that the resumed
@@ -287,7 +271,8 @@ def train(args, config, dist_info, stop):
                           "images_per_s": images_per_second, "train_seconds": train_stats["seconds"],
                           "eval_seconds": eval_seconds, "peak_memory_bytes": peak_memory_bytes(device),
                           "val": results, "score": score, "score_name": score_name,
-                          "best": dict(best)}, panels=panels.panels if panels else ())
+                          "best": {key: value for key, value in best.items() if key != "val"}},
+                         panels=panels.panels if panels else ())
             if dist_info.is_main:
                 if improved:
                     save(best_path, epoch + 1, 0)

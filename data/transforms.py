@@ -6,6 +6,7 @@ nearest-neighbour so they stay binary.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -14,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.errors import InputError
 
-__all__ = ["ImageMaskTransform", "load_rgb", "to_rgb", "ImageFileNotFoundError", "ImageReadError"]
+__all__ = ["ImageMaskTransform", "load_rgb", "to_rgb", "ImageFileNotFoundError", "ImageReadError",
+           "ImageTooLargeError"]
 
 
 class ImageFileNotFoundError(InputError, FileNotFoundError):
@@ -23,6 +25,11 @@ class ImageFileNotFoundError(InputError, FileNotFoundError):
 
 class ImageReadError(InputError, OSError):
     """An image file exists but PIL cannot decode it (truncated, corrupt, not an image)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image with more pixels than the reader takes (its `max_pixels`, or PIL's limit against
+    decompression bombs), refused before its pixels are decoded."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -70,28 +77,42 @@ def _gray_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
-def load_rgb(path: str, context: str = "") -> Image.Image:
+def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Image:
     """Open an image as 3-channel 8-bit RGB (``to_rgb``: 16-bit, float, transparent, CMYK and
     palette images included).
 
-    ``context`` (e.g. ``"ref_id 12"``) is added to error messages so a bad file can be traced
-    back to the annotation that uses it.
+    ``path``: a file path, or the bytes of an encoded image (JPEG, PNG, ...). ``context`` (e.g.
+    ``"ref_id 12"``) is added to error messages so a bad file can be traced back to the
+    annotation that uses it. An image of more than ``max_pixels`` pixels is refused from its
+    header, before it is decoded (ImageTooLargeError).
     """
     where = f" ({context})" if context else ""
-    if os.path.isdir(path):
-        raise ImageReadError(f"{path} is a folder, not an image file{where}")
-    if not os.path.isfile(path):
-        raise ImageFileNotFoundError(f"image file not found: {path}{where}")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        source, name = io.BytesIO(path), f"the {len(path):,} bytes given as an image"
+    else:
+        if os.path.isdir(path):
+            raise ImageReadError(f"{path} is a folder, not an image file{where}")
+        if not os.path.isfile(path):
+            raise ImageFileNotFoundError(f"image file not found: {path}{where}")
+        source = name = path
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"{name}{where} is {width} x {height} = {width * height:,} "
+                                         f"pixels, more than max_pixels ({max_pixels:,})")
             image.load()  # decode now so corrupt data fails here, inside the try
             rgb = to_rgb(image)
             return rgb if rgb is not image else image.copy()  # not the image `with` closes
-    except Image.DecompressionBombError as error:
-        raise ImageReadError(f"refusing to decode {path}{where}: {error}") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"{name}{where} is too large: more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                                 f"pixels, which PIL refuses to decode (a possible decompression "
+                                 f"bomb)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, InputError):
+            raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ImageReadError(f"cannot read image {path}{where}: {reason}") from error
+        raise ImageReadError(f"cannot read image {name}{where}: {reason}") from error
 
 
 class ImageMaskTransform:

@@ -22,7 +22,8 @@ from refer.catalog import (JSONL_PREFIX, CatalogError, dataset_names, get_datase
 from utils.errors import InputError
 from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR
 
-from .precision import PRECISIONS
+from .inference import MAX_PIXELS
+from .precision import PRECISION_CHOICES
 from .training import COMPILE_MODES, WEIGHT_DECAY_RULES
 
 
@@ -166,6 +167,18 @@ def _on_off(value):
     return "on" if value else "off"
 
 
+def _add_workers(group):
+    group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
+                       help=f"data loader processes per GPU (default: {PAPER_DEFAULTS['workers']}; "
+                            f"{recipe_note('workers')})")
+
+
+def _add_text(group):
+    group.add_argument("--text", action="append", default=None,
+                       help="a referring expression; give it several times for several (demo.py: "
+                            "one colour each; predict.py: every image with every expression)")
+
+
 def _add_refer_data_root(group):
     group.add_argument("--refer_data_root", default=DEFAULT_DATA_ROOT,
                        help="folder holding images/ and the refcoco*/ folders (see refer/README.md); "
@@ -186,9 +199,7 @@ def _data(parser):
                             "(default: the dataset's, umd for refcocog, else unc; in a joint list "
                             "give it per dataset, refcocog:google)")
     _add_refer_data_root(group)
-    group.add_argument("-j", "--workers", type=nonnegative_int, default=None,
-                       help=f"data loader processes per GPU (default: {PAPER_DEFAULTS['workers']}; "
-                            f"{recipe_note('workers')})")
+    _add_workers(group)
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=None,
                        help="page-locked loader memory (default: on when a GPU is used)")
 
@@ -341,7 +352,7 @@ def _evaluation(parser):
 
 def _validation_precision(parser):
     group = parser.add_argument_group("validation")
-    group.add_argument("--eval_precision", default="fp32", choices=("auto",) + tuple(PRECISIONS),
+    group.add_argument("--eval_precision", default="fp32", choices=PRECISION_CHOICES,
                        help="autocast of the per-epoch validation (default: fp32, as VPD)")
 
 
@@ -371,16 +382,44 @@ def _test_outputs(parser):
 def _demo(parser):
     group = parser.add_argument_group("demo")
     group.add_argument("--image", default=None, help="the image to segment")
-    group.add_argument("--text", action="append", default=None,
-                       help="a referring expression; give it several times to draw several masks, "
-                            "one colour each")
+    _add_text(group)
     group.add_argument("--out", default="overlay.png",
                        help="where the image with the blended masks is written (.png, .jpg, ...)")
 
 
+def _predict(parser):
+    group = parser.add_argument_group(
+        "batch prediction", "a JSONL manifest (one image and its expressions a line), or a folder "
+                            "of images with --text expressions for every image")
+    group.add_argument("--manifest", default=None,
+                       help='JSONL file, one line per image: {"image": "a.jpg", "sentences": ["the '
+                            'dog", "the red car"], "id": "optional name of its masks"}')
+    group.add_argument("--image_root", default=None,
+                       help="folder the manifest's image paths are relative to (default: the "
+                            "manifest's folder)")
+    group.add_argument("--images", default=None,
+                       help="a folder of images (its image files, not its subfolders), each "
+                            "segmented with every --text")
+    _add_text(group)
+    group.add_argument("--out", default=None,
+                       help="output folder: masks/, predictions.jsonl, errors.jsonl (overlays/ with "
+                            "--overlays); rerunning the same command there resumes")
+    group.add_argument("--overlays", action="store_true",
+                       help="also draw each image with its masks and legend, as demo.py does, in "
+                            "overlays/{id}.png")
+    _add_workers(group)
+
+
+def _image_guard(parser):
+    group = parser.add_argument_group("image size")
+    group.add_argument("--max_pixels", type=positive_int, default=MAX_PIXELS,
+                       help="images with more pixels are refused, before they are decoded; those "
+                            "below are downscaled for the model and get masks at their own size")
+
+
 def _precision(parser):
     group = parser.add_argument_group("precision")
-    group.add_argument("--precision", default="fp32", choices=("auto",) + tuple(PRECISIONS),
+    group.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
                        help="autocast dtype of this program's passes (train.py: the training "
                             "steps); auto = bf16 on GPUs that support it, else fp32 (default: fp32, "
                             "as VPD)")
@@ -499,7 +538,8 @@ GROUPS = {
     "data": _data, "split": _split, "model": _model, "input": _input, "weights": _weights,
     "batch": _batch, "seed": _seed, "optimization": _optimization, "run_output": _run_output,
     "evaluation": _evaluation, "validation_precision": _validation_precision,
-    "model_input": _model_input, "test_outputs": _test_outputs, "demo": _demo,
+    "model_input": _model_input, "test_outputs": _test_outputs, "demo": _demo, "predict": _predict,
+    "image_guard": _image_guard,
     "precision": _precision, "speed": _speed, "latent_cache": _latent_cache, "device": _device,
     "threads": _threads, "cpu_threads": _cpu_threads, "distributed": _distributed,
     "tiny_pretraining": _tiny_pretraining, "vpd_compat": _vpd_compat,
@@ -514,8 +554,10 @@ PROGRAM_GROUPS = {
               "vpd_compat"),
     "test": ("data", "split", "model_input", "model", "input", "weights", "evaluation",
              "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
-    "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device"),
-    "app": ("model_input", "weights", "precision", "device"),
+    "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device", "image_guard"),
+    "predict": ("model_input", "weights", "predict", "evaluation", "precision", "device", "image_guard",
+                "distributed"),
+    "app": ("model_input", "weights", "precision", "device", "image_guard"),
     "bench_model": ("model", "input", "batch", "seed", "device", "threads"),
     "bench_loader": ("input", "batch", "threads"),
     "count_flops": ("model", "input"),
@@ -650,9 +692,24 @@ def check_args(parser, args, program):
                      f"and CLIP train); leave the flag out")
     if getattr(args, "frozen_bf16", False) and args.precision != "bf16":
         parser.error(f"argument --frozen_bf16: needs --precision bf16 (got {args.precision})")
-    if getattr(args, "out", None) is not None and os.path.isdir(args.out):
+    if program == "demo" and os.path.isdir(args.out):
         parser.error(f"argument --out: {args.out} is a folder; give a file name such as "
                      f"{os.path.join(args.out, 'overlay.png')}")
+    if program == "predict":
+        if not args.checkpoint:
+            parser.error("argument --checkpoint: the model to run is required (a checkpoint, a model "
+                         "folder or a Hugging Face Hub repository id)")
+        if (args.manifest is None) == (args.images is None):
+            parser.error("argument --manifest/--images: give one of them (a JSONL manifest, or a "
+                         "folder of images with --text)")
+        if args.images is not None and not args.text:
+            parser.error("argument --text: --images needs at least one --text expression")
+        if args.manifest is not None and args.text:
+            parser.error("argument --text: it is for --images; each manifest line lists its own sentences")
+        if args.image_root is not None and args.manifest is None:
+            parser.error("argument --image_root: it is for --manifest")
+        if not args.out:
+            parser.error("argument --out: the output folder is required")
 
 
 def warn_ignored_flags(args):
@@ -669,7 +726,7 @@ def parse_args(program, argv=None, description=None, parser=None):
     parser = parser or get_parser(program, description)
     args = parser.parse_args(argv)
     warn_ignored_flags(args)
-    resolve_defaults(args, model_flags=program not in ("test", "demo", "app"))
+    resolve_defaults(args, model_flags=program not in ("test", "demo", "app", "predict"))
     check_args(parser, args, program)
     return args
 

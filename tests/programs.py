@@ -64,5 +64,6 @@ def load_program(name):
     path = os.path.join(REPO_ROOT, name)
     spec = importlib.util.spec_from_file_location(f"program_{name[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

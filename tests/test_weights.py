@@ -52,9 +52,9 @@ def _assert_same_state(module, reference):
         assert torch.equal(ours[key], theirs[key]), key
 
 
-def _perturbed_tiny(token_length: int = TOKEN_LENGTH, seed: int = 5):
+def _perturbed_tiny(token_length: int = TOKEN_LENGTH, seed: int = 5, img_size: int = 512):
     """A tiny segmenter whose trainable weights differ from a fresh build (so loading is observable)."""
-    model = create_segmenter("tiny", token_length=token_length).eval()
+    model = create_segmenter("tiny", token_length=token_length, img_size=img_size).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+from .dist import all_gather_objects
 from .errors import InputError
 
 
@@ -54,12 +55,17 @@ def _is_running(pid, start_time):
 
 
 class OutputLock:
-    """Context manager: hold `{output_dir}/{model_id}.lock` for the run's lifetime."""
+    """Context manager: hold `{output_dir}/{model_id}.lock` for the run's lifetime. In messages,
+    `scope` says what is locked, `flag` names the folder's flag and `advice` what to do instead
+    (defaults: train.py's)."""
 
-    def __init__(self, output_dir, model_id):
+    def __init__(self, output_dir, model_id, scope="for this model_id", flag="--output-dir",
+                 advice="Two runs would overwrite each other's checkpoints; wait for it, use another "
+                        "--output-dir or --model_id"):
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, f"{model_id}.lock")
         self.held = False
+        self.scope, self.flag, self.advice = scope, flag, advice
 
     def _holder(self):
         return {"host": socket.gethostname(), "pid": os.getpid(),
@@ -82,7 +88,7 @@ class OutputLock:
             except OSError as error:
                 raise OutputNotWritableError(
                     f"the output folder {self.output_dir} is not writable ({error.strerror or error}); "
-                    f"pass --output-dir with a folder you can write") from None
+                    f"pass {self.flag} with a folder you can write") from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(self._holder(), handle)
             self.held = True
@@ -120,9 +126,8 @@ class OutputLock:
         holder = self._read() or {}
         who = (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} "
                f"(since {holder.get('since', '?')})")
-        return (f"{self.output_dir} is in use for this model_id by {who}: {self.path}. Two runs "
-                f"would overwrite each other's checkpoints; wait for it, use another --output-dir "
-                f"or --model_id, or delete {self.path} if that run is gone")
+        return (f"{self.output_dir} is in use {self.scope} by {who}: {self.path}. {self.advice}, "
+                f"or delete {self.path} if that run is gone")
 
     def release(self):
         if self.held and (self._read() or {}).get("pid") == os.getpid():
@@ -138,3 +143,19 @@ class OutputLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def acquire_on_main(lock: OutputLock, is_main: bool) -> OutputLock | None:
+    """Rank 0 takes `lock` (and so checks its folder is writable); every rank learns the outcome,
+    so a refused run stops on all of them at once. Returns the held lock on rank 0, else None."""
+    refusal = None
+    if is_main:
+        try:
+            lock.acquire()
+        except InputError as error:
+            refusal = (type(error), str(error))
+    outcome = all_gather_objects(refusal)[0]
+    if outcome is not None:
+        error_type, message = outcome
+        raise (error_type if issubclass(error_type, InputError) else OutputLockedError)(message)
+    return lock if is_main else None

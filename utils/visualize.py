@@ -2,7 +2,7 @@
 import colorsys
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 # Distinct colours for several expressions drawn on one image (the first eight; see mask_colours).
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -35,37 +35,110 @@ def mask_to_image(mask):
     return Image.fromarray((np.asarray(mask, dtype=np.uint8) > 0).astype(np.uint8) * 255)
 
 
+def _lab(rgb):
+    """sRGB values (..., 3) in 0-255 -> CIELAB (D65), for colour distances as the eye sees them."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
+    xyz = xyz / np.array([0.9505, 1.0, 1.089])
+    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+# Colour statistics are taken on at most this many pixels of an image (a regular subsample).
+_STATISTICS_PIXELS = 1 << 18
+
+
+def contrasting_colours(image, masks):
+    """One colour per mask, each as far (CIELAB distance) from the mean colour of the pixels under
+    its mask as any still unused: a red mask on a red object is not drawn in red. Distinct colours
+    (from PALETTE, then mask_colours' further hues); deterministic for the same image and masks."""
+    pixels = np.asarray(image.convert("RGB"))
+    step = max(1, int(np.sqrt(pixels.shape[0] * pixels.shape[1] / _STATISTICS_PIXELS)))
+    sample = pixels[::step, ::step]
+    candidates = mask_colours(len(masks) + len(PALETTE))
+    lab = _lab(candidates)
+    chosen = []
+    for mask in masks:
+        under = sample[np.asarray(mask, dtype=bool)[::step, ::step]]
+        mean = (under if len(under) else sample.reshape(-1, 3)).mean(axis=0)
+        distance = np.linalg.norm(lab - _lab(mean), axis=1)
+        distance[[candidates.index(colour) for colour in chosen]] = -1.0
+        chosen.append(candidates[int(np.argmax(distance))])
+    return chosen
+
+
+def outline_shade(colour):
+    """Black or white, whichever stands out more against `colour`: the mask's edge is drawn in
+    both, so it shows on any object and any background."""
+    return (0, 0, 0) if _lab(colour)[0] > 55 else (255, 255, 255)
+
+
 def overlay_masks(image, masks, colours=None, alpha=0.5):
-    """Blend each (H, W) mask into the RGB image in its colour and draw its outline."""
-    canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    """Blend each (H, W) mask into the RGB image in its colour and draw its edge: the outermost
+    pixels of the mask in black or white (`outline_shade`), the ring inside them in the mask's
+    colour. Only the masks' pixels change. 8-bit PIL operations throughout, so a large image
+    costs a few copies of its bytes, not float arrays of them."""
+    canvas = image.convert("RGB")
+    canvas = canvas.copy() if canvas is image else canvas
     colours = colours or mask_colours(len(masks))
-    outlines = []
+    edges = []
     for index, mask in enumerate(masks):
-        colour = np.array(colours[index % len(colours)], dtype=np.float32)
-        region = np.asarray(mask, dtype=bool)
-        canvas[region] = (1 - alpha) * canvas[region] + alpha * colour
-        mask_image = mask_to_image(region)
-        # outline = the mask minus its erosion
-        eroded = np.asarray(mask_image.filter(ImageFilter.MinFilter(3))) > 0
-        outlines.append((region & ~eroded, colour))
-    for outline, colour in outlines:
-        canvas[outline] = colour
-    return Image.fromarray(canvas.round().astype(np.uint8))
+        colour = tuple(int(c) for c in colours[index % len(colours)])
+        region = mask_to_image(mask)
+        tinted = Image.blend(canvas, Image.new("RGB", canvas.size, colour), alpha)
+        canvas.paste(tinted, mask=region)
+        del tinted
+        inner = region.filter(ImageFilter.MinFilter(3))  # the mask less its outermost pixels
+        edge = ImageChops.subtract(region, inner)
+        ring = ImageChops.subtract(inner, inner.filter(ImageFilter.MinFilter(3)))
+        edges.append((edge, ring, colour))
+    for edge, ring, colour in edges:  # after every fill, so no blend covers another's edge
+        canvas.paste(outline_shade(colour), mask=edge)
+        canvas.paste(colour, mask=ring)
+    return canvas
 
 
-def draw_caption(image, lines, colours=None):
-    """Write text lines in a band under the image (colour-coded when several expressions).
+# Captions wider than this are cut (an ellipsis ends a cut line), unless the image is wider.
+CAPTION_MAX_WIDTH = 640
+_LINE_HEIGHT = 14
+_SWATCH = 10  # the square of a line's colour before its text
 
-    The picture widens (white on the right) when a line is longer than the image is wide.
+
+def _fit(draw, text, width):
+    """`text`, cut with an ellipsis so it takes at most `width` pixels."""
+    if draw.textlength(text) <= width:
+        return text
+    low, high = 0, len(text)
+    while low < high:  # the longest prefix that fits with the ellipsis
+        middle = (low + high + 1) // 2
+        if draw.textlength(text[:middle] + "…") <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + "…"
+
+
+def draw_caption(image, lines, colours=None, max_width=CAPTION_MAX_WIDTH):
+    """Write text lines in a band under the image; with `colours`, each line starts with a square
+    of its colour (the legend of an overlay).
+
+    The picture widens (white on the right) when a line is longer than the image is wide, up to
+    `max_width`; a line longer than that is cut, ending in an ellipsis.
     """
-    line_height = 14
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = max([image.width] + [int(measure.textlength(line)) + 6 for line in lines])
-    band = Image.new("RGB", (width, line_height * len(lines) + 4), (255, 255, 255))
+    indent = _SWATCH + 4 if colours else 0
+    needed = max([0] + [int(measure.textlength(line[:2000])) for line in lines]) + indent + 6
+    width = max(image.width, min(needed, max_width))
+    lines = [_fit(measure, line, width - indent - 6) for line in lines]
+    band = Image.new("RGB", (width, _LINE_HEIGHT * len(lines) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(band)
     for index, line in enumerate(lines):
-        colour = colours[index % len(colours)] if colours else (0, 0, 0)
-        draw.text((3, 2 + index * line_height), line, fill=colour)
+        top = 2 + index * _LINE_HEIGHT
+        if colours:
+            colour = tuple(colours[index % len(colours)])
+            draw.rectangle((3, top + 1, 3 + _SWATCH - 1, top + _SWATCH), fill=colour, outline=(0, 0, 0))
+        draw.text((3 + indent, top), line, fill=(0, 0, 0))
     result = Image.new("RGB", (width, image.height + band.height), (255, 255, 255))
     result.paste(image, (0, 0))
     result.paste(band, (0, image.height))
