@@ -66,7 +66,7 @@ def build_checkpoint(model, optimizer, scheduler, scaler, args, schedule, run_id
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,          # the epoch to run next
         "iteration": iteration,  # batches of `epoch` already done (non-zero after a stop mid-epoch)
-        "best": dict(best),      # {"score", "epoch", "metric"}: the best validation so far
+        "best": dict(best),      # {"score", "epoch", "metric", "val"}: the best validation so far
         "schedule": dict(schedule),
         "run_id": run_id,
         "args": vars(args),

@@ -38,7 +38,7 @@ def load_pretrained(path, **options) -> VPDSegmenter:
     return VPDSegmenter.from_pretrained(path, **options)
 
 
-def export_model_folder(path, directory, sd_path=None, no_target_area=None) -> SegmenterConfig:
-    """A training checkpoint (ours or VPD's) -> a model folder (models/pretrained.py)."""
+def export_model_folder(path, directory, sd_path=None, no_target_area=None, repo_id=None) -> SegmenterConfig:
+    """A training checkpoint (ours or VPD's) -> a model folder with its card (models/pretrained.py)."""
     return _export_model_folder(path, directory, VPDSegmenter.from_config, sd_path=sd_path,
-                                no_target_area=no_target_area)
+                                no_target_area=no_target_area, repo_id=repo_id)

@@ -1,14 +1,19 @@
 """What every segmenter here shares, as diffusers' ModelMixin + ConfigMixin: a recorded config it
 is built from (`from_config`), the one way back from anything saved (`from_pretrained`), a model
-folder (`save_pretrained`), and its frozen parts as its preset declares them."""
+folder that is a Hugging Face Hub repository as it is (`save_pretrained`, `push_to_hub`, through
+huggingface_hub's ModelHubMixin), and its frozen parts as its preset declares them."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from .adapter import TextAdapter
 from .backbone import DiffusionBackbone, decoder_in_channels
+from .card import LIBRARY_NAME, PAPER, PIPELINE_TAG, TAGS, model_card
 from .config import SegmenterConfig
 from .pretrained import load_model, save_pretrained
 from .registry import INIT_SEED, get_preset, seeded
@@ -17,7 +22,8 @@ from .text_encoder import CLIPTextEncoder
 __all__ = ["SegmenterBase"]
 
 
-class SegmenterBase(nn.Module):
+class SegmenterBase(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG,
+                    tags=list(TAGS), paper_url=PAPER):
     """Base class of the segmenters: `config` is the model's identity; `frozen_module_names` (from
     its preset) are the sub-modules that never train, kept in eval mode."""
 
@@ -89,9 +95,10 @@ class SegmenterBase(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, sd_path=None, clip_path=None, device=None, dtype=None, configure=None,
-                        with_report=False):
-        """Rebuild a model from a model folder, a training checkpoint (ours or VPD's) or a Hugging
-        Face cache folder, in eval mode (models/pretrained.py `load_model`).
+                        with_report=False, revision=None):
+        """Rebuild a model from a model folder, a Hugging Face Hub repository id ("owner/name",
+        through the Hub cache; `revision`: a branch, tag or commit), a Hugging Face cache folder or
+        a training checkpoint (ours or VPD's), in eval mode (models/pretrained.py `load_model`).
 
         `sd_path` / `clip_path` replace the recorded weight sources of the frozen parts;
         `device` / `dtype` move and cast the loaded model ("meta": architecture and shapes only);
@@ -99,9 +106,33 @@ class SegmenterBase(nn.Module):
         (model, models.LoadReport).
         """
         model, report = load_model(path, cls.from_config, sd_path=sd_path, clip_path=clip_path,
-                                   device=device, dtype=dtype, configure=configure)
+                                   device=device, dtype=dtype, configure=configure, revision=revision)
         return (model, report) if with_report else model
 
-    def save_pretrained(self, directory) -> None:
-        """Write `config.json` + `model.safetensors` (no pickle): what `from_pretrained` reads."""
-        save_pretrained(self, directory)
+    def save_pretrained(self, directory, *, repo_id=None, push_to_hub=False, config=None,
+                        model_card_kwargs=None, **push_to_hub_kwargs):
+        """Write `config.json` + `model.safetensors` (no pickle) + the model card `README.md`: what
+        `from_pretrained` reads, and a Hub repository as it is. `repo_id` names the repository in
+        the card; `push_to_hub=True` also uploads the folder there (`push_to_hub`). `config` is
+        accepted for huggingface_hub's ModelHubMixin and ignored: the model writes its own."""
+        repo_id = repo_id or (model_card_kwargs or {}).get("repo_id")
+        save_pretrained(self, directory, repo_id=repo_id)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or os.path.basename(os.path.normpath(directory)), **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory) -> None:
+        save_pretrained(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the model's folder (as `save_pretrained` writes it, the card naming `repo_id`) to
+        the Hugging Face Hub repository `repo_id`, creating it when needed (huggingface_hub's
+        ModelHubMixin.push_to_hub: `private=`, `token=`, `branch=`, `create_pr=`, ...; log in
+        first with `hf auth login`). Returns the commit's URL."""
+        kwargs["model_card_kwargs"] = {**(kwargs.get("model_card_kwargs") or {}), "repo_id": repo_id}
+        return super().push_to_hub(repo_id, **kwargs)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The card `save_pretrained` writes (models/card.py); `repo_id=` names the repository."""
+        return model_card(self.config, kwargs.get("repo_id") or f"a {self.config.preset} model folder",
+                          weights_count=sum(value.numel() for value in self.checkpoint_state_dict().values()))

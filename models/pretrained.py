@@ -1,12 +1,13 @@
 """The one way a saved model is read back, and the one way a model folder is written.
 
 A source is any of: a model folder (`config.json` + `model.safetensors`, or a sharded
-`model.safetensors.index.json`), a Hugging Face cache folder of one (`snapshots/REVISION/`), a
-training checkpoint of ours (with "config", or an older one with only the run's "args"), or a
-checkpoint in a foreign layout a preset reads (VPD's released `vpd_ris_*.pth`, EVP's
-`model_best_*.pth`). `read_model_source` reads it once: weights refused when not finite, the
-layout detected and converted to our names once. `load_model(source, build, ...)` then builds the
-model its config describes and loads it.
+`model.safetensors.index.json`, and its model card `README.md`), a Hugging Face cache folder of one
+(`snapshots/REVISION/`), a Hugging Face Hub repository id of one ("owner/name", resolved through the
+Hub cache: offline with HF_HUB_OFFLINE=1 once it is cached), a training checkpoint of ours (with
+"config", or an older one with only the run's "args"), or a checkpoint in a foreign layout a preset
+reads (VPD's released `vpd_ris_*.pth`, EVP's `model_best_*.pth`). `read_model_source` reads it
+once: weights refused when not finite, the layout detected and converted to our names once.
+`load_model(source, build, ...)` then builds the model its config describes and loads it.
 
 What a saved model leaves out is decided by its preset (`Preset.reloaded_modules`): the frozen
 parts that come back from the weights the user supplies (`sd_path`). A source without some frozen
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +36,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, model_state_from_
 from utils.errors import InputError
 from utils.io import atomic_write
 
+from .card import CARD_NAME, model_card, training_record
 from .config import ConfigError, SegmenterConfig
 from .registry import PRESETS, Preset, get_preset
 from .weights import IGNORED_KEYS, CheckpointLayout, LoadReport, check_sd_path, detect_layout, load_segmenter_state
@@ -43,8 +46,11 @@ __all__ = [
     "WEIGHTS_NAME",
     "WEIGHTS_INDEX_NAME",
     "ModelSource",
+    "ModelNotFoundError",
     "config_from_checkpoint",
     "export_model_folder",
+    "hub_snapshot",
+    "is_hub_repo_id",
     "is_model_folder",
     "load_model",
     "read_model_source",
@@ -70,34 +76,92 @@ class ModelSource:
     layout: str = "ours"  # or the foreign layout's name
     unconverted: list[str] = field(default_factory=list)  # foreign keys with no counterpart here
     checkpoint: dict | None = None  # the whole training checkpoint, for kind "checkpoint"
+    record: dict | None = None  # how the weights were trained (models.card.training_record)
+
+
+class ModelNotFoundError(InputError, FileNotFoundError):
+    """A Hub repository id that is neither cached nor downloadable (offline, unknown, private)."""
 
 
 def is_model_folder(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(_snapshot(path), CONFIG_NAME))
 
 
-def read_model_source(path) -> ModelSource:
-    """Read a model folder or a checkpoint without building the model."""
+# "owner/name" as the Hub spells repository ids; a name ending like a checkpoint file is a path.
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".json")
+
+
+def is_hub_repo_id(path) -> bool:
+    """Whether `path`, which names nothing on disk, reads as a Hub repository id ("owner/name")."""
     path = os.fspath(path)
+    return (isinstance(path, str) and not os.path.exists(path) and bool(_HUB_REPO_ID.fullmatch(path))
+            and ".." not in path and "--" not in path and not path.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+    """The local folder of a Hub model repository: from the Hugging Face cache (HF_HOME / HF_HUB_CACHE),
+    downloaded into it first when it is not there and HF_HUB_OFFLINE is not set. One-line
+    ModelNotFoundError naming the repository when neither works."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f" at revision {revision}" if revision else ""
+    cache = constants.HF_HUB_CACHE
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", CARD_NAME])
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            reason = (f"it is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+                      f"download it first (`hf download {repo_id}`) or unset HF_HUB_OFFLINE")
+        else:
+            reason = f"it is not in the Hugging Face cache ({cache}) and the Hub cannot be reached"
+    except RevisionNotFoundError:
+        reason = f"the repository has no revision {revision!r}"
+    except GatedRepoError:
+        reason = "the repository is gated: accept its terms on the Hub and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        reason = "no such model repository on the Hub (or it is private: log in with `hf auth login`)"
+    except (HfHubHTTPError, OSError) as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    raise ModelNotFoundError(f"{repo_id}{at}: not a local path and not loadable from the Hugging Face "
+                             f"Hub: {reason}")
+
+
+def read_model_source(path, revision: str | None = None) -> ModelSource:
+    """Read a model folder, a Hub repository id (`revision`: its branch, tag or commit) or a
+    checkpoint without building the model."""
+    path = os.fspath(path)
+    if is_hub_repo_id(path):
+        return _read_folder(hub_snapshot(path, revision), path)
+    if revision is not None:
+        raise ConfigError(f"revision={revision!r} is for Hugging Face Hub repository ids; {path} is a local path")
     if os.path.isdir(path):
-        folder = _snapshot(path)
-        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-            raise ConfigError(f"{path} is a folder without {CONFIG_NAME}; expected a model folder "
-                              f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a checkpoint file")
-        config = SegmenterConfig.load(os.path.join(folder, CONFIG_NAME))
-        weights = _read_folder_weights(folder, path)
-        _check_finite(weights, path)
-        return ModelSource(path, "folder", config, weights)
+        return _read_folder(_snapshot(path), path)
     state = load_checkpoint(path)
     weights = model_state_from_checkpoint(state, path)
     _check_finite(weights, path)
     layout = _foreign_layout(weights)
+    record = training_record(state)
     if layout is None:
-        return ModelSource(path, "checkpoint", _checkpoint_config(state, None, path), weights, checkpoint=state)
+        return ModelSource(path, "checkpoint", _checkpoint_config(state, None, path), weights, checkpoint=state,
+                           record=record)
     preset, (unet, vae, _) = _preset_reading(layout, weights, path)
     converted, unconverted = layout.convert(weights, unet.config, vae.config)
     config = _checkpoint_config(state, (layout, preset), path)
-    return ModelSource(path, "checkpoint", config, converted, layout.name, unconverted, state)
+    return ModelSource(path, "checkpoint", config, converted, layout.name, unconverted, state, record)
+
+
+def _read_folder(folder: str, path: str) -> ModelSource:
+    """A model folder (`folder`: the snapshot itself), named `path` in messages."""
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        raise ConfigError(f"{path} is a folder without {CONFIG_NAME}; expected a model folder "
+                          f"({CONFIG_NAME} + {WEIGHTS_NAME}) or a checkpoint file")
+    config = SegmenterConfig.load(os.path.join(folder, CONFIG_NAME))
+    weights = _read_folder_weights(folder, path)
+    _check_finite(weights, path)
+    return ModelSource(path, "folder", config, weights)
 
 
 def config_from_checkpoint(state: dict, path="checkpoint") -> SegmenterConfig:
@@ -297,17 +361,19 @@ def _on_meta(build: Build, source: ModelSource, config: SegmenterConfig, preset:
 
 
 def load_model(source: ModelSource | str | os.PathLike, build: Build, *, sd_path=None, clip_path=None,
-               device=None, dtype=None, configure: Callable[[SegmenterConfig], SegmenterConfig] | None = None
-               ) -> tuple[nn.Module, LoadReport]:
-    """Any source (a path or a `ModelSource`) -> (the model in eval mode, what was loaded).
+               device=None, dtype=None, configure: Callable[[SegmenterConfig], SegmenterConfig] | None = None,
+               revision: str | None = None) -> tuple[nn.Module, LoadReport]:
+    """Any source (a path, a Hub repository id or a `ModelSource`) -> (the model in eval mode,
+    what was loaded).
 
     `sd_path` / `clip_path` replace the weight sources the source records; `configure(config)`
     may check or change the config before the model is built (test.py: model flags must agree).
     `device` "meta" builds the architecture only and checks the weights' names and shapes against
-    it (no weights read from sd_path, none loaded). `dtype` casts the loaded model.
+    it (no weights read from sd_path, none loaded). `dtype` casts the loaded model. `revision`: a
+    Hub repository's branch, tag or commit.
     """
     if not isinstance(source, ModelSource):
-        source = read_model_source(source)
+        source = read_model_source(source, revision)
     config, preset, weights_path = _resolve(source, sd_path, clip_path, configure)
     # Pretrained parts are read when some frozen weights come from them, or when they ship with
     # the repository; otherwise the source holds every tensor and the build's init is overwritten.
@@ -339,31 +405,42 @@ def load_model(source: ModelSource | str | os.PathLike, build: Build, *, sd_path
 
 
 # ------------------------------------------------------------------------------------- writing
-def write_model_folder(directory, config: SegmenterConfig, weights: dict[str, torch.Tensor]) -> None:
-    """Write `config.json` and `model.safetensors` into `directory` (each file atomically)."""
+def write_model_folder(directory, config: SegmenterConfig, weights: dict[str, torch.Tensor],
+                       record: dict | None = None, repo_id: str | None = None) -> None:
+    """Write `config.json`, `model.safetensors` and the model card `README.md` (models/card.py:
+    `record`, the training record, and `repo_id`, the Hub repository it is loaded by, else the
+    folder's path, go into it) into `directory`, each file atomically: a Hub repository as it is."""
     os.makedirs(directory, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in weights.items()}
     with atomic_write(os.path.join(directory, WEIGHTS_NAME)) as handle:
         handle.write(save_safetensors(tensors, metadata={"format": "pt"}))
     config.save(os.path.join(directory, CONFIG_NAME))
+    card = model_card(config, repo_id or os.path.normpath(os.fspath(directory)), record,
+                      weights_count=sum(value.numel() for value in tensors.values()))
+    with atomic_write(os.path.join(directory, CARD_NAME), "w") as handle:
+        handle.write(str(card))
 
 
-def save_pretrained(model: nn.Module, directory) -> None:
-    """A model's folder: its config and its checkpoint state (without the reloaded frozen parts)."""
-    write_model_folder(directory, model.config, model.checkpoint_state_dict())
+def save_pretrained(model: nn.Module, directory, repo_id: str | None = None) -> None:
+    """A model's folder: its config, its checkpoint state (without the reloaded frozen parts) and
+    its card (`repo_id`: the name the card loads it by)."""
+    write_model_folder(directory, model.config, model.checkpoint_state_dict(), repo_id=repo_id)
 
 
-def export_model_folder(path, directory, build: Build, sd_path=None, no_target_area=None) -> SegmenterConfig:
+def export_model_folder(path, directory, build: Build, sd_path=None, no_target_area=None,
+                        repo_id: str | None = None) -> SegmenterConfig:
     """A training checkpoint (ours or a foreign layout) -> a model folder, without building the
     model: the weights are checked against the architecture on the meta device and written in our
     names, without the frozen parts the preset reloads, which must then have a source (`sd_path`,
     recorded in the folder; the preset's default path is not recorded). `no_target_area`, where
-    given, replaces the checkpoint's. Returns the config written."""
+    given, replaces the checkpoint's. The card holds the checkpoint's training record; `repo_id`
+    is the name it is loaded by. Returns the config written."""
     source = read_model_source(path)
     configure = (lambda config: config.replace(no_target_area=no_target_area)) if no_target_area is not None else None
     config, preset, _ = _resolve(source, sd_path, None, configure, exporting=True)
     own = _on_meta(build, source, config, preset).state_dict()
     reloaded = tuple(f"{name}." for name in preset.reloaded_modules)
     write_model_folder(directory, config, {key: value for key, value in source.weights.items()
-                                           if key in own and not key.startswith(reloaded)})
+                                           if key in own and not key.startswith(reloaded)},
+                       record=source.record, repo_id=repo_id)
     return config

@@ -76,12 +76,16 @@ class PretrainedWeights:
     Their frozen parts are never stored in our checkpoints or model folders: they come back from
     this path. what: what the weights are, for messages. layouts: the layouts the preset's
     `pretrained_components` reads, for messages. default_path: taken when no path is given and it
-    exists; a relative path is relative to the working directory.
+    exists; a relative path is relative to the working directory. hub_id: the Hugging Face Hub
+    repository they are published as, license: their license as a Hub license id (a model card's
+    base_model and license, models/card.py).
     """
 
     what: str
     layouts: str
     default_path: str | None = None
+    hub_id: str | None = None
+    license: str | None = None
 
 
 @dataclass(frozen=True)

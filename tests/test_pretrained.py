@@ -98,7 +98,7 @@ def test_older_checkpoints_without_config_read_their_args():
 def test_model_folder_is_bit_identical_and_holds_no_pickle(tmp_path):
     model = _perturbed_tiny(TOKEN_LENGTH)
     save_pretrained(model, tmp_path / "model")
-    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "model")) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((tmp_path / "model" / "config.json").read_text())["token_length"] == TOKEN_LENGTH
     with open(tmp_path / "model" / "model.safetensors", "rb") as handle:  # safetensors, not a zip of pickles
         header_length = int.from_bytes(handle.read(8), "little")

@@ -268,3 +268,24 @@ def test_demo_and_a_model_folder(two_process_run, toy_root, tmp_path, capsys):
         assert overlay.width >= image.width and overlay.height > image.height
     out = capsys.readouterr().out
     assert f"wrote {out_path}: the red shape (" in out and "; the circle (" in out
+
+
+@TWO_PROCESS_GROUP
+def test_an_exported_folder_carries_a_card_with_the_best_epochs_metrics(two_process_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "toy_model"
+    assert main_here("tools/export_model.py", [two_process_run["best"], str(folder), "--repo_id", "me/toy"]) == 0
+    card = ModelCard.load(folder / "README.md")  # YAML front matter, then Markdown
+    assert card.data.library_name == "vpd-ris" and card.data.pipeline_tag == "image-segmentation"
+    assert "referring-image-segmentation" in card.data.tags and card.data.base_model is None  # tiny: no SD
+    epochs = [row for row in read_metrics(two_process_run["logdir"] / "metrics.jsonl") if row["kind"] == "epoch"]
+    best = max(epochs, key=lambda row: (row["val"]["toy"]["oIoU"], -row["epoch"]))
+    recorded = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    for metric in ("oIoU", "mIoU", "P@0.5", "P@0.9"):
+        assert recorded[metric] == pytest.approx(best["val"]["toy"][metric], abs=1e-4)
+    assert {result.dataset_split for result in card.data.eval_results} == {"val"}
+    assert f"Validation results of epoch {best['epoch']} (val split, %)" in card.text
+    assert f"| toy | {best['val']['toy']['P@0.5']:.2f} |" in card.text
+    assert "Recipe: epochs 2, images per process 4, processes 2" in card.text
+    assert 'ReferringSegmenter.from_pretrained("me/toy")' in card.text
