@@ -112,6 +112,8 @@ def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Im
         if isinstance(error, InputError):
             raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, UnidentifiedImageError) and not isinstance(source, str):
+            reason = "cannot identify the image format"  # PIL's message names a BytesIO object
         raise ImageReadError(f"cannot read image {name}{where}: {reason}") from error
 
 
