@@ -4,9 +4,9 @@
         --text "the red circle" --text "the smaller of the two blue shapes" --out overlay.png
 
 A thin command line over the inference API (engine/inference.py): the model's preset, token length
-and image size come from the checkpoint (or model folder); the vpd preset also needs the Stable
-Diffusion weights its frozen VAE and CLIP come from (--sd_path, or the path the checkpoint records,
-or ./stable-diffusion-v1-5 when it exists).
+and image size come from the checkpoint (or model folder, or Hugging Face Hub id); the vpd preset
+also needs the Stable Diffusion weights its frozen VAE and CLIP come from (--sd_path, or the path
+the checkpoint records, or ./stable-diffusion-v1-5 when it exists).
 """
 import os
 
@@ -30,10 +30,10 @@ def main(argv=None):
     if extension not in Image.registered_extensions():
         raise InputError(f"--out {args.out}: unknown image extension {extension or '(none)'}; use "
                          f".png or .jpg")
-    image = to_rgb_image(args.image)  # a bad image fails before the model is loaded
+    image = to_rgb_image(args.image, args.max_pixels)  # a bad image fails before the model is loaded
 
     segmenter = ReferringSegmenter.from_pretrained(
-        args.checkpoint, device=args.device, precision=args.precision,
+        args.checkpoint, device=args.device, precision=args.precision, max_pixels=args.max_pixels,
         configure=lambda config: reconcile_model_config(config, args, args.checkpoint))
     masks = segmenter(image, args.text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -15,8 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.errors import InputError
 
-__all__ = ["ImageMaskTransform", "load_rgb", "to_rgb", "ImageFileNotFoundError", "ImageReadError",
-           "ImageTooLargeError"]
+__all__ = ["ImageMaskTransform", "image_size", "load_rgb", "to_rgb", "ImageFileNotFoundError",
+           "ImageReadError", "ImageTooLargeError"]
 
 
 class ImageFileNotFoundError(InputError, FileNotFoundError):
@@ -77,6 +77,26 @@ def _gray_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding its pixels; the errors
+    of `load_rgb` (ImageTooLargeError for a file PIL refuses to open as a decompression bomb)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(_bomb_message(path)) from None
+    except FileNotFoundError:
+        raise ImageFileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageReadError(f"cannot read image {path}: {reason}") from None
+
+
+def _bomb_message(name) -> str:
+    return (f"{name} is too large: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which PIL refuses to "
+            f"decode (a possible decompression bomb)")
+
+
 def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Image:
     """Open an image as 3-channel 8-bit RGB (``to_rgb``: 16-bit, float, transparent, CMYK and
     palette images included).
@@ -105,9 +125,7 @@ def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Im
             rgb = to_rgb(image)
             return rgb if rgb is not image else image.copy()  # not the image `with` closes
     except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"{name}{where} is too large: more than {2 * Image.MAX_IMAGE_PIXELS:,} "
-                                 f"pixels, which PIL refuses to decode (a possible decompression "
-                                 f"bomb)") from None
+        raise ImageTooLargeError(_bomb_message(f"{name}{where}")) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise
