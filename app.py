@@ -65,18 +65,22 @@ class Limits:
         self.pixels, self.expressions, self.request_pixels = pixels, expressions, request_pixels
 
 
-class UploadedImage(gr.Image):
+def image_input(**options) -> gr.Image:
     """The one image input (upload, paste or drop; it shows the picture): Gradio's Image, whose
     upload reaches `segment` even when PIL cannot open it, so the page says why in this app's words
-    (not an image, too large) instead of Gradio's error."""
+    (not an image, too large) instead of Gradio's error. (An instance's preprocess is replaced: a
+    subclass of a Gradio component makes Gradio write a .pyi file beside this one.)"""
+    image = gr.Image(**options)
+    opened = image.preprocess
 
-    is_template = True  # drawn by the frontend's Image component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return opened(payload)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None if payload is None else payload.path
+
+    image.preprocess = preprocess
+    return image
 
 
 def _slug(text):
@@ -180,8 +184,8 @@ def build_app(model, examples=(), limits=None):
             gr.Markdown(f"**No model loaded.** {model.missing}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
-                image = UploadedImage(label="image", type="filepath", image_mode=None,
-                                      sources=["upload", "clipboard"], elem_id="image")
+                image = image_input(label="image", type="filepath", image_mode=None,
+                                    sources=["upload", "clipboard"], elem_id="image")
                 expressions = gr.Textbox(label="expressions, one per line", lines=3,
                                          placeholder="the red circle\nthe two blue shapes",
                                          elem_id="expressions")
