@@ -49,7 +49,7 @@ from engine.inference import InferenceInputError, ReferringSegmenter, to_rgb_ima
 from models.fingerprint import weights_fingerprint
 from utils.dist import all_gather_objects, barrier, cleanup, init_distributed
 from utils.errors import EXIT_INPUT_ERROR, InputError, one_line
-from utils.io import atomic_write, remove_stale_temporaries
+from utils.io import atomic_write, file_in_folder, is_plain_file_name, remove_stale_temporaries
 from utils.lock import OutputLock, acquire_on_main
 from utils.logging import progress_enabled, run_cli, setup_logging
 from utils.visualize import mask_to_image
@@ -100,11 +100,6 @@ def _failure(order, **entry) -> tuple[tuple[int, int], dict]:
     return (order, -1), entry
 
 
-def _plain_name(name) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name)
-
-
 def manifest_items(path, image_root=None) -> tuple[list[Item], list[tuple]]:
     """(the manifest's items, a `_failure` per line that is not an entry), in line order."""
     try:
@@ -129,8 +124,8 @@ def manifest_items(path, image_root=None) -> tuple[list[Item], list[tuple]]:
             failures.append(_failure(number, line=number, error=problem))
             continue
         key = str(entry["id"]) if "id" in entry else os.path.splitext(os.path.basename(entry["image"]))[0]
-        if not _plain_name(key):
-            advice = ("an id names files in --out: no / or \\, not . or .." if "id" in entry
+        if not is_plain_file_name(key):
+            advice = ("an id names files in --out: no /, not . or .." if "id" in entry
                       else "give the line an \"id\"")
             failures.append(_failure(number, line=number, image=entry["image"], error=(
                 f"its masks' name {key!r} is not a plain file name; {advice}")))
@@ -348,7 +343,7 @@ def write_item(out, item: Item, result, segmenter: ReferringSegmenter | None) ->
     rows = []
     for k, mask, score in zip(item.usable, result.masks, result.scores):
         name = os.path.join(MASKS_DIR, f"{item.key}_{k}.png")
-        write_png(mask_to_image(mask), os.path.join(out, name))
+        write_png(mask_to_image(mask), file_in_folder(os.path.join(out, MASKS_DIR), f"{item.key}_{k}.png"))
         rows.append({"id": item.key, "image": item.image, "sentence_index": k, "sentence": item.sentences[k],
                      "mask": name, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
                      "area": int(mask.sum()), "segmentation": rle(mask),
@@ -356,7 +351,7 @@ def write_item(out, item: Item, result, segmenter: ReferringSegmenter | None) ->
                      "truncated": item.usable.index(k) in result.truncated})
     if segmenter is not None:
         drawn = segmenter.overlay(item.path, result.masks, [item.sentences[k] for k in item.usable])
-        write_png(drawn, os.path.join(out, OVERLAYS_DIR, f"{item.key}.png"))
+        write_png(drawn, file_in_folder(os.path.join(out, OVERLAYS_DIR), f"{item.key}.png"))
     return rows
 
 
