@@ -44,8 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.transforms import ImageMaskTransform
-from engine.args import parse_args
+from engine.args import model_config, parse_args, reconcile_model_config
 from engine.inference import InferenceInputError, ReferringSegmenter, to_rgb_image
+from models import build_model
 from models.fingerprint import weights_fingerprint
 from utils.dist import all_gather_objects, barrier, cleanup, init_distributed
 from utils.errors import EXIT_INPUT_ERROR, InputError, one_line
@@ -379,11 +380,15 @@ def predict(args, dist_info, logger, start):
     else:
         items, input_failures = folder_items(args.images, args.text)
         source = f"{args.images}: {len(items)} image(s) x {len(args.text)} expression(s)"
-    segmenter = ReferringSegmenter.from_pretrained(args.checkpoint, sd_path=args.sd_path, clip_path=args.clip_path,
-                                                   device=dist_info.device, precision=args.precision,
-                                                   max_pixels=args.max_pixels)
+    if args.random_weights:  # speed only (bench/bench_predict.py): masks that mean nothing
+        model, what = build_model(model_config(args), pretrained=False), "random weights (--random_weights)"
+        segmenter = ReferringSegmenter(model, dist_info.device, args.precision, args.max_pixels)
+    else:
+        segmenter, what = ReferringSegmenter.from_pretrained(
+            args.checkpoint, device=dist_info.device, precision=args.precision, max_pixels=args.max_pixels,
+            configure=lambda config: reconcile_model_config(config, args, args.checkpoint)), args.checkpoint
     config = segmenter.config
-    logger.info(f"loaded {args.checkpoint}: {config.preset}, {config.token_length} tokens, {config.img_size} px, "
+    logger.info(f"loaded {what}: {config.preset}, {config.token_length} tokens, {config.img_size} px, "
                 f"on {segmenter.device.type} ({args.precision}); {source}")
     if dist_info.is_main:  # under the lock: temporaries left by a killed run are stale
         for folder in (args.out, os.path.join(args.out, MASKS_DIR), os.path.join(args.out, OVERLAYS_DIR),

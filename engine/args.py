@@ -555,8 +555,8 @@ PROGRAM_GROUPS = {
     "test": ("data", "split", "model_input", "model", "input", "weights", "evaluation",
              "test_outputs", "precision", "latent_cache", "device", "distributed", "vpd_compat"),
     "demo": ("model_input", "model", "input", "weights", "demo", "precision", "device", "image_guard"),
-    "predict": ("model_input", "weights", "predict", "evaluation", "precision", "device", "image_guard",
-                "distributed"),
+    "predict": ("model_input", "model", "input", "weights", "random_weights", "predict", "evaluation",
+                "precision", "device", "image_guard", "distributed"),
     "app": ("model_input", "weights", "precision", "device", "image_guard"),
     "bench_model": ("model", "input", "batch", "seed", "device", "threads"),
     "bench_loader": ("input", "batch", "threads"),
@@ -696,9 +696,12 @@ def check_args(parser, args, program):
         parser.error(f"argument --out: {args.out} is a folder; give a file name such as "
                      f"{os.path.join(args.out, 'overlay.png')}")
     if program == "predict":
-        if not args.checkpoint:
+        if not args.checkpoint and not args.random_weights:
             parser.error("argument --checkpoint: the model to run is required (a checkpoint, a model "
                          "folder or a Hugging Face Hub repository id)")
+        if args.checkpoint and args.random_weights:
+            parser.error("argument --random_weights: it builds the model --model describes; --checkpoint "
+                         "names one to read; give one of them")
         if (args.manifest is None) == (args.images is None):
             parser.error("argument --manifest/--images: give one of them (a JSONL manifest, or a "
                          "folder of images with --text)")
@@ -726,7 +729,9 @@ def parse_args(program, argv=None, description=None, parser=None):
     parser = parser or get_parser(program, description)
     args = parser.parse_args(argv)
     warn_ignored_flags(args)
-    resolve_defaults(args, model_flags=program not in ("test", "demo", "app", "predict"))
+    # Programs that read a model take its settings from it, unless they build one (--random_weights).
+    resolve_defaults(args, model_flags=program not in ("test", "demo", "app", "predict")
+                     or getattr(args, "random_weights", False))
     check_args(parser, args, program)
     return args
 

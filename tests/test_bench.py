@@ -104,3 +104,15 @@ def test_speed_flags_are_checked(flags, message, capsys):
     assert message in capsys.readouterr().err
     args = parse_args("train", ["--batch-size", "32", "--bn_group_size", "4", "--compile"])
     assert (args.bn_group_size, args.compile) == (4, "default")
+
+
+def test_bench_predict_reports_predict_py_on_random_weights(capsys):
+    """The GPU suite's command for predict.py (vpd at 512 px with --random_weights there), at toy size."""
+    from bench import bench_predict
+
+    assert bench_predict.main(["--count", "3", "--size", "64x48", "--", "--model", "tiny", "--random_weights",
+                               "--img_size", "32", "--token_length", "8", "--device", "cpu", "-j", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "3 image(s) predicted in " in out and " images/s on 1 process(es)" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| `--model tiny --random_weights")]
+    assert "| 3 at 64 x 48 | 2 |" in row and float(row.rstrip(" |").rsplit("|", 1)[1]) > 0

@@ -188,3 +188,18 @@ def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(model_folder,
     assert tree(resumed) == tree(whole)
     keys = [(row["id"], row["sentence_index"]) for row in rows(resumed / "predictions.jsonl")]
     assert len(keys) == len(set(keys)) == 32
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--images", "x", "--out", "o"], "argument --checkpoint: the model to run is required"),
+    (["--checkpoint", "c", "--random_weights", "--images", "x", "--text", "t", "--out", "o"],
+     "argument --random_weights: it builds the model --model describes; --checkpoint names one to read"),
+    (["--checkpoint", "c", "--out", "o"], "argument --manifest/--images: give one of them"),
+    (["--checkpoint", "c", "--images", "x", "--out", "o"], "argument --text: --images needs at least one"),
+    (["--checkpoint", "c", "--manifest", "m", "--text", "t", "--out", "o"], "argument --text: it is for --images"),
+    (["--checkpoint", "c", "--images", "x", "--text", "t"], "argument --out: the output folder is required"),
+])
+def test_flags_that_do_not_fit_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_here("predict.py", argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
