@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -116,14 +117,17 @@ def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Im
             raise ImageFileNotFoundError(f"image file not found: {path}{where}")
         source = name = path
     try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLargeError(f"{name}{where} is {width} x {height} = {width * height:,} "
-                                         f"pixels, more than max_pixels ({max_pixels:,})")
-            image.load()  # decode now so corrupt data fails here, inside the try
-            rgb = to_rgb(image)
-            return rgb if rgb is not image else image.copy()  # not the image `with` closes
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # our limit decides, not PIL's warning at 89 M pixels
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLargeError(f"{name}{where} is {width} x {height} = {width * height:,} "
+                                             f"pixels, more than max_pixels ({max_pixels:,})")
+                image.load()  # decode now so corrupt data fails here, inside the try
+                rgb = to_rgb(image)
+                return rgb if rgb is not image else image.copy()  # not the image `with` closes
     except Image.DecompressionBombError:
         raise ImageTooLargeError(_bomb_message(f"{name}{where}")) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

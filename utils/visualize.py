@@ -53,14 +53,15 @@ def contrasting_colours(image, masks):
     """One colour per mask, each as far (CIELAB distance) from the mean colour of the pixels under
     its mask as any still unused: a red mask on a red object is not drawn in red. Distinct colours
     (from PALETTE, then mask_colours' further hues); deterministic for the same image and masks."""
-    pixels = np.asarray(image.convert("RGB"))
-    step = max(1, int(np.sqrt(pixels.shape[0] * pixels.shape[1] / _STATISTICS_PIXELS)))
-    sample = pixels[::step, ::step]
+    step = max(1, int(np.sqrt(image.width * image.height / _STATISTICS_PIXELS)))
+    size = (max(1, image.width // step), max(1, image.height // step))
+    sample = np.asarray(image.convert("RGB").resize(size, Image.NEAREST)) if step > 1 else np.asarray(image.convert("RGB"))
     candidates = mask_colours(len(masks) + len(PALETTE))
     lab = _lab(candidates)
     chosen = []
     for mask in masks:
-        under = sample[np.asarray(mask, dtype=bool)[::step, ::step]]
+        picked = np.asarray(mask_to_image(mask).resize(size, Image.NEAREST)) > 0 if step > 1 else np.asarray(mask, bool)
+        under = sample[picked]
         mean = (under if len(under) else sample.reshape(-1, 3)).mean(axis=0)
         distance = np.linalg.norm(lab - _lab(mean), axis=1)
         distance[[candidates.index(colour) for colour in chosen]] = -1.0
@@ -77,25 +78,30 @@ def outline_shade(colour):
 def overlay_masks(image, masks, colours=None, alpha=0.5):
     """Blend each (H, W) mask into the RGB image in its colour and draw its edge: the outermost
     pixels of the mask in black or white (`outline_shade`), the ring inside them in the mask's
-    colour. Only the masks' pixels change. 8-bit PIL operations throughout, so a large image
-    costs a few copies of its bytes, not float arrays of them."""
+    colour. Only the masks' pixels change. 8-bit PIL operations on each mask's bounding box (and
+    two pixels around it), so a large image costs a few copies of the masked part, not float arrays
+    of the whole."""
     canvas = image.convert("RGB")
-    canvas = canvas.copy() if canvas is image else canvas
     colours = colours or mask_colours(len(masks))
     edges = []
     for index, mask in enumerate(masks):
         colour = tuple(int(c) for c in colours[index % len(colours)])
         region = mask_to_image(mask)
-        tinted = Image.blend(canvas, Image.new("RGB", canvas.size, colour), alpha)
-        canvas.paste(tinted, mask=region)
-        del tinted
+        box = region.getbbox()
+        if box is None:
+            continue
+        # Two pixels of background around the mask: its erosion there is the whole image's.
+        box = (max(box[0] - 2, 0), max(box[1] - 2, 0), min(box[2] + 2, canvas.width), min(box[3] + 2, canvas.height))
+        region = region.crop(box)
+        tinted = Image.blend(canvas.crop(box), Image.new("RGB", region.size, colour), alpha)
+        canvas.paste(tinted, box[:2], mask=region)
         inner = region.filter(ImageFilter.MinFilter(3))  # the mask less its outermost pixels
         edge = ImageChops.subtract(region, inner)
         ring = ImageChops.subtract(inner, inner.filter(ImageFilter.MinFilter(3)))
-        edges.append((edge, ring, colour))
-    for edge, ring, colour in edges:  # after every fill, so no blend covers another's edge
-        canvas.paste(outline_shade(colour), mask=edge)
-        canvas.paste(colour, mask=ring)
+        edges.append((edge, ring, colour, box[:2]))
+    for edge, ring, colour, corner in edges:  # after every fill, so no blend covers another's edge
+        canvas.paste(outline_shade(colour), corner, mask=edge)
+        canvas.paste(colour, corner, mask=ring)
     return canvas
 
 
