@@ -10,7 +10,8 @@ A manifest has one JSON object a line: {"image": "a.jpg", "sentences": ["the dog
 --out it writes:
 
     masks/{id}_{k}.png   the mask of the image's k-th sentence: 0/255, the image's own size; id is
-                         the line's "id", else the image's file name without its extension
+                         the line's "id", else the image's file name without its extension, made
+                         file-name-safe as in the JSONL data format (refer/jsonl.py safe_name)
     overlays/{id}.png    with --overlays: the image with its masks and legend, as demo.py draws it
     predictions.jsonl    one line per mask, in input order: id, image, sentence_index, sentence,
                          mask, height, width, area, segmentation (COCO RLE, counts as a string),
@@ -48,9 +49,10 @@ from engine.args import model_config, parse_args, reconcile_model_config
 from engine.inference import InferenceInputError, ReferringSegmenter, to_rgb_image
 from models import build_model
 from models.fingerprint import weights_fingerprint
+from refer.jsonl import safe_name
 from utils.dist import all_gather_objects, barrier, cleanup, init_distributed
 from utils.errors import EXIT_INPUT_ERROR, InputError, one_line
-from utils.io import atomic_write, file_in_folder, is_plain_file_name, remove_stale_temporaries
+from utils.io import atomic_write, file_in_folder, remove_stale_temporaries
 from utils.lock import OutputLock, acquire_on_main
 from utils.logging import progress_enabled, run_cli, setup_logging
 from utils.visualize import mask_to_image
@@ -124,12 +126,12 @@ def manifest_items(path, image_root=None) -> tuple[list[Item], list[tuple]]:
         if problem:
             failures.append(_failure(number, line=number, error=problem))
             continue
-        key = str(entry["id"]) if "id" in entry else os.path.splitext(os.path.basename(entry["image"]))[0]
-        if not is_plain_file_name(key):
-            advice = ("an id names files in --out: no /, not . or .." if "id" in entry
-                      else "give the line an \"id\"")
+        named = entry["id"] if "id" in entry else os.path.splitext(os.path.basename(entry["image"]))[0]
+        key = safe_name(named)  # as the JSONL data format names saved masks (refer/jsonl.py)
+        if not key:
             failures.append(_failure(number, line=number, image=entry["image"], error=(
-                f"its masks' name {key!r} is not a plain file name; {advice}")))
+                f"{named!r} (its {'id' if 'id' in entry else 'file name'}) has no letter or digit to "
+                f"name its masks with; give the line an \"id\"")))
             continue
         if key in seen:
             failures.append(_failure(number, line=number, id=key, image=entry["image"], error=(
@@ -163,7 +165,7 @@ def folder_items(folder, sentences) -> tuple[list[Item], list[tuple]]:
                    if os.path.splitext(name)[1].lower() in extensions and os.path.isfile(os.path.join(folder, name)))
     items, failures, seen = [], [], {}
     for order, name in enumerate(names):
-        key = os.path.splitext(name)[0]
+        key = safe_name(os.path.splitext(name)[0]) or "image"
         if key in seen:
             failures.append(_failure(order, id=key, image=name, error=(
                 f"its masks would have the names of {seen[key]}'s; rename one (or list them in a "

@@ -130,8 +130,9 @@ def test_manifest_bad_lines_images_and_sentences_land_in_errors(model_folder, pi
         {"image": "scene1.png", "sentences": SENTENCES},                                # 5
         {"image": "scene3.png", "sentences": ["the blue one"], "id": "first"},          # 6: id taken
         {"image": "scene2.jpg", "sentences": "the blue one"},                           # 7: not a list
-        {"image": "scene4.jpg", "sentences": ["x"], "id": "../escape"},                 # 8: not a file name
+        {"image": "scene4.jpg", "sentences": ["x"], "id": "../.."},                     # 8: no name in it
         {"image": "scene3.png", "sentences": ["the blue one"]},                         # 9: too large below
+        {"image": "scene4.jpg", "sentences": ["the red shape"], "id": "../up/escape"},  # 10: made safe
     ]
     manifest.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "out"
@@ -144,10 +145,12 @@ def test_manifest_bad_lines_images_and_sentences_land_in_errors(model_folder, pi
     reasons = [e["error"] for e in errors]
     assert "empty" in reasons[0] and "not a JSON object" in reasons[1] and "cannot read image" in reasons[2]
     assert "not found" in reasons[3] and "line 1's already" in reasons[4] and '"sentences"' in reasons[5]
-    assert "not a plain file name" in reasons[6] and "more than max_pixels (7,000)" in reasons[7]
+    assert "has no letter or digit to name its masks with" in reasons[6]
+    assert "more than max_pixels (7,000)" in reasons[7]
     predictions = rows(out / "predictions.jsonl")
-    assert [(r["id"], r["sentence_index"]) for r in predictions] == [("first", 0), ("scene1", 0), ("scene1", 1)]
-    assert sorted(os.listdir(out / "masks")) == ["first_0.png", "scene1_0.png", "scene1_1.png"]
+    assert [(r["id"], r["sentence_index"]) for r in predictions] == [
+        ("first", 0), ("scene1", 0), ("scene1", 1), ("up_escape", 0)]
+    assert sorted(os.listdir(out / "masks")) == ["first_0.png", "scene1_0.png", "scene1_1.png", "up_escape_0.png"]
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(
         f"8 input(s) failed, each with its reason in {out / 'errors.jsonl'}")
 

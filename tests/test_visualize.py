@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.toy import PALETTE as TOY_PALETTE
+from refer.toy import PALETTE as TOY_PALETTE
 from utils.visualize import (CAPTION_MAX_WIDTH, PALETTE, _lab, contrasting_colours, draw_caption, outline_shade,
                              overlay_masks)
 
