@@ -84,8 +84,8 @@ def image_size(path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(_bomb_message(path)) from None
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"refusing to decode {path}: {error}") from None
     except FileNotFoundError:
         raise ImageFileNotFoundError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -93,9 +93,6 @@ def image_size(path) -> tuple[int, int]:
         raise ImageReadError(f"cannot read image {path}: {reason}") from None
 
 
-def _bomb_message(name) -> str:
-    return (f"{name} is too large: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which PIL refuses to "
-            f"decode (a possible decompression bomb)")
 
 
 def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Image:
@@ -128,8 +125,8 @@ def load_rgb(path, context: str = "", max_pixels: int | None = None) -> Image.Im
                 image.load()  # decode now so corrupt data fails here, inside the try
                 rgb = to_rgb(image)
                 return rgb if rgb is not image else image.copy()  # not the image `with` closes
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(_bomb_message(f"{name}{where}")) from None
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"refusing to decode {name}{where}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, InputError):
             raise

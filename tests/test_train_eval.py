@@ -259,7 +259,7 @@ def test_a_contradicting_model_flag_is_refused_before_evaluating(two_process_run
 def test_demo_and_a_model_folder(two_process_run, toy_root, tmp_path, capsys):
     folder = tmp_path / "toy_model"
     export_model_folder(two_process_run["best"], folder)
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
     image_path = os.path.join(toy_root, "toy", "images", "toy_000001.jpg")
     out_path = tmp_path / "overlay.png"
     assert main_here("demo.py", ["--checkpoint", str(folder), "--image", image_path, "--text",
