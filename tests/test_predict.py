@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from engine.inference import ReferringSegmenter
 from models.pretrained import save_pretrained
 from tests.programs import main_here, run, start
+from tests.test_toy import _digest as tree  # {relative path: sha256} of every file
 from tests.test_weights import _perturbed_tiny
 
 TOKEN_LENGTH = 10
@@ -48,17 +49,6 @@ def pictures(tmp_path_factory):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     (folder / "notes.txt").write_text("not an image")
     return folder
-
-
-def tree(folder):
-    """{relative path: bytes} of every file under `folder`."""
-    files = {}
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as handle:
-                files[os.path.relpath(path, folder)] = handle.read()
-    return files
 
 
 def rows(path):
