@@ -37,6 +37,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
@@ -83,10 +84,16 @@ class Item:
     def usable(self) -> list[int]:
         return [k for k in range(len(self.sentences)) if k not in self.sentence_errors]
 
-    @property
+    @cached_property
     def signature(self) -> str:
-        """What its outputs depend on besides the model: its image file and its sentences."""
-        text = json.dumps([os.path.abspath(self.path), self.sentences], ensure_ascii=False)
+        """What its outputs depend on besides the model: its image file (path, size, modification
+        time: an image changed in place is predicted again) and its sentences."""
+        try:
+            stat = os.stat(self.path)
+            file = [os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            file = [os.path.abspath(self.path)]
+        text = json.dumps([file, self.sentences], ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def failure(self, error, sentence_index=None) -> dict:
@@ -233,10 +240,12 @@ class Progress:
         self.out, self.folder, self.overlays = out, os.path.join(out, PROGRESS_DIR), overlays
         self.run_id = all_gather_objects(uuid.uuid4().hex[:8])[0]
         self.journal = os.path.join(self.folder, f"journal-{self.run_id}-{rank}.jsonl")
-        self.done = {}
-        for entry in self._entries(current_run=False):
-            if entry["kind"] == "done":
-                self.done[entry["key"]] = entry
+        self.done = self._done()
+
+    def _done(self) -> dict:
+        """(key, signature) -> the record of every image done in this folder."""
+        return {(entry["key"], entry["signature"]): entry for entry in self._entries(current_run=False)
+                if entry["kind"] == "done"}
 
     def _journals(self):
         if not os.path.isdir(self.folder):
@@ -289,8 +298,7 @@ class Progress:
         return names + ([os.path.join(OVERLAYS_DIR, f"{item.key}.png")] if self.overlays else [])
 
     def is_done(self, item: Item) -> bool:
-        entry = self.done.get(item.key)
-        return (entry is not None and entry["signature"] == item.signature
+        return ((item.key, item.signature) in self.done
                 and all(os.path.isfile(os.path.join(self.out, name)) for name in self.files(item)))
 
     def record(self, entry):
@@ -307,15 +315,15 @@ class Progress:
         """Rank 0, after every process is done: predictions.jsonl and errors.jsonl in input order,
         done.jsonl holding every finished image, this folder's journals removed. Returns (images
         with predictions, masks, errors.jsonl's rows)."""
-        done = {entry["key"]: entry for entry in self._entries(current_run=False) if entry["kind"] == "done"}
+        done = self._done()
         image_errors = {entry["key"]: entry["error"] for entry in self._entries(current_run=True)
                         if entry["kind"] == "error"}
         failures, predictions, finished = list(input_failures), [], []
         for item in items:
-            entry = done.get(item.key)
+            entry = done.get((item.key, item.signature))
             if item.key in image_errors:
                 failures.append(((item.order, -1), image_errors[item.key]))
-            elif entry is not None and entry["signature"] == item.signature:
+            elif entry is not None:
                 finished.append(entry)
                 predictions.extend(entry["predictions"])
             failures.extend(((item.order, k), item.failure(error, k)) for k, error in item.sentence_errors.items())
