@@ -196,3 +196,27 @@ def test_flags_that_do_not_fit_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main_here("predict.py", argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_rerun_predicts_again_only_the_image_changed_since(model_folder, tmp_path, capsys):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for index in range(3):
+        draw_scene(pictures / f"p{index}.png", 80, 60, index)
+    argv = ["--checkpoint", model_folder, "--images", str(pictures), "--text", "the red shape", "-j", "0",
+            "--out", str(tmp_path / "out")]
+    assert main_here("predict.py", argv) == 0
+    before = tree(tmp_path / "out")
+    draw_scene(pictures / "p1.png", 80, 60, 7)  # another picture under the same name
+    os.utime(pictures / "p1.png", ns=(1, 1))
+    capsys.readouterr()
+    assert main_here("predict.py", argv) == 0
+    assert "2 image(s) done by an earlier run are kept" in capsys.readouterr().out
+    after = tree(tmp_path / "out")
+    assert after["masks/p0_0.png"] == before["masks/p0_0.png"] and after["masks/p2_0.png"] == before["masks/p2_0.png"]
+    segmenter = ReferringSegmenter.from_pretrained(model_folder, device="cpu", precision="fp32")
+    paths = [str(pictures / f"p{index}.png") for index in range(3)]
+    masks = [result.masks[0] for result in segmenter.segment_batch([segmenter.prepare(path) for path in paths],
+                                                                    [["the red shape"]] * 3)]
+    with Image.open(tmp_path / "out" / "masks" / "p1_0.png") as png:
+        assert np.array_equal(np.asarray(png) > 0, masks[1])
