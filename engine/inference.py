@@ -48,7 +48,7 @@ MAX_PIXELS = 100_000_000
 # (nearest). At the model's 512 px output that is 8x per side: the enlargement shows no steps.
 UPSAMPLE_MAX_PIXELS = 4096 * 4096
 # Bytes of upsampled fp32 logits held at once (a few sentences of a large image, or many of a
-# small one); with the argmax and the masks the peak is about three times this.
+# small one); with their foreground probabilities and masks the peak is under twice this.
 UPSAMPLE_BYTES = 1 << 27
 # Sentences are shown in overlay captions up to this many characters.
 CAPTION_CHARACTERS = 80

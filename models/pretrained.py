@@ -2,11 +2,11 @@
 
 A source is any of: a model folder (`config.json` + `model.safetensors`, or a sharded
 `model.safetensors.index.json`, and its model card `README.md`), a Hugging Face cache folder of one
-(`snapshots/REVISION/`), a Hugging Face Hub repository id of one ("owner/name", resolved through the
-Hub cache: offline with HF_HUB_OFFLINE=1 once it is cached), a training checkpoint of ours (with
-"config", or an older one with only the run's "args"), or a checkpoint in a foreign layout a preset
-reads (VPD's released `vpd_ris_*.pth`, EVP's `model_best_*.pth`). `read_model_source` reads it
-once: weights refused when not finite, the layout detected and converted to our names once.
+(`snapshots/REVISION/`), a Hugging Face Hub repository id of one ("owner/name", resolved through
+the Hub cache: offline with HF_HUB_OFFLINE=1 once it is cached), a training checkpoint of ours
+(with "config", or an older one with only the run's "args"), or a checkpoint in a foreign layout a
+preset reads (VPD's released `vpd_ris_*.pth`, EVP's `model_best_*.pth`). `read_model_source` reads
+it once: weights refused when not finite, the layout detected and converted to our names once.
 `load_model(source, build, ...)` then builds the model its config describes and loads it.
 
 What a saved model leaves out is decided by its preset (`Preset.reloaded_modules`): the frozen
@@ -100,9 +100,10 @@ def is_hub_repo_id(path) -> bool:
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
-    """The local folder of a Hub model repository: from the Hugging Face cache (HF_HOME / HF_HUB_CACHE),
-    downloaded into it first when it is not there and HF_HUB_OFFLINE is not set. One-line
-    ModelNotFoundError naming the repository when neither works."""
+    """The local folder of a Hub model repository: from the Hugging Face cache (HF_HOME,
+    HF_HUB_CACHE), downloaded into it first when it is not there and HF_HUB_OFFLINE is not set
+    (huggingface_hub's snapshot_download). A one-line ModelNotFoundError naming the repository
+    when neither works."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
