@@ -126,6 +126,16 @@ def test_requests_are_bounded_and_a_missing_model_gets_a_message(tmp_path):
     assert segment(missing, Limits(), EXAMPLE, "the red square")[3] == missing.missing
 
 
+def test_a_long_expression_is_said_to_be_read_in_part(checkpoint):
+    from app import AppModel, Limits, segment
+
+    model = AppModel(ReferringSegmenter.from_pretrained(checkpoint, device="cpu", precision="fp32"), label="x")
+    long = "the red square " + "that sits on the left of the picture " * 20
+    overlay, legend, _, message = segment(model, Limits(), EXAMPLE, f"the yellow shape\n{long}")
+    assert message.endswith("Longer than the model's 16 tokens, so read only in part: expression 2")
+    assert overlay.width <= 640  # its caption cut, the picture enlarged to 448 px
+
+
 def test_a_port_out_of_range_or_in_use_is_one_line(capsys):
     import app
 
