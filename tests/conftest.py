@@ -32,11 +32,11 @@ def pytest_configure(config):
 
 
 # The modules whose tests start training and evaluation programs, longest first (about 190, 180
-# and 40 s on 2 cores; test_jsonl.py 124 s with the cores four times oversubscribed, the last two
-# 37 and 32 s). pytest-xdist hands tests out in collection order, a group at a time; collected last
+# and 40 s on 2 cores; test_jsonl.py 124 s with the cores four times oversubscribed, test_predict.py
+# 54 s with them twice, the last two 37 and 32 s). pytest-xdist hands tests out in collection order, a group at a time; collected last
 # (alphabetically), these left one worker running alone for a minute.
 LONG_MODULES = ("test_faults.py", "test_train_eval.py", "test_app.py", "test_jsonl.py",
-                "test_gres.py", "test_toy_learning.py")
+                "test_predict.py", "test_gres.py", "test_toy_learning.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -57,7 +57,8 @@ def test_a_cached_repository_loads_offline_and_an_uncached_one_fails_in_one_line
 
 
 def test_a_program_reads_a_repository_id_with_hf_hub_offline(model_folder, tmp_path):
-    """demo.py --checkpoint OWNER/NAME with HF_HOME and HF_HUB_OFFLINE=1, as a user runs it."""
+    """demo.py --checkpoint OWNER/NAME with HF_HOME and HF_HUB_OFFLINE=1, as a user runs it (an
+    uncached one: the test above)."""
     _, folder = model_folder
     hub_cache(tmp_path / "home", "owner/tiny-toy", folder)
     image = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "toy_000701.jpg")
@@ -65,9 +66,6 @@ def test_a_program_reads_a_repository_id_with_hf_hub_offline(model_folder, tmp_p
     result = run(["python", "demo.py", "--checkpoint", "owner/tiny-toy", "--image", image, "--text", "the red square",
                   "--out", str(tmp_path / "overlay.png")], **env)
     assert result.returncode == 0, result.stderr[-2000:]
-    result = run(["python", "demo.py", "--checkpoint", "owner/absent", "--image", image, "--text", "x"], **env)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: owner/absent: not a local path and not loadable from the Hugging Face Hub")
 
 
 def test_save_pretrained_writes_a_card_and_push_to_hub_uploads_the_folder(model_folder, monkeypatch):
