@@ -37,11 +37,11 @@ import functools
 from utils.optim import cosine_lr_lambda
 
 from ..neck import InverseAttentiveRefinement
-from ..registry import Preset, PretrainedWeights, Recipe, register_preset
+from ..registry import Preset, Recipe, register_preset
 from ..text_encoder import CLIP_END_OF_TEXT_ID
-from ..weights import ACCEPTED_SD_LAYOUTS, EVP_RELEASE, load_pretrained_components
+from ..weights import EVP_RELEASE, load_pretrained_components
 from .tiny import pretrained_tiny_components, random_tiny_components
-from .vpd import random_sd15_components
+from .vpd import SD15_WEIGHTS, random_sd15_components
 
 # EVP divides the VAE posterior's mode by 4.7164 before the UNet (model.py:288-289).
 EVP_LATENT_SCALE = 1 / 4.7164
@@ -71,8 +71,7 @@ register_preset(Preset(
     pretrained_components=load_pretrained_components,
     random_components=random_sd15_components,
     decoder_hidden=640,  # EVP's SimpleDecoding is VPD's
-    weights=PretrainedWeights(what="Stable Diffusion v1.5", layouts=ACCEPTED_SD_LAYOUTS,
-                              default_path="./stable-diffusion-v1-5"),
+    weights=SD15_WEIGHTS,
     build_neck=functools.partial(InverseAttentiveRefinement, groups=EVP_NECK_GROUPS),
     pad_token_id=CLIP_END_OF_TEXT_ID,  # CLIPTokenizer of openai/clip-vit-large-patch14
     max_token_length=77,

@@ -21,16 +21,20 @@ def random_sd15_components() -> Components:
     )
 
 
+# Stable Diffusion v1.5, the pretrained parts of every preset built on it (vpd, evp).
+SD15_WEIGHTS = PretrainedWeights(what="Stable Diffusion v1.5", layouts=ACCEPTED_SD_LAYOUTS,
+                                 default_path="./stable-diffusion-v1-5",
+                                 hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                 license="creativeml-openrail-m")
+
+
 register_preset(Preset(
     name="vpd",
     description="VPD's model: Stable Diffusion v1.5 + CLIP ViT-L/14, needs their weights (--sd_path)",
     pretrained_components=load_pretrained_components,
     random_components=random_sd15_components,
     decoder_hidden=640,  # VPD's SimpleDecoding: c4 / 2
-    weights=PretrainedWeights(what="Stable Diffusion v1.5", layouts=ACCEPTED_SD_LAYOUTS,
-                              default_path="./stable-diffusion-v1-5",
-                              hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                              license="creativeml-openrail-m"),
+    weights=SD15_WEIGHTS,
     pad_token_id=CLIP_END_OF_TEXT_ID,  # CLIPTokenizer of openai/clip-vit-large-patch14
     max_token_length=77,
     latent_scale=1.0,  # VPD does not multiply the latents by SD's 0.18215
