@@ -11,6 +11,7 @@ import os
 from data.loaders import build_dataset, build_loader
 from engine.args import parse_args, reconcile_model_config
 from engine.evaluation import evaluate
+from engine.evaluators import get_evaluator
 from engine.latents import attach_latent_cache
 from engine.precision import resolve_precision
 from models import VPDSegmenter
@@ -18,8 +19,8 @@ from refer.check import preflight
 from refer.catalog import get_dataset
 from utils.dist import cleanup, init_distributed
 from utils.errors import InputError
-from utils.io import file_in_folder
-from utils.logging import format_results_table, progress_enabled, run_cli, setup_logging
+from utils.io import atomic_write, ensure_writable_file, ensure_writable_folder, file_in_folder
+from utils.logging import format_results_table, get_logger, progress_enabled, run_cli, setup_logging
 from utils.visualize import comparison_panel, mask_to_image, tensor_to_image
 
 
@@ -53,6 +54,7 @@ def main(argv=None):
                          "PATH as in VPD's test.sh); test.sh passes its second argument")
     dist_info = init_distributed(args.dist_backend, args.device, args.local_rank)
     logger = setup_logging(dist_info.is_main)
+    check_outputs(args, dist_info.is_main)  # before any work whose results would go there
     device = dist_info.device
     dtype = resolve_precision(args.precision, device)
 
@@ -70,48 +72,63 @@ def main(argv=None):
     # Panels only from rank 0, so --vis_num is the total; masks from every rank (disjoint refs).
     writer = PredictionWriter(args.save_masks, args.vis_dir if dist_info.is_main else None,
                               args.vis_num)
-    show_progress = progress_enabled(dist_info.is_main)
     use_cache = bool(args.cache_latents) and not args.vis_dir
     if args.cache_latents and args.vis_dir:
         logger.info("--vis_dir draws the images, so they are read instead of the cached latents")
     if use_cache and config.img_size % model.vae_scale_factor:
         raise InputError(f"--cache_latents needs the model's image size to be a multiple of the "
                          f"VAE's downsampling factor {model.vae_scale_factor}; it is {config.img_size}")
-    results_by_split = {}
-    for split in splits:
-        dataset = build_dataset(args.refer_data_root, args.dataset, args.splitBy, split, config,
-                                eval_mode=True)
-        if args.swap_text:
-            if dataset.generalized:
-                swapped = dataset.swap_text_between_images()
-                logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
-                            f"the sentences of another image")
-            else:
-                swapped = dataset.swap_text_within_images()
-                logger.info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
-                            f"another object's sentences")
-        if use_cache:  # encode each image once; the dataset then reads latents
-            attach_latent_cache(model, [dataset], args.cache_latents, device, dtype,
-                                args.eval_batch_size, show_progress, workers=args.workers,
-                                training=False)
-        loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
-                              drop_last=False, eval_mode=True, pin_memory=args.pin_mem)
-        results_by_split[split] = evaluate(model, loader, device, dtype, on_predictions=writer,
-                                           show_progress=show_progress, desc=split)
+    evaluator = get_evaluator(get_dataset(args.dataset).evaluator)
+    results_by_split = {split: evaluate_split(args, model, split, evaluator, writer, use_cache,
+                                              progress_enabled(dist_info.is_main), dtype, device)
+                        for split in splits}
     if dist_info.is_main:
-        title = f"{args.dataset} ({args.splitBy}), {os.path.basename(os.path.normpath(args.checkpoint))}"
-        if args.swap_text:
-            title += (", sentences swapped between images (--swap_text)" if "gIoU" in next(iter(results_by_split.values()))
-                      else ", sentences swapped between objects of the same image (--swap_text)")
-        print(f"\n{title}\n{format_results_table(results_by_split)}\n", flush=True)
-        if args.results_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
-            with open(args.results_json, "w") as handle:
-                json.dump({"dataset": args.dataset, "splitBy": args.splitBy,
-                           "checkpoint": args.checkpoint, "config": config.to_dict(),
-                           "results": results_by_split}, handle, indent=2)
+        report_results(args, config, evaluator, results_by_split)
     cleanup()
     return 0
+
+
+def check_outputs(args, is_main):
+    """Whatever test.py is to write must be writable before anything is evaluated: --save_masks
+    (every process writes its masks), --vis_dir and --results_json (rank 0)."""
+    if args.save_masks:
+        ensure_writable_folder(args.save_masks, "--save_masks", what="masks folder")
+    if args.vis_dir and is_main:
+        ensure_writable_folder(args.vis_dir, "--vis_dir", what="panels folder")
+    if args.results_json and is_main:
+        ensure_writable_file(args.results_json, "--results_json")
+
+
+def evaluate_split(args, model, split, evaluator, writer, use_cache, show_progress, dtype, device):
+    """One held-out split (sentences swapped with --swap_text), scored by the dataset's evaluator."""
+    dataset = build_dataset(args.refer_data_root, args.dataset, args.splitBy, split, model.config,
+                            eval_mode=True)
+    if args.swap_text:
+        swapped, partners = dataset.swap_text()
+        get_logger().info(f"{split}: --swap_text paired {swapped} of {len(dataset)} refs with "
+                          f"{partners}")
+    if use_cache:  # encode each image once; the dataset then reads latents
+        attach_latent_cache(model, [dataset], args.cache_latents, device, dtype,
+                            args.eval_batch_size, show_progress, workers=args.workers,
+                            training=False)
+    loader = build_loader(dataset, args.eval_batch_size, args.workers, shuffle=False,
+                          drop_last=False, eval_mode=True, pin_memory=args.pin_mem)
+    return evaluate(model, loader, device, dtype, evaluator, on_predictions=writer,
+                    show_progress=show_progress, desc=split)
+
+
+def report_results(args, config, evaluator, results_by_split):
+    """The table on stdout (the evaluator's columns) and, with --results_json, the JSON."""
+    title = f"{args.dataset} ({args.splitBy}), {os.path.basename(os.path.normpath(args.checkpoint))}"
+    if args.swap_text:
+        title += ", sentences swapped (--swap_text)"
+    table = format_results_table(results_by_split, evaluator.columns, evaluator.counts)
+    print(f"\n{title}\n{table}\n", flush=True)
+    if args.results_json:
+        with atomic_write(args.results_json, "w") as handle:
+            json.dump({"dataset": args.dataset, "splitBy": args.splitBy,
+                       "checkpoint": args.checkpoint, "config": config.to_dict(),
+                       "evaluator": evaluator.name, "results": results_by_split}, handle, indent=2)
 
 
 if __name__ == "__main__":

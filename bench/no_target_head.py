@@ -12,11 +12,13 @@ bench/no_target_rule.py (`--area`), the head, and the head or the area rule.
 
 The head is not part of the model (models/): this is the measurement that decides whether it
 should be. Same machine and seed as a plain `bash train.sh gtoy LOGDIR 1` for the comparison.
+Training goes through engine.trainer.Trainer, whose `build_model` a subclass overrides; the head
+decays as VPD's classifier does (VPD's weight-decay rule judges a tensor VPD's model lacks by its
+own name).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -24,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engine.training
 import models
 from bench.no_target_rule import SentenceColumns, decision_scores
 from data.loaders import build_dataset, build_loader
+from engine.args import parse_args
+from engine.trainer import Trainer
 from engine.training import model_inputs
 from models.pretrained import load_model, read_model_source
 from models.segmenter import VPDSegmenter
@@ -54,8 +57,8 @@ class NoTargetHeadSegmenter(VPDSegmenter):
         head = self.no_target_head(pooled.to(self.no_target_head.weight.dtype))
         return torch.cat([logits, head[:, :, None, None].to(logits.dtype).expand(-1, 1, *logits.shape[-2:])], 1)
 
-    def loss(self, logits, masks, dice_weight=0.0):
-        mask_loss = super().loss(logits[:, :2], masks, dice_weight=dice_weight)
+    def loss(self, logits, masks):
+        mask_loss = super().loss(logits[:, :2], masks)
         no_target = (masks.flatten(1).sum(1) == 0).to(logits.dtype)
         return mask_loss + self.head_weight * F.binary_cross_entropy_with_logits(logits[:, 2, 0, 0], no_target)
 
@@ -66,6 +69,15 @@ class NoTargetHeadSegmenter(VPDSegmenter):
                       image_index=image_index)
         masks = logits[:, :2].argmax(dim=1).bool()
         return masks & ~(logits[:, 2, 0, 0] > 0)[:, None, None]
+
+
+class NoTargetHeadTrainer(Trainer):
+    """train.py's loop and recipe, training the segmenter with the head."""
+
+    head_weight = 0.2
+
+    def build_model(self):
+        return NoTargetHeadSegmenter(super().build_model(), self.head_weight)
 
 
 def sentence_columns(model, loader):
@@ -94,21 +106,12 @@ def main(argv=None) -> int:
     args, train_flags = parser.parse_known_args(argv)
     train_flags = [flag for flag in train_flags if flag != "--"]
 
-    # The program itself, for its loop (a top-level file, not a package module).
-    spec = importlib.util.spec_from_file_location("train_program", os.path.join(REPO_ROOT, "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-
-    train.build_model = lambda config: NoTargetHeadSegmenter(models.build_model(config), args.head_weight)
-    # VPD's weight-decay rule reads each tensor's name in VPD's model; the head decays, as VPD's
-    # classifier does.
-    vpd_name = engine.training.vpd_parameter_name
-    engine.training.vpd_parameter_name = lambda name, unet_config: (
-        name if name.startswith("no_target_head.") else vpd_name(name, unet_config))
     output_dir = os.path.join(args.logdir, "ckpt")
-    status = train.main(["--dataset", "gtoy", "--refer_data_root", args.refer_data_root,
-                         "--log_dir", args.logdir, "--output-dir", output_dir,
-                         "--no_target_area", "0", "--no_auto_resume", *train_flags])
+    trainer = NoTargetHeadTrainer(parse_args("train", [
+        "--dataset", "gtoy", "--refer_data_root", args.refer_data_root, "--log_dir", args.logdir,
+        "--output-dir", output_dir, "--no_target_area", "0", "--no_auto_resume", *train_flags]))
+    trainer.head_weight = args.head_weight
+    status = trainer.fit()
     if status:
         return status
 

@@ -60,7 +60,7 @@ def decision_scores(samples, predicted_none):
     # An emptied mask's union is its target alone (GRESMetric zeroes its intersection).
     union = torch.where(predicted_none, samples["target"], samples["U"])
     metric = GRESMetric()
-    metric.update(samples["I"], union, predicted_none, samples["no_target"].bool())
+    metric.accumulate(*metric.from_counts(samples["I"], union, predicted_none, samples["no_target"].bool()))
     return metric.compute()
 
 

@@ -51,7 +51,8 @@ class ReferringDataset(Protocol):
     img_size: int            # S: side of the square image and mask
     eval_mode: bool          # every sentence per item (evaluation) or one drawn (training)
     split: str               # the split's name (log lines)
-    generalized: bool        # expressions may name several objects or none: GRES metrics
+    generalized: bool        # expressions may name several objects or none
+    evaluator: str           # how its predictions are scored (its catalog record's; engine/evaluators/)
     refs: list[dict]         # the REFER-style ref of each item: ref_id, image_id, sentences, ...
 
     def __len__(self) -> int: ...
@@ -74,13 +75,10 @@ class ReferringDataset(Protocol):
         """Item ``index``'s transformed image and mask read from the image file, also while a
         latent cache serves the items (validation panels)."""
 
-    def swap_text_within_images(self) -> int:
-        """test.py --swap_text, one target per expression: pair each mask with the sentences of
-        another ref of its image; returns how many refs were paired."""
-
-    def swap_text_between_images(self) -> int:
-        """test.py --swap_text, generalized datasets: pair each mask with the sentences of a ref
-        of another image; returns how many refs were paired."""
+    def swap_text(self) -> tuple[int, str]:
+        """test.py --swap_text: pair each mask with other sentences, the text-blind control (the
+        dataset decides which: of another object of its image, or of another image where
+        expressions may name nothing); returns (refs paired, with what, for messages)."""
 
 
 @runtime_checkable

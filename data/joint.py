@@ -32,6 +32,7 @@ class JointReferDataset(ConcatDataset):
         self.img_size = members[0].img_size
         self.eval_mode = members[0].eval_mode
         self.generalized = members[0].generalized
+        self.evaluator = members[0].evaluator  # joint training takes datasets of one evaluator
         self.split = "+".join(sorted({member.split for member in members}))
 
     def set_sentence_seed(self, seed):

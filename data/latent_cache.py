@@ -23,6 +23,7 @@ record always describes the latent beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -68,7 +69,8 @@ class LatentCache:
         self.fingerprint = fingerprint
         self.img_size = int(img_size)
         self.directory = os.path.join(root, fingerprint, str(self.img_size))
-        os.makedirs(self.directory, exist_ok=True)
+        with self._writing(self.directory):
+            os.makedirs(self.directory, exist_ok=True)
 
     def path(self, key: str) -> str:
         if not isinstance(key, str) or not key or key.startswith("."):  # hidden, or a temporary
@@ -134,14 +136,28 @@ class LatentCache:
         except FileNotFoundError:
             pass
         # No fsync: a latent lost in a crash is only encoded again.
-        with atomic_write(self.path(key), fsync=False) as handle:
+        with self._writing(self.path(key)), atomic_write(self.path(key), fsync=False) as handle:
             np.save(handle, array, allow_pickle=False)
         if record is not None:
             self._write_record(key, record)
 
     def _write_record(self, key: str, record: dict) -> None:
-        with atomic_write(self.record_path(key), "w", fsync=False) as handle:
+        path = self.record_path(key)
+        with self._writing(path), atomic_write(path, "w", fsync=False) as handle:
             json.dump(record, handle)
+
+    @contextlib.contextmanager
+    def _writing(self, path: str):
+        """A write that fails (a full disk, a read-only folder) is a LatentCacheError naming the
+        file; what the cache held before stays valid (atomic writes)."""
+        try:
+            yield
+        except OSError as error:
+            if isinstance(error, LatentCacheError):
+                raise
+            raise LatentCacheError(f"cannot write {path} in the latent cache: "
+                                   f"{error.strerror or error}; free space there or pass another "
+                                   f"--cache_latents folder (none: no cache)") from error
 
     def __len__(self) -> int:
         return sum(name.endswith(_SUFFIX) for name in os.listdir(self.directory))

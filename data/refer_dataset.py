@@ -88,7 +88,9 @@ class ReferDataset(Dataset):
         self.text_source = None  # see swap_text_within_images
         self.transform = ImageMaskTransform(img_size)
 
-        refer = get_dataset(dataset).read(data_root, splitBy)
+        record = get_dataset(dataset)
+        self.evaluator = record.evaluator
+        refer = record.read(data_root, splitBy)
         self.refs_path = refer.refs_path
         ref_ids = refer.getRefIds(split=split)
         if not ref_ids:
@@ -313,6 +315,14 @@ class ReferDataset(Dataset):
             item["input_ids"], item["attention_mask"] = self._tokens(first + choice)
             item["sent_id"] = int(self.sent_ids[index][choice])
         return item
+
+    def swap_text(self) -> tuple[int, str]:
+        """test.py --swap_text, the text-blind control: each mask paired with another object's
+        sentences of its image, or, where expressions may name nothing or several objects, with
+        the sentences of another image. Returns (refs paired, with what, for messages)."""
+        if self.generalized:
+            return self.swap_text_between_images(), "the sentences of another image"
+        return self.swap_text_within_images(), "another object's sentences of the same image"
 
     def swap_text_within_images(self) -> int:
         """Pair each ref's mask with the sentences of the next ref of the same image (cyclically).

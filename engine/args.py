@@ -16,10 +16,11 @@ import argparse
 import os
 import sys
 
-from models import PRESETS, SegmenterConfig, complete_config, get_preset
+from models import LOSS_TERMS, PRESETS, LossConfig, SegmenterConfig, complete_config, get_preset
 from refer.catalog import (JSONL_PREFIX, CatalogError, dataset_names, get_dataset,
                            joint_training_refusal, parse_dataset_item)
 from utils.errors import InputError
+from utils.io import is_plain_file_name
 from utils.paths import DEFAULT_DATA_ROOT, DEFAULT_OUTPUT_DIR
 
 from .inference import MAX_PIXELS
@@ -95,12 +96,28 @@ def positive_float(text):
     return value
 
 
+def _named_value(text, form, example):
+    """NAME=VALUE -> (name, a non-negative number): --lr_scale, --loss_weight."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected {form} such as {example}, got {text!r}")
+    return name, nonnegative_float(value)
+
+
 def lr_scale_setting(text):
     """--lr_scale GROUP=VALUE -> (group, value); the group is checked against the preset later."""
-    group, sep, value = text.partition("=")
-    if not sep or not group:
-        raise argparse.ArgumentTypeError(f"expected GROUP=VALUE such as unet=0.01, got {text!r}")
-    return group, nonnegative_float(value)
+    return _named_value(text, "GROUP=VALUE", "unet=0.01")
+
+
+def loss_weight_item(text):
+    """--loss_weight TERM=WEIGHT -> (term, weight) for a registered loss term."""
+    name, weight = _named_value(text, "TERM=WEIGHT", "cross_entropy=0.5")
+    if name == "dice":
+        raise argparse.ArgumentTypeError("the Dice term's weight is --dice_weight")
+    if name not in LOSS_TERMS:
+        raise argparse.ArgumentTypeError(f"unknown loss term {name!r}; known: {', '.join(LOSS_TERMS)} "
+                                         f"(models.register_loss_term adds one)")
+    return name, weight
 
 
 def area_fraction(text):
@@ -308,6 +325,12 @@ def _optimization(parser):
                             "0, VPD's loss is cross-entropy alone; toy: "
                             f"{get_dataset('toy').recipe['dice_weight']}, it lifts the slow seeds "
                             "of the 5-epoch CPU run, bench/RESULTS.md)")
+    group.add_argument("--loss_weight", type=loss_weight_item, action="append", default=[],
+                       metavar="TERM=WEIGHT",
+                       help="the weight of a term of the loss (models/loss.py: "
+                            f"{', '.join(LOSS_TERMS)}, and any registered with "
+                            "models.register_loss_term), e.g. cross_entropy=0.5; give it once per "
+                            "term (default: cross_entropy=1, dice=--dice_weight, VPD's loss)")
     group.add_argument("--accum_steps", type=positive_int, default=1,
                        help="gradient accumulation: batches per optimizer step, so the global "
                             "batch is batch-size x processes x accum_steps (VPD's 32 on 2 GPUs: "
@@ -667,6 +690,9 @@ def check_args(parser, args, program):
                 if args.split not in allowed:
                     parser.error(f"argument --split: {dataset} ({splitBy}) has no held-out split "
                                  f"{args.split!r}; expected one of {', '.join(allowed) or 'none'}")
+    if getattr(args, "model_id", None) is not None and not is_plain_file_name(args.model_id):
+        parser.error(f"argument --model_id: {args.model_id!r} is not a plain name (it names the "
+                     f"checkpoint files in --output-dir and the log folder; no '/')")
     if getattr(args, "device", "auto") not in ("auto", "cpu", "cuda") and not str(
             args.device).startswith("cuda:"):
         parser.error(f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
@@ -742,11 +768,13 @@ class ModelFlagError(InputError, ValueError):
 
 
 def model_config(args):
-    """train.py: the SegmenterConfig the flags describe, with what they leave to the preset."""
+    """train.py: the SegmenterConfig the flags describe, with what they leave to the preset; its
+    loss section from --dice_weight and --loss_weight."""
+    loss = LossConfig.with_terms(dice=args.dice_weight, **dict(args.loss_weight))
     return complete_config(SegmenterConfig(preset=args.model, token_length=args.token_length,
                                            img_size=args.img_size, attn_grad=bool(args.attn_grad),
                                            no_target_area=args.no_target_area, sd_path=args.sd_path,
-                                           clip_path=args.clip_path))
+                                           clip_path=args.clip_path, loss=loss))
 
 
 def reconcile_model_config(config, args, source):

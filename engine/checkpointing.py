@@ -6,7 +6,8 @@ Resuming follows three rules, each failing with a message that names the setting
    checkpoint in its --output-dir), every rank reads the same file name in its own --output-dir, and
    all compare what they found (run id, epoch, iteration). A node that sees another file, or none,
    stops the whole run: the output folder must be shared by all nodes.
-2. The model must be the one the flags describe (its config: preset, token length, image size...).
+2. The model must be the one the flags describe (its config: preset, token length, image size,
+   the loss section...).
 3. The schedule must be the one the checkpoint was written with: --epochs, --batch-size, --lr, the
    number of processes and the train split's size decide where each step falls in the poly
    schedule, so resuming under other values would silently train a different run. To train on
@@ -39,7 +40,6 @@ SCHEDULE_FLAGS = {
     "warmup_epochs": "--warmup_epochs",
     "accum_steps": "--accum_steps",
     "weight_decay_rule": "--weight_decay_rule",
-    "dice_weight": "--dice_weight",
     "bn_group_size": "--bn_group_size",
     "processes": "the number of processes (NPROC x nodes)",
     "iterations_per_epoch": "the train split (its number of refs)",
@@ -55,7 +55,7 @@ def new_run_id():
 
 
 def build_checkpoint(model, optimizer, scheduler, scaler, args, schedule, run_id, epoch,
-                     iteration, best):
+                     iteration, best, epoch_loss=None):
     """The dict a training checkpoint holds (see utils.checkpoint.save_checkpoint)."""
     segmenter = unwrap(model)
     return {
@@ -66,6 +66,8 @@ def build_checkpoint(model, optimizer, scheduler, scaler, args, schedule, run_id
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,          # the epoch to run next
         "iteration": iteration,  # batches of `epoch` already done (non-zero after a stop mid-epoch)
+        # (sum, count) of the losses of those batches: the resumed epoch's mean covers them too
+        "epoch_loss": list(epoch_loss) if epoch_loss else None,
         "best": dict(best),      # {"score", "epoch", "metric", "val"}: the best validation so far
         "schedule": dict(schedule),
         "run_id": run_id,

@@ -9,10 +9,12 @@
 
 A resumed run continues metrics.jsonl and the TensorBoard events from its checkpoint's step:
 rows and events written after that step (by the interrupted segment) are dropped first, so no
-epoch appears twice. Only rank 0 writes.
+epoch appears twice. Only rank 0 writes. A file that cannot be written (a full disk) raises
+RecordWriteError naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 
 from refer.catalog import get_dataset
-from utils.io import atomic_write, is_plain_file_name, sha256_of_file
+from utils.errors import InputError
+from utils.io import atomic_write, is_plain_file_name, sha256_of_file, unused_path
 from utils.paths import REPO_ROOT
 from utils.plots import plot_runs, read_metrics
 from utils.visualize import comparison_panel, tensor_to_image
@@ -37,33 +40,50 @@ CURVES_NAME = "curves.png"
 PANELS_PER_EPOCH = 4
 
 
+class RecordWriteError(InputError, OSError):
+    """A file of the run record cannot be written (a full disk, a read-only folder)."""
+
+
+@contextlib.contextmanager
+def writing(path):
+    """OSErrors of the block become a RecordWriteError naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        raise RecordWriteError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 class RunRecord:
-    """The log folder's files (see the module docstring). A no-op on ranks other than 0."""
+    """The log folder's files (see the module docstring). A no-op on ranks other than 0.
+    `curves`: the validation results curves.png draws (the evaluator's)."""
 
     def __init__(self, log_dir, run_id, enabled=True, tensorboard=True, resume_step=None,
-                 resume_epoch=None):
-        self.log_dir, self.run_id, self.enabled = log_dir, run_id, enabled
+                 resume_epoch=None, curves=()):
+        self.log_dir, self.run_id, self.enabled, self.curves = log_dir, run_id, enabled, tuple(curves)
         self.metrics_path = os.path.join(log_dir, METRICS_NAME)
         self.writer = None
         if not enabled:
             return
-        os.makedirs(log_dir, exist_ok=True)
-        if resume_step is None:
-            self._set_aside_earlier_run()
-        else:
-            self._drop_rows_after(resume_step, resume_epoch)
+        with writing(self.metrics_path):
+            os.makedirs(log_dir, exist_ok=True)
+            if resume_step is None:
+                self._set_aside_earlier_run()
+            else:
+                self._drop_rows_after(resume_step, resume_epoch)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
-            self.writer = SummaryWriter(log_dir, purge_step=resume_step or None)
+            with writing(log_dir):
+                self.writer = SummaryWriter(log_dir, purge_step=resume_step or None)
 
     def _set_aside_earlier_run(self):
-        """A fresh run in a folder that holds another run's metrics keeps them under its run id."""
+        """A fresh run in a folder that holds another run's metrics keeps them under its run id
+        (numbered when that name is taken: an earlier file is never replaced)."""
         if os.path.isfile(self.metrics_path):
             rows = read_metrics(self.metrics_path)
             earlier = rows[0].get("run_id", "earlier") if rows else "earlier"
             name = f"metrics.{earlier}.jsonl"  # the run id comes from the file: checked
-            os.replace(self.metrics_path, os.path.join(
-                self.log_dir, name if is_plain_file_name(name) else "metrics.earlier.jsonl"))
+            kept = os.path.join(self.log_dir, name if is_plain_file_name(name) else "metrics.earlier.jsonl")
+            os.replace(self.metrics_path, unused_path(kept))
 
     def _drop_rows_after(self, step, epoch):
         if not os.path.isfile(self.metrics_path):
@@ -75,7 +95,7 @@ class RunRecord:
             handle.writelines(json.dumps(row) + "\n" for row in kept)
 
     def _append(self, row):
-        with open(self.metrics_path, "a") as handle:
+        with writing(self.metrics_path), open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
 
@@ -93,7 +113,7 @@ class RunRecord:
                     starts = earlier.get("starts", [])
             except (OSError, ValueError):
                 pass
-        with atomic_write(path, "w") as handle:
+        with writing(path), atomic_write(path, "w") as handle:
             json.dump({"run_id": self.run_id, "starts": starts + [manifest]}, handle, indent=2)
 
     def iteration(self, epoch, iteration, step, loss, lr, images_per_second):
@@ -103,35 +123,44 @@ class RunRecord:
                       "iteration": iteration, "step": step, "loss": loss, "lr": lr,
                       "images_per_s": images_per_second, "time": time.time()})
         if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", lr, step)
-            self.writer.add_scalar("train/images_per_s", images_per_second, step)
+            with writing(self.log_dir):
+                self.writer.add_scalar("train/loss", loss, step)
+                self.writer.add_scalar("train/lr", lr, step)
+                self.writer.add_scalar("train/images_per_s", images_per_second, step)
 
     def epoch(self, row, panels=()):
-        """An epoch's row (see train.py), then the TensorBoard scalars and panels, then curves.png."""
+        """An epoch's row (engine/trainer.py), then the TensorBoard scalars and panels, then
+        curves.png."""
         if not self.enabled:
             return
         row = {"kind": "epoch", "run_id": self.run_id, **row, "time": time.time()}
         self._append(row)
         if self.writer is not None:
-            step = row["step"]
-            self.writer.add_scalar("epoch/train_loss", row["train_loss"], step)
-            self.writer.add_scalar(f"epoch/{row['score_name'].replace(' ', '_')}", row["score"], step)
-            for dataset, metrics in row["val"].items():
-                for name, value in metrics.items():
-                    if isinstance(value, (int, float)) and name not in ("refs", "sentences", "seconds"):
-                        self.writer.add_scalar(f"val/{dataset}/{name}", value, step)
-            for index, panel in enumerate(panels):
-                self.writer.add_image(f"val_panels/{index}", torch.from_numpy(panel.copy()), step,
-                                      dataformats="HWC")
-            self.writer.flush()
-        plot_runs([(os.path.basename(os.path.normpath(self.log_dir)), read_metrics(self.metrics_path))],
-                  os.path.join(self.log_dir, CURVES_NAME), title=f"run {self.run_id}")
+            with writing(self.log_dir):
+                self._epoch_events(row, panels)
+        curves = os.path.join(self.log_dir, CURVES_NAME)
+        with writing(curves):
+            plot_runs([(os.path.basename(os.path.normpath(self.log_dir)), read_metrics(self.metrics_path))],
+                      curves, self.curves, title=f"run {self.run_id}")
+
+    def _epoch_events(self, row, panels):
+        step = row["step"]
+        self.writer.add_scalar("epoch/train_loss", row["train_loss"], step)
+        self.writer.add_scalar(f"epoch/{row['score_name'].replace(' ', '_')}", row["score"], step)
+        for dataset, metrics in row["val"].items():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and name not in ("refs", "sentences", "seconds"):
+                    self.writer.add_scalar(f"val/{dataset}/{name}", value, step)
+        for index, panel in enumerate(panels):
+            self.writer.add_image(f"val_panels/{index}", torch.from_numpy(panel.copy()), step,
+                                  dataformats="HWC")
+        self.writer.flush()
 
     def close(self):
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            with writing(self.log_dir):
+                writer.close()
 
 
 class PanelCollector:

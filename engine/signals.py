@@ -20,8 +20,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason):
+        """Ask the loops to stop at the next safe point; `reason` names it in messages (the
+        signal's name)."""
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = reason
 
     def agreed(self, device):
         """True on every process once any of them was signalled, so all stop at the same step

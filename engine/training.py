@@ -19,10 +19,18 @@ def vpd_weight_decay(model):
     whose name lacks "norm" decays. That includes the biases, the ResBlocks' GroupNorms (LDM's
     in_layers.0 / out_layers.0, which diffusers calls norm1 / norm2: the rule must see LDM names),
     the decoder's BatchNorms (bn*), and gamma; it exempts only the transformer blocks' norm,
-    norm1..3."""
+    norm1..3. A tensor VPD's model lacks (of a module a subclass adds, as bench/no_target_head.py's
+    head) is judged by its own name."""
     segmenter = unwrap(model)
     unet_config = segmenter.backbone.unet.config
-    vpd_names = {name: vpd_parameter_name(name.removeprefix("module."), unet_config)
+
+    def vpd_name(name):
+        try:
+            return vpd_parameter_name(name, unet_config)
+        except ValueError:  # no counterpart in VPD's model
+            return name
+
+    vpd_names = {name: vpd_name(name.removeprefix("module."))
                  for name, parameter in segmenter.named_parameters() if parameter.requires_grad}
     return lambda name, parameter: "norm" not in vpd_names[name]
 
@@ -84,12 +92,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def forward_and_loss(model, inputs, masks, device, dtype, dice_weight=0.0):
-    """Forward under autocast, then the segmenter's loss in fp32 (with `dice_weight` times its
-    Dice term): the part of a training step that `compile_step` compiles as one graph."""
+def forward_and_loss(model, inputs, masks, device, dtype):
+    """Forward under autocast, then the segmenter's loss in fp32 (its config's loss section, built
+    by the model): the part of a training step that `compile_step` compiles as one graph."""
     with autocast(device, dtype):
         logits = model(**inputs)
-    return unwrap(model).loss(logits.float(), masks, dice_weight=dice_weight)
+    return unwrap(model).loss(logits.float(), masks)
 
 
 def compile_step(mode="default", dynamic=False, backend="inductor"):
@@ -122,11 +130,11 @@ def compile_model(model, mode="default", backend="inductor"):
 
 
 def forward_backward(model, inputs, masks, device, dtype, scaler=None, loss_scale=1.0,
-                     dice_weight=0.0, step=forward_and_loss):
+                     step=forward_and_loss):
     """`step` (forward_and_loss, or its compiled form) then the backward of `loss * loss_scale`
     (1/K under gradient accumulation). Gradients add to those already there. Returns the unscaled
     loss tensor."""
-    loss = step(model, inputs, masks, device, dtype, dice_weight)
+    loss = step(model, inputs, masks, device, dtype)
     scaled = loss * loss_scale if loss_scale != 1.0 else loss
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss
@@ -159,9 +167,9 @@ class LossReadings:
     the host keeps queuing work while the GPU runs. A non-finite loss is still named by its own
     iteration."""
 
-    def __init__(self):
+    def __init__(self, total=0.0, count=0):
         self.pending = []  # (loss tensor, iteration, global step)
-        self.total, self.count = 0.0, 0
+        self.total, self.count = total, count  # an epoch resumed mid-way continues its sums
 
     def add(self, loss, iteration, step):
         # A copy: under CUDA graphs the step's output tensor is overwritten by the next replay.
@@ -187,38 +195,29 @@ class LossReadings:
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, scaler=None,
                     start_iteration=0, stop=None, show_progress=True, print_freq=10,
-                    on_interval=None, accum_steps=1, cpu_threads=None, dice_weight=0.0,
-                    step=forward_and_loss):
+                    on_interval=None, accum_steps=1, after_step=None, step=forward_and_loss,
+                    loss_sums=None):
     """One pass over `loader` (which already skips the first `start_iteration` batches).
 
     With `accum_steps` K > 1 every optimizer step sums the gradients of K batches (each loss
-    scaled by 1/K; DDP synchronises on the K-th only) and the scheduler counts optimizer steps.
-    The epoch's last len(loader) mod K batches are left out, as drop_last leaves out a partial
-    batch, and a stop is honoured at the end of an accumulation, never inside one: `iteration`
-    (the batches done, saved in checkpoints) is always a multiple of K.
+    scaled by 1/K; DDP synchronises on the K-th only) and the scheduler counts optimizer steps;
+    the last len(loader) mod K batches are left out (as drop_last), and a stop is honoured at the
+    end of an accumulation only: `iteration` (saved in checkpoints) is a multiple of K. Losses
+    stay on the device between readings (LossReadings, every `print_freq` iterations, `Interval`);
+    a non-finite one raises NonFiniteLossError there. `stop` (a StopRequest) is checked after
+    every optimizer step, `after_step()` called after every batch; `step` is forward_and_loss or
+    its compiled form; `loss_sums` (total, count) continues an epoch resumed mid-way.
 
-    The losses stay on the device between readings (LossReadings): every `print_freq` iterations
-    (0: only at the end) they are read, `on_interval(epoch, iteration, step, loss, lr,
-    images_per_second)` sees the interval's mean loss (the run record), and without a progress bar
-    (a log file, not a terminal) a progress line is logged. A non-finite loss raises
-    NonFiniteLossError at that reading, naming its iteration; nothing is saved in between. `stop`
-    (a StopRequest) is checked after every optimizer step: the epoch then ends early, to be saved
-    and resumed at that very batch. `cpu_threads` (a utils.cpu_threads.CpuThreads) is polled after
-    every step. `dice_weight` weighs the loss's Dice term (VPDSegmenter.loss); `step` is
-    forward_and_loss or its compiled form (compile_step).
-
-    Returns a dict: mean loss, last lr, images seen, seconds, iterations (batches) done in this
-    epoch (counting the skipped ones), and whether a stop was requested.
+    Returns a dict: mean loss of the epoch's batches, last lr, images seen and seconds (this
+    call's), iterations done in the epoch, `loss_sums`, and whether a stop was requested.
     """
     model.train()
-    readings = LossReadings()
-    num_images = 0
-    iteration = start_iteration
-    start_time = interval_start = time.perf_counter()
-    interval_images = 0
+    readings = LossReadings(*(loss_sums or ()))
     total = (start_iteration + len(loader)) // accum_steps * accum_steps
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True,
                     initial=start_iteration, total=total)
+    interval = Interval(epoch, total, print_freq, progress, on_interval, show_progress)
+    iteration, start_time = start_iteration, time.perf_counter()
     for batch in progress:
         if iteration >= total:
             break
@@ -232,44 +231,55 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
                 else model.no_sync())
         with sync:
             loss = forward_backward(model, model_inputs(batch, device), masks, device, dtype,
-                                    scaler, loss_scale=1.0 / accum_steps, dice_weight=dice_weight,
-                                    step=step)
+                                    scaler, loss_scale=1.0 / accum_steps, step=step)
         if last_micro_step:
             optimizer_step(optimizer, scaler)
             scheduler.step()
         readings.add(loss, iteration, scheduler.last_epoch)
-        num_images += masks.shape[0]
         iteration += 1
-        interval_images += masks.shape[0]
-        if print_freq and iteration % print_freq == 0:
-            values = readings.read(epoch)
-            now = time.perf_counter()
-            lr = scheduled_lr(scheduler)
-            mean_loss, images_per_second = sum(values) / len(values), interval_images / (now - interval_start)
-            progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
-            if on_interval is not None:
-                on_interval(epoch, iteration, scheduler.last_epoch, mean_loss, lr, images_per_second)
-            if not show_progress:
-                get_logger().info(f"epoch {epoch + 1} iteration {iteration}/{total} | loss "
-                                  f"{mean_loss:.4f} | lr {lr:.2e} | {images_per_second:.1f} img/s")
-            interval_start, interval_images = now, 0
-        if cpu_threads is not None:
-            cpu_threads.poll()
+        interval.after_batch(iteration, masks.shape[0], readings, scheduler)
+        if after_step is not None:
+            after_step()
         if last_micro_step and stop is not None and stop.agreed(device):
             break
     progress.close()
     readings.read(epoch)  # before anything is saved: a non-finite loss since the last reading
-    steps = steps_done(iteration, start_iteration)
-    return {"loss": readings.total / steps, "lr": scheduled_lr(scheduler),
-            "images": num_images, "seconds": time.perf_counter() - start_time,
-            "iterations": iteration, "stopped": iteration < total}
+    return {"loss": readings.total / max(readings.count, 1), "lr": scheduled_lr(scheduler),
+            "images": interval.epoch_images, "seconds": time.perf_counter() - start_time,
+            "iterations": iteration, "loss_sums": (readings.total, readings.count),
+            "stopped": iteration < total}
+
+
+class Interval:
+    """train_one_epoch's reading every `print_freq` iterations (0: only at the end): the
+    interval's mean loss and images per second go to `on_interval(epoch, iteration, step, loss,
+    lr, images_per_second)` (the run record), to the progress bar, and, without a progress bar
+    (a log file, not a terminal), to a log line."""
+
+    def __init__(self, epoch, total, print_freq, progress, on_interval, show_progress):
+        self.epoch, self.total, self.print_freq, self.progress = epoch, total, print_freq, progress
+        self.on_interval, self.show_progress = on_interval, show_progress
+        self.start, self.images, self.epoch_images = time.perf_counter(), 0, 0
+
+    def after_batch(self, iteration, images, readings, scheduler):
+        self.images += images
+        self.epoch_images += images
+        if not self.print_freq or iteration % self.print_freq:
+            return
+        values = readings.read(self.epoch)
+        now = time.perf_counter()
+        lr = scheduled_lr(scheduler)
+        mean_loss, images_per_second = sum(values) / len(values), self.images / (now - self.start)
+        self.progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.2e}")
+        if self.on_interval is not None:
+            self.on_interval(self.epoch, iteration, scheduler.last_epoch, mean_loss, lr, images_per_second)
+        if not self.show_progress:
+            get_logger().info(f"epoch {self.epoch + 1} iteration {iteration}/{self.total} | loss "
+                              f"{mean_loss:.4f} | lr {lr:.2e} | {images_per_second:.1f} img/s")
+        self.start, self.images = now, 0
 
 
 def scheduled_lr(scheduler):
     """The lr to log: the largest of the groups' (the schedule's own value unless every group is
     scaled down; EVP scales its UNet, CLIP and VAE groups by 1e-4)."""
     return max(scheduler.get_last_lr())
-
-
-def steps_done(iteration, start_iteration):
-    return max(iteration - start_iteration, 1)

@@ -6,9 +6,10 @@ from . import presets  # noqa: F401  registers every preset
 from .adapter import TextAdapter
 from .attention import AttentionMapStore, MapRecordingAttnProcessor, install_attention_map_processors
 from .backbone import DiffusionBackbone, decoder_in_channels
-from .config import ConfigError, SegmenterConfig
+from .config import ConfigError, LossConfig, SegmenterConfig
 from .decoder import SimpleDecoder
 from .factory import build_model, build_model_on_meta, create_segmenter, export_model_folder, load_pretrained
+from .loss import LOSS_TERMS, SegmentationLoss, register_loss_term
 from .pretrained import is_model_folder, read_model_source, save_pretrained
 from .registry import PRESETS, Preset, PretrainedWeights, Recipe, complete_config, get_preset, register_preset
 from .segmenter import VPDSegmenter
@@ -28,12 +29,15 @@ __all__ = [
     "CheckpointLayout",
     "ConfigError",
     "DiffusionBackbone",
+    "LOSS_TERMS",
     "LoadReport",
+    "LossConfig",
     "MapRecordingAttnProcessor",
     "PRESETS",
     "Preset",
     "PretrainedWeights",
     "Recipe",
+    "SegmentationLoss",
     "SegmenterConfig",
     "SimpleDecoder",
     "TextAdapter",
@@ -53,6 +57,7 @@ __all__ = [
     "load_pretrained_components",
     "load_segmenter_state",
     "read_model_source",
+    "register_loss_term",
     "register_preset",
     "save_pretrained",
 ]

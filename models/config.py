@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import InputError
 from utils.io import atomic_write
 
-__all__ = ["SegmenterConfig", "ConfigError", "BOUNDS"]
+__all__ = ["SegmenterConfig", "LossConfig", "ConfigError", "BOUNDS"]
 
 # The allowed range of every integer setting: beyond it a model is not a VPD-like segmenter but a
 # memory error (an img_size of 100000 asks for terabytes). A preset may narrow a range further
@@ -28,6 +30,86 @@ BOUNDS = {
 
 class ConfigError(InputError, ValueError):
     """A config value outside its range, or a config file that is not one of ours."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss: a weighted sum of terms (models/loss.py), recorded with the model like
+    the rest of its config, so a checkpoint says what it was trained with and a resumed run must
+    train with the same.
+
+    Args:
+        class_weights: the (background, object) class weights the terms read (cross-entropy's
+            `weight`; VPD and LAVT: 0.9, 1.1).
+        terms: term name -> weight (a mapping, kept as sorted (name, weight) pairs); the names are
+            those of `models.loss.LOSS_TERMS` (built in: cross_entropy, dice;
+            `models.register_loss_term` adds one). Terms of weight 0 are left out; the sum runs in
+            alphabetical order of the names. VPD: cross-entropy alone; the toy's recipe adds Dice
+            with weight 1 (`--dice_weight`).
+    """
+
+    class_weights: tuple[float, float] = (0.9, 1.1)
+    terms: Mapping[str, float] | tuple[tuple[str, float], ...] = (("cross_entropy", 1.0),)
+
+    def __post_init__(self):
+        weights = self.class_weights
+        if (not isinstance(weights, (list, tuple)) or len(weights) != 2
+                or not all(_is_number(w) and w >= 0 for w in weights)):
+            raise ConfigError(f"class_weights must be two non-negative numbers (background, "
+                              f"object), got {weights!r}")
+        object.__setattr__(self, "class_weights", tuple(float(w) for w in weights))
+        try:
+            terms = dict(self.terms)
+        except (TypeError, ValueError):
+            terms = None
+        if terms is None or not all(isinstance(name, str) and name for name in terms):
+            raise ConfigError(f"terms must map term names to weights, got {self.terms!r}")
+        bad = {name: weight for name, weight in terms.items() if not (_is_number(weight) and weight >= 0)}
+        if bad:
+            raise ConfigError(f"term weights must be non-negative numbers, got {bad}")
+        object.__setattr__(self, "terms", tuple((name, float(terms[name])) for name in sorted(terms)
+                                                if terms[name]))
+
+    @classmethod
+    def with_terms(cls, **terms: float) -> LossConfig:
+        """VPD's cross-entropy (weight 1) with other terms' weights given or changed:
+        `LossConfig.with_terms(dice=1.0)`."""
+        return cls(terms={"cross_entropy": 1.0, **terms})
+
+    def weight(self, term: str) -> float:
+        """The weight of a term (0 when the loss leaves it out)."""
+        return dict(self.terms).get(term, 0.0)
+
+    def to_dict(self) -> dict:
+        return {"class_weights": list(self.class_weights), "terms": dict(self.terms)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping, source: str = "loss") -> LossConfig:
+        return _from_dict(cls, values, source, "loss settings")
+
+    def __repr__(self) -> str:
+        return repr(self.to_dict())
+
+
+def _from_dict(cls, values, source: str, what: str):
+    """`cls(**values)` of settings read from `source` (a file, a checkpoint), every error naming
+    it: not a dict, settings this version does not know, a value out of its range."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source} holds a {type(values).__name__}, expected a dict of {what}")
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source} has settings this version does not know: "
+                          f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _is_number(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -52,6 +134,8 @@ class SegmenterConfig:
         no_target_area: `predict` answers "no target" (an empty mask) when the mask covers at most
             this fraction of the image; 0 = only an empty mask does (VPD; the classic datasets).
             For expressions that may refer to nothing (gRefCOCO): bench/no_target_rule.py.
+        loss: the training loss (`LossConfig`; a dict of its fields is accepted); VPD's
+            class-weighted cross-entropy by default.
     """
 
     preset: str = "vpd"
@@ -63,6 +147,7 @@ class SegmenterConfig:
     clip_path: str | None = None
     pad_token_id: int | None = None
     no_target_area: float = 0.0
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
         if not isinstance(self.preset, str) or not self.preset:
@@ -85,27 +170,21 @@ class SegmenterConfig:
                 object.__setattr__(self, name, os.fspath(value))
             elif value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a path or null, got {value!r}")
+        if isinstance(self.loss, Mapping):
+            object.__setattr__(self, "loss", LossConfig.from_dict(self.loss))
+        elif not isinstance(self.loss, LossConfig):
+            raise ConfigError(f"loss must be a LossConfig or a dict of its settings, got {self.loss!r}")
 
     def replace(self, **changes) -> SegmenterConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**values, "loss": self.loss.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> SegmenterConfig:
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source} holds a {type(values).__name__}, expected a dict of "
-                              f"segmenter settings")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source} has settings this version does not know: "
-                              f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**values)
-        except ConfigError as error:
-            raise ConfigError(f"{source}: {error}") from None
+        return _from_dict(cls, values, source, "segmenter settings")
 
     def save(self, path: str | Path) -> None:
         with atomic_write(path, "w") as handle:

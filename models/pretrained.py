@@ -37,7 +37,7 @@ from utils.errors import InputError
 from utils.io import atomic_write
 
 from .card import CARD_NAME, model_card, training_record
-from .config import ConfigError, SegmenterConfig
+from .config import ConfigError, LossConfig, SegmenterConfig
 from .registry import PRESETS, Preset, get_preset
 from .weights import IGNORED_KEYS, CheckpointLayout, LoadReport, check_sd_path, detect_layout, load_segmenter_state
 
@@ -180,7 +180,10 @@ def config_from_checkpoint(state: dict, path="checkpoint") -> SegmenterConfig:
 def _checkpoint_config(state: dict, foreign, path) -> SegmenterConfig:
     """config_from_checkpoint, given (the foreign layout of its weights, its preset) or None."""
     if "config" in state:
-        return SegmenterConfig.from_dict(state["config"], source=f"{path} (config)")
+        values = state["config"]
+        if isinstance(values, dict) and "loss" not in values:
+            values = {**values, "loss": _recorded_loss(state)}
+        return SegmenterConfig.from_dict(values, source=f"{path} (config)")
     args = state.get("args") or {}
     if foreign is not None:
         layout, preset = foreign
@@ -191,7 +194,15 @@ def _checkpoint_config(state: dict, foreign, path) -> SegmenterConfig:
                               f"cannot tell which model it holds")
     return SegmenterConfig(preset=args["model"], token_length=int(args["token_length"]),
                            img_size=int(args["img_size"]), attn_grad=bool(args.get("attn_grad") or False),
-                           sd_path=args.get("sd_path"), clip_path=args.get("clip_path"))
+                           sd_path=args.get("sd_path"), clip_path=args.get("clip_path"),
+                           loss=_recorded_loss(state))
+
+
+def _recorded_loss(state: dict) -> LossConfig:
+    """The loss of a checkpoint of ours written before configs had a loss section: VPD's
+    cross-entropy, plus the Dice weight its run recorded (the toy's recipe: 1)."""
+    dice_weight = (state.get("schedule") or {}).get("dice_weight", (state.get("args") or {}).get("dice_weight"))
+    return LossConfig.with_terms(dice=float(dice_weight or 0.0))
 
 
 def _snapshot(path: str) -> str:

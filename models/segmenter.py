@@ -11,14 +11,12 @@ from torch import nn
 from .adapter import TextAdapter
 from .backbone import ATTENTION_MAP_FEATURES, FEATURE_NAMES, DiffusionBackbone, decoder_in_channels
 from .config import ConfigError, SegmenterConfig
+from .loss import SegmentationLoss
 from .modeling import SegmenterBase
 from .registry import get_preset
 from .text_encoder import CLIPTextEncoder
 
-__all__ = ["VPDSegmenter", "CLASS_WEIGHTS", "upsample_logits"]
-
-# Cross-entropy weights of (background, object), as in VPD / LAVT.
-CLASS_WEIGHTS = (0.9, 1.1)
+__all__ = ["VPDSegmenter", "upsample_logits"]
 
 
 def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -83,7 +81,7 @@ class VPDSegmenter(SegmenterBase):
         if backbone.attn_grad != config.attn_grad:
             raise ConfigError(f"backbone attn_grad {backbone.attn_grad} != config attn_grad {config.attn_grad}")
 
-        self.register_buffer("class_weights", torch.tensor(CLASS_WEIGHTS), persistent=False)
+        self.criterion = SegmentationLoss(config.loss)  # the config's loss section, built
         self.latent_scale = get_preset(config.preset).latent_scale
         self._freeze(config)
 
@@ -210,18 +208,7 @@ class VPDSegmenter(SegmenterBase):
             masks = masks & ~no_target[:, None, None]
         return masks
 
-    def loss(self, logits: torch.Tensor, masks: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
-        """Weighted cross-entropy (VPD's loss); masks (N, H, W) with 0 = background, 1 = object.
-
-        `dice_weight` > 0 adds that multiple of a soft Dice loss on the object's probability, one
-        per image, averaged over the batch (not VPD's; the toy's default, bench/RESULTS.md). The
-        +1 in its ratio gives an empty mask a loss that pushes every pixel towards background.
-        """
-        loss = F.cross_entropy(logits, masks.long(), weight=self.class_weights.to(logits.dtype))
-        if dice_weight == 0:
-            return loss
-        probability = logits.softmax(dim=1)[:, 1].flatten(1)
-        target = masks.flatten(1).to(probability.dtype)
-        overlap = (probability * target).sum(dim=1)
-        dice = 1 - (2 * overlap + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)
-        return loss + dice_weight * dice.mean()
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The training loss of `config.loss` (models/loss.py; VPD's: cross-entropy with class
+        weights 0.9, 1.1); logits (N, 2, H, W), masks (N, H, W) with 0 = background, 1 = object."""
+        return self.criterion(logits, masks)

@@ -72,7 +72,11 @@ class DatasetRecord:
         default_partition: the splitBy used when none is given.
     Training and evaluation:
         generalized: expressions may name several objects or none (gRefCOCO's format: JSON refs,
-            ann_id lists; a JSONL dataset with a ``no_target`` line). Decides the metrics.
+            ann_id lists; a JSONL dataset with a ``no_target`` line).
+        evaluator: the name of the metric family its predictions are scored with
+            (engine/evaluators/: ``ris``, oIoU, mIoU, P@t and boundary IoU; ``gres``, gIoU, cIoU,
+            N-acc, T-acc; or one registered with ``register_evaluator``). Default: ``gres`` for a
+            generalized dataset, else ``ris``.
         recipe: flag defaults for this dataset (flag name -> value; the paper's defaults apply
             to the rest, engine/args.py). ``cache_latents=LATENTS_BESIDE_THE_DATA`` keeps the
             latents in the dataset's own folder.
@@ -97,8 +101,11 @@ class DatasetRecord:
     images_hint: str = ""
     annotations_hint: str = REFER_ANNOTATIONS_HINT
     generator: Generator | None = None
+    evaluator: str = ""
 
     def __post_init__(self):
+        if not self.evaluator:
+            object.__setattr__(self, "evaluator", "gres" if self.generalized else "ris")
         if (self.image_dir is None) == (self.jsonl_dir is None):
             raise CatalogError(f"dataset {self.name!r}: give exactly one of image_dir (REFER "
                                f"layout) and jsonl_dir (JSONL folder)")
@@ -111,11 +118,6 @@ class DatasetRecord:
     def format(self) -> str:
         """``refer`` (instances.json + refs file under the data root) or ``jsonl``."""
         return "jsonl" if self.jsonl_dir is not None else "refer"
-
-    @property
-    def evaluator(self) -> str:
-        """The metric family: ``ris`` (oIoU, mIoU, P@t) or ``gres`` (gIoU, cIoU, N-acc, T-acc)."""
-        return "gres" if self.generalized else "ris"
 
     @property
     def short_name(self) -> str:

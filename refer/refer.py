@@ -22,6 +22,8 @@ import warnings
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from utils.logging import get_logger
+
 from .catalog import QUERY_SPLITS, get_dataset, split_matches
 from .errors import (EmptySplitError, MaskDecodeError, ReferFileNotFoundError, ReferValueError,
                      RefsFileError, UnknownSplitError)
@@ -86,8 +88,6 @@ def load_refs_file(path: str) -> list[dict]:
             refs = _decode_python2_strings(_unpickle_refs(path, "bytes"), read_as_latin1)
         except RecursionError:
             raise RefsFileError(f"{path} nests its data too deeply for a refs file") from None
-        from utils.logging import get_logger  # here: it imports torch, which data.toy avoids
-
         get_logger().warning(f"{path}: {len(read_as_latin1)} string(s) are not valid UTF-8 and "
                              f"were read as latin-1, e.g. {read_as_latin1[0]!r}")
     if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):

@@ -5,7 +5,7 @@ import pytest
 
 from engine.args import (GROUPS, PAPER_DEFAULTS, PROGRAM_GROUPS, get_parser,
                          model_config, parse_args, reconcile_model_config)
-from models import PRESETS, SegmenterConfig, get_preset
+from models import PRESETS, LossConfig, SegmenterConfig, get_preset
 from refer.catalog import dataset_names, get_dataset
 
 
@@ -165,6 +165,10 @@ def test_vpd_command_lines(capsys):
      "argument --cache_latents: the evp model trains its VAE, so its latents change every step"),
     ("train", ["--model", "evp", "--precision", "bf16", "--frozen_bf16"],
      "argument --frozen_bf16: the evp model has no frozen parts"),
+    # The model id names files in --output-dir and the default log folder: a plain name only.
+    ("train", ["--model_id", "../../x"], "argument --model_id: '../../x' is not a plain name"),
+    ("train", ["--model_id", "/abs"], "argument --model_id: '/abs' is not a plain name"),
+    ("train", ["--model_id", ".."], "argument --model_id: '..' is not a plain name"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(program, argv, expected, capsys):
     assert expected in parse_error(program, argv, capsys)
@@ -191,7 +195,10 @@ def test_out_folder_is_refused(tmp_path, capsys):
 def test_model_config_from_flags_and_from_a_checkpoint():
     args = parse_args("train", ["--dataset", "toy", "--token_length", "12"])
     assert model_config(args) == SegmenterConfig(preset="tiny", token_length=12, img_size=64,
-                                                 attn_grad=True, decoder_hidden=32, pad_token_id=49407)
+                                                 attn_grad=True, decoder_hidden=32, pad_token_id=49407,
+                                                 loss=LossConfig.with_terms(dice=1.0))  # the toy's
+    args = parse_args("train", ["--dataset", "refcoco", "--loss_weight", "cross_entropy=0.5"])
+    assert model_config(args).loss == LossConfig(terms={"cross_entropy": 0.5})  # VPD's without Dice
     saved = SegmenterConfig(preset="tiny", token_length=12, img_size=64, sd_path="/weights/sd")
     test_args = parse_args("test", ["--dataset", "toy", "--checkpoint", "c.pth", "--img_size", "64"])
     assert reconcile_model_config(saved, test_args, "c.pth") == saved  # agreeing flags are fine

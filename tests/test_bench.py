@@ -77,7 +77,7 @@ def test_train_py_builds_random_weights_only_when_asked(toy_root, tmp_path, monk
     """--random_weights is the explicit opt-in (models.build_model(pretrained=False)) that
     bench/train_run.py uses for the full-size model without its weights; without it train.py
     builds from the preset's pretrained weights. It never goes with --sd_path."""
-    import models
+    import engine.trainer
     from tests.programs import main_here, train_command
 
     built = []
@@ -86,7 +86,7 @@ def test_train_py_builds_random_weights_only_when_asked(toy_root, tmp_path, monk
         built.append(pretrained)
         raise RuntimeError("built")
 
-    monkeypatch.setattr(models, "build_model", recording_build)
+    monkeypatch.setattr(engine.trainer, "build_model", recording_build)
     for flags in ([], ["--random_weights"]):
         with pytest.raises(RuntimeError, match="built"):
             main_here("train.py", train_command(toy_root, tmp_path / str(len(built)), 1, *flags)[2:])

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+import engine.hooks
 import engine.latents
-import utils.cpu_threads
 from tests.programs import main_here, train_command
 from utils.cpu_threads import CpuThreads, machine_ticks, own_ticks, threads_for_free_cores
 
@@ -116,7 +116,7 @@ def test_train_py_follows_the_free_cores_while_it_fills_the_latent_cache(toy_roo
             return super().poll()
 
     monkeypatch.setattr(engine.latents, "fill_latent_cache", recording_fill)
-    monkeypatch.setattr(utils.cpu_threads, "CpuThreads", RecordingCpuThreads)
+    monkeypatch.setattr(engine.hooks, "CpuThreads", RecordingCpuThreads)  # CpuThreadsHook's
     assert main_here("train.py", train_command(toy_root, tmp_path / "ckpt", 1, "--cache_latents",
                                                str(tmp_path / "cache"))[2:]) == 0
     assert "caching" in polls and "training" in polls

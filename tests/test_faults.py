@@ -1,6 +1,8 @@
 """Faults and bad input: runs never hang, never clobber each other, and say what went wrong in one
 line (exit status 2) or save and stop cleanly."""
+import errno
 import fcntl
+import json
 import os
 import pickle
 import pty
@@ -136,11 +138,22 @@ def test_a_second_run_on_the_same_output_dir_refuses_at_start(toy_root, tmp_path
         assert str(error.value).endswith(
             f"): {lock}. Two runs would overwrite each other's checkpoints; wait for it, use another "
             f"--output-dir or --model_id, or delete {lock} if that run is gone")
+        # Another output folder with the same log folder: refused too, by the log folder's lock.
+        logs = output_dir / "logs" / "toy"
+        with pytest.raises(OutputLockedError) as error:
+            load_program("train.py").main(train_command(toy_root, tmp_path / "other", 100, "--log_dir",
+                                                        str(logs))[2:])
+        assert str(error.value).startswith(f"{logs} is in use as a log folder by process {first.pid}")
+        assert str(error.value).endswith(
+            f"): {logs / 'log.lock'}. Two runs would write into one metrics.jsonl and run.json; wait "
+            f"for it, or pass another --log_dir (train.sh's LOGDIR), or delete {logs / 'log.lock'} if "
+            f"that run is gone")
+        assert not (tmp_path / "other" / "toy.lock").exists()
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
     finally:
         first.kill()
-    assert not lock.exists()
+    assert not lock.exists() and not (output_dir / "logs" / "toy" / "log.lock").exists()
 
 
 def test_lock_is_shared_nowhere_and_stale_locks_are_taken_over(tmp_path):
@@ -212,7 +225,10 @@ def copy_run(source, destination):
     (["--epochs", "1"], "--epochs = 2, this run has 1"),
     (["--epochs", "2", "--batch-size", "2"], "--batch-size = 4, this run has 2"),
     (["--epochs", "2", "--lr", "0.5"], "--lr = 0.001, this run has 0.5"),
-    (["--epochs", "2", "--dice_weight", "0"], "--dice_weight = 1.0, this run has 0.0"),
+    (["--epochs", "2", "--dice_weight", "0"], "holds another model than this run's flags describe "
+                                              "(loss: checkpoint {'class_weights': [0.9, 1.1], 'terms': "
+                                              "{'cross_entropy': 1.0, 'dice': 1.0}}, this run "
+                                              "{'class_weights': [0.9, 1.1], 'terms': {'cross_entropy': 1.0}})"),
     (["--epochs", "2", "--token_length", "20"], "holds another model than this run's flags describe "
                                                "(token_length: checkpoint 16, this run 20)"),
 ])
@@ -221,7 +237,7 @@ def test_resuming_with_another_schedule_or_model_is_refused(finished_run, toy_ro
     output_dir = copy_run(finished_run, tmp_path / "ckpt")
     argv = ["--dataset", "toy", "--refer_data_root", toy_root, "--output-dir", str(output_dir),
             *SMALL_RUN]
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(InputError, match=re.escape(message)):
         load_program("train.py").main(argv + flags)
 
 
@@ -331,6 +347,18 @@ def test_prediction_files_stay_in_their_folders(tmp_path):
     assert os.listdir(tmp_path / "masks") == [] and sorted(os.listdir(tmp_path)) == ["masks", "vis"]
 
 
+def test_an_earlier_runs_metrics_are_never_replaced(tmp_path):
+    """Two fresh runs in one log folder after a run with the same id: both earlier files kept."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for note in ("first", "second"):
+        (logs / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "run_id": "abc", "note": note}) + "\n")
+        RunRecord(str(logs), "new", tensorboard=False).close()
+    assert sorted(os.listdir(logs)) == ["metrics.abc-2.jsonl", "metrics.abc.jsonl"]
+    assert '"first"' in (logs / "metrics.abc.jsonl").read_text()
+    assert '"second"' in (logs / "metrics.abc-2.jsonl").read_text()
+
+
 def test_an_earlier_runs_metrics_are_set_aside_inside_the_log_folder(tmp_path):
     logs = tmp_path / "logs"
     (logs / "metrics.").mkdir(parents=True)  # a folder the crafted name would pass through
@@ -407,3 +435,101 @@ def test_max_restarts_restarts_a_killed_run_which_resumes(toy_root, tmp_path):
     assert launcher.returncode == 0, output[-3000:]
     assert "resumed from" in output and "epoch 3/3" in output
     assert load_checkpoint(str(last))["epoch"] == 3
+
+
+# ----------------------------------------------------------------------------- training output
+@pytest.mark.parametrize("flag,target,message", [
+    ("--save_masks", "unwritable/masks", "the masks folder {target} cannot be created"),
+    ("--save_masks", "unwritable", "the masks folder {target} is not writable"),
+    ("--save_masks", "a_file", "the masks folder {target} is a file, not a folder"),
+    ("--vis_dir", "a_file", "the panels folder {target} is a file, not a folder"),
+    ("--results_json", "unwritable/results.json", "--results_json {target} cannot be written: its "
+                                                  "folder {folder} is not writable"),
+    ("--results_json", "folder", "--results_json {target} is a folder; pass a file name such as"),
+])
+def test_test_py_checks_what_it_writes_before_anything_else(tmp_path, flag, target, message):
+    """Before the checkpoint is read (it does not even exist here), one line naming the flag."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder").mkdir()
+    target = target.replace("unwritable", unwritable_folder(tmp_path))
+    target = target if os.path.isabs(target) else str(tmp_path / target)
+    with pytest.raises(OutputNotWritableError) as error:
+        load_program("test.py").main(["--dataset", "toy", "--refer_data_root", str(tmp_path / "none"),
+                                      "--checkpoint", str(tmp_path / "none.pth"), flag, target])
+    assert str(error.value).startswith(message.format(target=target, folder=os.path.dirname(target)))
+    assert flag in str(error.value) and "\n" not in str(error.value)
+
+
+def test_train_checks_the_log_dir_before_reading_anything(tmp_path, restore_signal_handlers):
+    folder = unwritable_folder(tmp_path)
+    with pytest.raises(OutputNotWritableError) as error:
+        load_program("train.py").main(["--dataset", "toy", "--refer_data_root", str(tmp_path / "none"),
+                                       "--output-dir", str(tmp_path / "ckpt"), "--log_dir", folder])
+    assert str(error.value) == (f"the log folder {folder} is not writable (Permission denied); pass "
+                                f"--log_dir with a folder you can write")
+    assert not (tmp_path / "ckpt" / "toy.lock").exists()  # the output folder's lock is released
+
+
+@pytest.fixture(scope="module")
+def one_broken_train_line(toy_root, tmp_path_factory):
+    """The toy as a JSONL folder whose first train line's image is a copy of its own cut short
+    (its header reads, its pixels do not): the only ref that reads it fails, so one process of two
+    fails and the other waits for it."""
+    from tools.refer_to_jsonl import convert
+
+    folder = tmp_path_factory.mktemp("one_broken_line")
+    convert(toy_root, "toy", "unc", str(folder))
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    data = open(os.path.join(folder, first["image"]), "rb").read()
+    (folder / "broken.jpg").write_bytes(data[:len(data) * 2 // 3])
+    lines[0] = json.dumps({**first, "image": "broken.jpg"})
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_a_data_error_on_one_of_two_processes_is_the_last_line_printed(one_broken_train_line, tmp_path):
+    result = run(["bash", "train.sh", f"jsonl:{one_broken_train_line}", str(tmp_path / "logs"), "2",
+                  "--output-dir", str(tmp_path / "ckpt"), "--epochs", "2", "--model", "tiny",
+                  "--token_length", "16", *SMALL_RUN], timeout=240)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "broken.jpg" in errors[0], errors
+    for output in (result.stdout, result.stderr):
+        assert "Traceback" not in output and "Connection closed" not in output
+
+
+def test_a_full_disk_under_the_latent_cache_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    from data.latent_cache import LatentCache, LatentCacheError
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = LatentCache(str(tmp_path), "vae", 32)
+    monkeypatch.setattr("data.latent_cache.np.save", full_disk)
+    with pytest.raises(LatentCacheError) as error:
+        cache.put("toy_000001", torch.zeros(4, 8, 8))
+    assert str(error.value).startswith(f"cannot write {tmp_path / 'vae' / '32' / 'toy_000001.npy'} in "
+                                       f"the latent cache: No space left on device; free space there")
+    assert os.listdir(tmp_path / "vae" / "32") == []  # no torn file, no record
+
+
+def test_a_full_disk_under_metrics_jsonl_saves_a_checkpoint_and_says_so(toy_root, tmp_path,
+                                                                      restore_signal_handlers):
+    """metrics.jsonl on a full disk (/dev/full) at the first --print-freq row: the run stops at
+    that batch with a checkpoint, says so in one line, and resumes there once it can write."""
+    logs, output_dir = tmp_path / "logs", tmp_path / "ckpt"
+    logs.mkdir()
+    os.symlink("/dev/full", logs / "metrics.jsonl")
+    command = train_command(toy_root, output_dir, 1, "--log_dir", str(logs), "--print-freq", "2")[2:]
+    with pytest.raises(InputError) as error:
+        main_here("train.py", command)
+    last = output_dir / "checkpoint_last_toy.pth"
+    assert str(error.value) == (f"cannot write {logs / 'metrics.jsonl'}: No space left on device; saved "
+                                f"{last} at epoch 0, iteration 2; rerun the same command to resume once "
+                                f"it can be written")
+    state = load_checkpoint(str(last))
+    assert (state["epoch"], state["iteration"]) == (0, 2) and state["epoch_loss"][1] == 2
+    os.remove(logs / "metrics.jsonl")
+    assert main_here("train.py", command) == 0
+    assert load_checkpoint(str(last))["epoch"] == 1

@@ -17,6 +17,7 @@ from refer import REFER, ReferValueError, RefsFileError
 from refer.toy import ensure_gtoy_dataset, resolve_generalized
 from refer.synthetic import make_refer_dataset
 from tests.programs import SMALL_RUN, main_here, run
+from utils.checkpoint import load_checkpoint
 from utils.metrics import GRESMetric, gres_sample_scores
 
 
@@ -143,9 +144,9 @@ def test_each_outcome_is_counted_as_relas_evaluation(case, expected):
 def test_summary_hand_computed():
     metric = GRESMetric()
     # 2 no-target samples (one TP, one FN), 3 with a target (one FP, two TN: IoU 0.75 and 0.8).
-    metric.update(torch.tensor([0, 0, 0, 15, 40]), torch.tensor([0, 37, 20, 20, 50]),
-                  torch.tensor([True, False, True, False, False]),
-                  torch.tensor([True, True, False, False, False]))
+    metric.accumulate(*metric.from_counts(torch.tensor([0, 0, 0, 15, 40]), torch.tensor([0, 37, 20, 20, 50]),
+                                          torch.tensor([True, False, True, False, False]),
+                                          torch.tensor([True, True, False, False, False])))
     results = metric.compute()
     assert results["gIoU"] == pytest.approx(100 * (1 + 0 + 0 + 0.75 + 0.8) / 5)
     assert results["cIoU"] == pytest.approx(100 * 55 / (37 + 20 + 20 + 50))
@@ -164,11 +165,11 @@ def test_sharded_sums_equal_the_whole():
     predicted_none = torch.rand(n, generator=generator) < 0.3
     target_none = torch.rand(n, generator=generator) < 0.3
     whole, first, second = GRESMetric(), GRESMetric(), GRESMetric()
-    whole.update(intersection, union, predicted_none, target_none)
-    first.update(intersection[::2], union[::2], predicted_none[::2], target_none[::2])
-    second.update(intersection[1::2], union[1::2], predicted_none[1::2], target_none[1::2])
-    first.counts += second.counts  # what the all-reduce does across processes
-    first.iou_sum += second.iou_sum
+    whole.accumulate(*whole.from_counts(intersection, union, predicted_none, target_none))
+    first.accumulate(*first.from_counts(intersection[::2], union[::2], predicted_none[::2], target_none[::2]))
+    second.accumulate(*second.from_counts(intersection[1::2], union[1::2], predicted_none[1::2],
+                                          target_none[1::2]))
+    first.accumulate({}, second.counts)  # what the all-reduce does across processes
     assert first.compute() == pytest.approx(whole.compute())
 
 
@@ -198,12 +199,18 @@ def test_gtoy_has_about_ten_percent_no_target_refs_and_sentences(tmp_path):
 
 
 # ------------------------------------------------------------------------ gtoy, end to end
+@pytest.fixture(scope="module")
+def small_gtoy(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gtoy") / "data")
+    ensure_gtoy_dataset(root, num_train_images=16, num_eval_images=8, image_size=64)
+    return root
+
+
 @pytest.mark.xdist_group("gres")
-def test_gtoy_tables_on_one_and_two_processes_and_from_the_saved_masks(tmp_path):
+def test_gtoy_tables_on_one_and_two_processes_and_from_the_saved_masks(small_gtoy, tmp_path):
     """A small gtoy model: test.sh on 2 processes and test.py on one give the same GRES table,
     and the saved masks (empty files for nothing predicted) recompute it."""
-    root = str(tmp_path / "data")
-    ensure_gtoy_dataset(root, num_train_images=16, num_eval_images=8, image_size=64)
+    root = small_gtoy
     output = tmp_path / "ckpt"
     assert main_here("train.py", ["--dataset", "gtoy", "--refer_data_root", root, "--output-dir",
                                   str(output), "--epochs", "1", *SMALL_RUN]) == 0
@@ -229,8 +236,9 @@ def test_gtoy_tables_on_one_and_two_processes_and_from_the_saved_masks(tmp_path)
             with Image.open(tmp_path / "masks" / f"{ref['ref_id']}_{sent_id}.png") as saved:
                 predicted = torch.from_numpy(np.asarray(saved) > 0)
             intersection, union = (predicted & target).sum(), (predicted | target).sum()
-            metric.update(intersection[None], union[None], torch.tensor([not predicted.any()]),
-                          torch.tensor([dataset.no_target[index]]))
+            metric.accumulate(*metric.from_counts(intersection[None], union[None],
+                                                  torch.tensor([not predicted.any()]),
+                                                  torch.tensor([dataset.no_target[index]])))
     recomputed = metric.compute()
     assert all(recomputed[key] == pytest.approx(two[key]) for key in recomputed)
 
@@ -273,3 +281,26 @@ def test_the_no_target_head_prototype_trains_its_head_and_empties_masks():
         model.no_target_head.bias.fill_(-100.0)
         assert torch.equal(model.predict(input_ids, latents=latents),
                            model(input_ids, latents=latents)[:, :2].argmax(1).bool())
+
+
+@pytest.mark.xdist_group("gres")
+def test_the_no_target_head_prototype_trains_through_the_trainers_extension_point(
+        small_gtoy, tmp_path, capsys, restore_signal_handlers):
+    """bench/no_target_head.py trains with train.py's Trainer, its segmenter from an overridden
+    `build_model` (no patching of train.py or engine/), then scores the four decisions."""
+    from bench.no_target_head import NoTargetHeadSegmenter, main
+
+    assert main([str(tmp_path), "--refer_data_root", small_gtoy, "--head_weight", "0.5", "--",
+                 "--epochs", "1", *SMALL_RUN]) == 0
+    state = load_checkpoint(str(tmp_path / "ckpt" / "model_best_gtoy.pth"))
+    assert {"no_target_head.weight", "no_target_head.bias"} <= set(state["model"])
+    out = capsys.readouterr().out
+    assert "best epoch 1; head weight 0.5" in out and "| val | head or area <= 0.01 |" in out
+    # VPD's weight-decay rule judges the head, which VPD's model lacks, by its own names: it decays.
+    from engine.training import weight_decay_rule
+    from models import create_segmenter
+
+    model = NoTargetHeadSegmenter(create_segmenter("tiny", token_length=16, img_size=32), 0.5)
+    decays = weight_decay_rule(model, "vpd")
+    assert decays("no_target_head.weight", None) and decays("no_target_head.bias", None)
+    assert not decays("backbone.unet.down_blocks.1.attentions.0.transformer_blocks.0.norm1.weight", None)

@@ -63,3 +63,18 @@ def test_no_module_edits_sys_path():
                     isinstance(node.value, ast.Attribute) and node.value.attr == "path" and \
                     isinstance(node.value.value, ast.Name) and node.value.value.id == "sys":
                 raise AssertionError(f"{os.path.relpath(path, REPO_ROOT)}:{node.lineno} edits sys.path")
+
+
+def test_the_training_program_and_engine_have_short_functions():
+    """train.py is parse, build, Trainer(...).fit(); the loop's steps and hooks are methods a
+    reader takes in at once (engine/trainer.py, engine/hooks.py): none over 60 lines."""
+    paths = [os.path.join(REPO_ROOT, "train.py"), *python_files("engine")]
+    long = []
+    for path in paths:
+        with open(path) as handle:
+            tree = ast.parse(handle.read(), filename=path)
+        long += [f"{os.path.relpath(path, REPO_ROOT)}:{node.lineno} {node.name} "
+                 f"({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long

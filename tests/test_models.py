@@ -10,6 +10,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from models import (
+    LossConfig,
+    SegmentationLoss,
     SegmenterConfig,
     AttentionMapStore,
     MapRecordingAttnProcessor,
@@ -231,25 +233,29 @@ def test_forward_argument_errors(model):
 
 
 def test_loss_uses_registered_class_weights(model):
-    assert "class_weights" not in model.state_dict()
-    assert model.class_weights.tolist() == pytest.approx([0.9, 1.1])
+    assert "class_weights" not in " ".join(model.state_dict())
+    assert model.config.loss == LossConfig() and model.config.loss.class_weights == (0.9, 1.1)
+    assert model.criterion.class_weights.tolist() == pytest.approx([0.9, 1.1])
     logits = torch.randn(2, 2, 8, 8)
     masks = torch.randint(0, 2, (2, 8, 8))
     expected = F.cross_entropy(logits, masks, weight=torch.tensor([0.9, 1.1]))
     torch.testing.assert_close(model.loss(logits, masks), expected)
 
 
-def test_dice_term_of_the_loss(model):
-    """dice_weight 0 is VPD's cross-entropy alone; the Dice term is ~0 for a confident right mask
-    (an empty one too), ~1 for a confident wrong one, and is averaged over the images."""
+def test_dice_term_of_the_loss():
+    """The Dice term is ~0 for a confident right mask (an empty one too), ~1 for a confident wrong
+    one, and is averaged over the images; VPD's loss (the default) is cross-entropy alone."""
     masks = torch.zeros(2, 8, 8, dtype=torch.long)
     masks[0, 2:5, 2:6] = 1  # image 1 keeps an empty mask (no target)
     right = torch.stack([1 - masks, masks], dim=1).float() * 40 - 20
     wrong = -right
+    vpd = SegmentationLoss(LossConfig())
     for logits in (right, wrong, torch.randn(2, 2, 8, 8)):
-        assert model.loss(logits, masks, dice_weight=0.0) == model.loss(logits, masks)
+        assert vpd(logits, masks) == F.cross_entropy(logits, masks, weight=torch.tensor([0.9, 1.1]))
+    with_dice = SegmentationLoss(LossConfig.with_terms(dice=2.0))
+
     def dice_term(logits):
-        return (model.loss(logits, masks, dice_weight=2.0) - model.loss(logits, masks)) / 2
+        return (with_dice(logits, masks) - vpd(logits, masks)) / 2
     assert dice_term(right).item() == pytest.approx(0.0, abs=1e-6)
     # Wrong: each image predicts the complement of its mask (52 of 12 + 52 pixels; all 64 of an
     # empty mask): no overlap, so 1 - 1 / (area predicted + area of the mask + 1) each.

@@ -59,7 +59,9 @@ def reference_run(toy_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     assert main_here("train.py", train_command(toy_root, root / "ckpt", EPOCHS, "--batch-size", "2",
                                                "--cache_latents", str(root / "cache"))[2:]) == 0
-    return last_state(root / "ckpt")
+    state = last_state(root / "ckpt")
+    state["metrics"] = read_metrics(root / "ckpt" / "logs" / "toy" / "metrics.jsonl")
+    return state
 
 
 @TWO_PROCESS_GROUP
@@ -70,7 +72,8 @@ def test_train_sh_two_processes_writes_log_and_checkpoints(two_process_run, toy_
     assert last["epoch"] == EPOCHS and last["iteration"] == 0
     assert last["config"] == {"preset": "tiny", "token_length": 16, "img_size": 32, "attn_grad": True,
                               "decoder_hidden": 32, "sd_path": None, "clip_path": None,
-                              "pad_token_id": 49407, "no_target_area": 0.0}
+                              "pad_token_id": 49407, "no_target_area": 0.0,
+                              "loss": {"class_weights": [0.9, 1.1], "terms": {"cross_entropy": 1.0, "dice": 1.0}}}
     assert last["args"]["model"] == "tiny" and 0 <= last["best"]["score"] <= 100
     # Each process gets half the train refs, in whole batches of 4; the schedule counted every
     # step of both epochs.
@@ -152,6 +155,7 @@ def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
     state = load_checkpoint(str(last_path))
     stopped_at = state["iteration"]
     assert state["epoch"] == 0 and 0 < stopped_at < state["schedule"]["iterations_per_epoch"]
+    assert state["epoch_loss"][1] == stopped_at  # the sum and count of the losses so far
     assert f"SIGTERM: saved {last_path} at epoch 0, iteration {stopped_at}" in output
 
     # 2. The same command resumes at that batch; SIGKILL it once epoch 1's checkpoint exists.
@@ -182,6 +186,11 @@ def test_interrupted_run_resumes_identically(toy_root, tmp_path, reference_run,
     assert [row["epoch"] for row in rows if row["kind"] == "epoch"] == list(range(1, EPOCHS + 1))
     steps = [row["step"] for row in rows if row["kind"] == "iteration"]
     assert steps == sorted(set(steps)) and {row["run_id"] for row in rows} == {resumed["run_id"]}
+    # Epoch 1, stopped at `stopped_at` and resumed, reports the mean loss of all its batches (the
+    # checkpoint carried the sums of the first part), as the uninterrupted run does, bit for bit.
+    epoch_losses = [[row["train_loss"] for row in run if row["kind"] == "epoch"]
+                    for run in (rows, reference_run["metrics"])]
+    assert epoch_losses[0] == epoch_losses[1]
     assert len(json.loads((logdir / "run.json").read_text())["starts"]) == 3
     assert (logdir / "curves.png").read_bytes() != curves_after_epoch_1
 
@@ -216,6 +225,7 @@ def test_test_sh_reads_the_model_from_the_checkpoint(two_process_run, toy_root, 
                   *common, "--results_json", str(tmp_path / "results_nproc2.json")], NPROC="2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| split | P@0.5" in result.stdout and "| testA |" in result.stdout
+    assert "| oIoU | mIoU | mBIoU | refs | sentences |" in result.stdout  # boundary IoU, RIS datasets
     tables["nproc2"] = json.loads((tmp_path / "results_nproc2.json").read_text())
     # One process (test.py's main here), with panels and masks; and VPD's own test.sh command
     # line (--resume, --ddp_trained_weights, -j) with an agreeing --img_size.
@@ -231,7 +241,7 @@ def test_test_sh_reads_the_model_from_the_checkpoint(two_process_run, toy_root, 
     assert tables["nproc1"]["config"]["img_size"] == 32  # from the checkpoint
     for name in ("nproc2", "vpd"):
         for split in ("val", "testA", "testB"):
-            for column in ("P@0.5", "P@0.9", "oIoU", "mIoU", "sentences", "refs"):
+            for column in ("P@0.5", "P@0.9", "oIoU", "mIoU", "mBIoU", "oBIoU", "sentences", "refs"):
                 assert tables[name]["results"][split][column] == pytest.approx(
                     tables["nproc1"]["results"][split][column], abs=1e-9), (name, split, column)
     masks_one = sorted(os.listdir(tmp_path / "masks_1"))

@@ -8,6 +8,7 @@ Each LOGDIR is a run's log folder (train.sh's LOGDIR) holding metrics.jsonl.
 import argparse
 import os
 
+from engine.evaluators import EVALUATORS
 from utils.errors import InputError
 from utils.logging import run_cli
 from utils.plots import plot_runs, read_metrics
@@ -29,7 +30,8 @@ def main(argv=None):
     names = [name for name, _ in runs]
     if len(set(names)) < len(names):  # same folder names: tell the runs apart by their paths
         runs = [(os.path.normpath(log_dir), rows) for log_dir, (_, rows) in zip(args.log_dirs, runs)]
-    plot_runs(runs, args.out, title=args.title)
+    curves = list(dict.fromkeys(name for evaluator in EVALUATORS.values() for name in evaluator.curves))
+    plot_runs(runs, args.out, curves, title=args.title)
     print(f"wrote {args.out}: {len(runs)} runs")
     return 0
 

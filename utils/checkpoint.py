@@ -8,7 +8,7 @@ import re
 import torch
 
 from .errors import InputError
-from .io import atomic_write
+from .io import atomic_write, unused_path
 
 
 class CheckpointError(InputError, ValueError):
@@ -32,10 +32,7 @@ def previous_run_path(path, tag):
     `model_best_toy.previous-{tag}.pth`, or `...previous-{tag}-2.pth` (3, ...) when that name is
     taken, so an earlier kept file is never replaced."""
     stem, extension = os.path.splitext(path)
-    candidate, number = f"{stem}.previous-{tag}{extension}", 2
-    while os.path.lexists(candidate):
-        candidate, number = f"{stem}.previous-{tag}-{number}{extension}", number + 1
-    return candidate
+    return unused_path(f"{stem}.previous-{tag}{extension}")
 
 
 def save_checkpoint(state, path):

@@ -7,7 +7,13 @@ keeps working. The programs print these as one line and exit with status 2 (``ut
 anything else is a bug or an environment failure and keeps its traceback.
 """
 
+import os
+
 EXIT_INPUT_ERROR = 2  # the exit status of a run stopped by an InputError (argparse uses 2 too)
+# A process of a several-process run that stopped because another one failed: it says nothing on
+# the terminal (the failed process printed why), and the launcher (engine/launch.py) exits with
+# the failed process's status instead.
+EXIT_PEER_FAILED = 3
 
 
 class InputError(Exception):
@@ -28,3 +34,22 @@ def one_line(error: BaseException) -> str:
         text = last[len(prefix):] if last.startswith(prefix) else last.partition(": ")[2] or last
     lines = text.splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+# What gloo says in the processes of a run when another process of it has ended (crashed, or
+# stopped on bad input) while they wait for it in a collective.
+PEER_GONE_MESSAGES = ("Connection closed by peer", "Connection reset by peer")
+
+
+def is_peer_failure(error):
+    """Whether `error` (or an exception it was raised from) is this process's collective failing
+    because another process of a several-process run ended: that process says why."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError) and any(text in str(error) for text in PEER_GONE_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -14,6 +14,61 @@ class UnsafeFileNameError(InputError, ValueError):
     """A file name built from data (an id, a name in a file) that would not stay in its folder."""
 
 
+class OutputNotWritableError(InputError, PermissionError):
+    """A folder or file a program is asked to write cannot be created or written."""
+
+
+def folder_problem(folder):
+    """Why files cannot be written in `folder` (creating it if needed), or None when they can:
+    "is a file, not a folder", "cannot be created (reason)" or "is not writable (reason)"."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        return f"cannot be created ({error.strerror or error})"
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=TEMPORARY_PREFIX):
+            pass
+    except OSError as error:
+        return f"is not writable ({error.strerror or error})"
+    return None
+
+
+def ensure_writable_folder(folder, flag, what="folder"):
+    """Create `folder` if needed and check that files can be made in it, before any work is done
+    whose results would go there; OutputNotWritableError naming the folder and `flag` otherwise."""
+    problem = folder_problem(folder)
+    if problem:
+        raise OutputNotWritableError(f"the {what} {folder} {problem}; pass {flag} with a folder "
+                                     f"you can write")
+    return folder
+
+
+def ensure_writable_file(path, flag):
+    """`path` may be written later (atomically: a temporary file beside it, then a rename): it is
+    no folder and its folder takes files; OutputNotWritableError naming `flag` otherwise."""
+    if os.path.isdir(path):
+        raise OutputNotWritableError(f"{flag} {path} is a folder; pass a file name such as "
+                                     f"{os.path.join(path, 'results.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = folder_problem(folder)
+    if problem:
+        raise OutputNotWritableError(f"{flag} {path} cannot be written: its folder {folder} "
+                                     f"{problem}; pass {flag} with a path you can write")
+    return path
+
+
+def unused_path(path):
+    """`path` when nothing is there, else the first free `{stem}-2{ext}`, `{stem}-3{ext}`, ...:
+    where to keep a file without replacing an earlier one."""
+    stem, extension = os.path.splitext(path)
+    candidate, number = path, 2
+    while os.path.lexists(candidate):
+        candidate, number = f"{stem}-{number}{extension}", number + 1
+    return candidate
+
+
 def is_plain_file_name(name):
     """Whether `name` names a file directly inside a folder: not empty, not '.' or '..', no path
     separator, no NUL."""

@@ -1,12 +1,14 @@
-"""One run per output folder and model_id: a lock file naming its holder.
+"""One run per output folder and model_id (and per log folder): a lock file naming its holder.
 
 `{output_dir}/{model_id}.lock` is created with O_EXCL and holds the holder's host, pid and the
 pid's start time. A second run on the same output dir and model_id refuses at start with a message
 naming the holder. A lock left by a killed run is stale and taken over when its holder is on this
 host and no longer running (or its pid now belongs to another process); a lock held on another
 host cannot be checked from here, so the message says which file to delete if that run is gone.
-Only rank 0 of a run takes the lock: the DDP ranks of one run share it.
+Only rank 0 of a run takes the lock: the DDP ranks of one run share it (`acquire_on_main`).
 """
+from __future__ import annotations
+
 import json
 import os
 import socket
@@ -14,14 +16,13 @@ import time
 
 from .dist import all_gather_objects
 from .errors import InputError
+from .io import OutputNotWritableError
+
+__all__ = ["OutputLock", "OutputLockedError", "OutputNotWritableError", "acquire_on_main"]
 
 
 class OutputLockedError(InputError, RuntimeError):
     """Another run holds the output folder for this model_id."""
-
-
-class OutputNotWritableError(InputError, PermissionError):
-    """The output folder cannot be created or written."""
 
 
 def _process_stat(pid):
@@ -56,16 +57,16 @@ def _is_running(pid, start_time):
 
 class OutputLock:
     """Context manager: hold `{output_dir}/{model_id}.lock` for the run's lifetime. In messages,
-    `scope` says what is locked, `flag` names the folder's flag and `advice` what to do instead
-    (defaults: train.py's)."""
+    `what` names the folder, `scope` says what is locked, `flag` names the folder's flag and
+    `advice` what to do instead (defaults: train.py's output folder)."""
 
-    def __init__(self, output_dir, model_id, scope="for this model_id", flag="--output-dir",
-                 advice="Two runs would overwrite each other's checkpoints; wait for it, use another "
-                        "--output-dir or --model_id"):
+    def __init__(self, output_dir, model_id, what="output folder", scope="for this model_id",
+                 flag="--output-dir", advice="Two runs would overwrite each other's checkpoints; "
+                                            "wait for it, use another --output-dir or --model_id"):
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, f"{model_id}.lock")
         self.held = False
-        self.scope, self.flag, self.advice = scope, flag, advice
+        self.what, self.scope, self.flag, self.advice = what, scope, flag, advice
 
     def _holder(self):
         return {"host": socket.gethostname(), "pid": os.getpid(),
@@ -76,7 +77,7 @@ class OutputLock:
         try:
             os.makedirs(self.output_dir, exist_ok=True)
         except OSError as error:
-            raise OutputNotWritableError(f"cannot create the output folder {self.output_dir}: "
+            raise OutputNotWritableError(f"cannot create the {self.what} {self.output_dir}: "
                                          f"{error.strerror or error}") from None
         for _ in range(3):
             try:
@@ -87,7 +88,7 @@ class OutputLock:
                 raise OutputLockedError(self._message()) from None
             except OSError as error:
                 raise OutputNotWritableError(
-                    f"the output folder {self.output_dir} is not writable ({error.strerror or error}); "
+                    f"the {self.what} {self.output_dir} is not writable ({error.strerror or error}); "
                     f"pass {self.flag} with a folder you can write") from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(self._holder(), handle)

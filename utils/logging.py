@@ -6,8 +6,7 @@ import os
 import signal
 import sys
 
-from .errors import EXIT_INPUT_ERROR, InputError, one_line
-from .metrics import GRES_THRESHOLDS, PRECISION_THRESHOLDS
+from .errors import EXIT_INPUT_ERROR, EXIT_PEER_FAILED, InputError, is_peer_failure, one_line
 
 LOGGER_NAME = "ris"
 EXIT_INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C
@@ -77,9 +76,11 @@ def run_cli(main):
 
     An InputError (bad path, file, flag, checkpoint; from a DataLoader worker too) is printed as
     one line (and logged, so a log file keeps it) with exit status 2; Ctrl-C outside the training
-    loop's own handling exits with 130. Any other exception keeps its traceback (RIS_DEBUG=1 shows
-    the traceback of input errors too). Loader workers are ended first in every case, so the
-    process never hangs on its way out.
+    loop's own handling exits with 130. A process of a several-process run whose collective failed
+    because another process ended leaves the terminal to that process's message (its own goes to
+    the log file) and exits with EXIT_PEER_FAILED. Any other exception keeps its traceback
+    (RIS_DEBUG=1 shows the traceback of input errors too). Loader workers are ended first in every
+    case, so the process never hangs on its way out.
     """
     try:
         status = main()
@@ -97,23 +98,20 @@ def run_cli(main):
         sys.exit(EXIT_INTERRUPTED)
     except BaseException as error:
         _stop_child_processes()
+        if is_peer_failure(error) and os.environ.get("RIS_DEBUG") != "1":
+            _log_to_files("stopped: another process of the run ended while this one waited for it "
+                          "(its error is on the terminal)")
+            sys.exit(EXIT_PEER_FAILED)
         if not isinstance(error, SystemExit):
             _log_to_files("unexpected error (traceback follows)", exc_info=error)
         raise
     sys.exit(status)
 
 
-def format_results_table(results_by_split):
-    """A Markdown table, one row per split, in %: P@0.5 ... P@0.9, oIoU, mIoU (RIS) or gIoU,
-    cIoU, N-acc, T-acc, Pr@0.7 ... Pr@0.9 (GRES), then the counts."""
-    generalized = any("gIoU" in results for results in results_by_split.values())
-    if generalized:
-        columns = ["gIoU", "cIoU", "N-acc", "T-acc"] + [f"Pr@{t:g}" for t in GRES_THRESHOLDS]
-        counts = ["refs", "sentences", "no_target"]
-    else:
-        columns = [f"P@{t:g}" for t in PRECISION_THRESHOLDS] + ["oIoU", "mIoU"]
-        counts = ["refs", "sentences"]
-    header = "| split | " + " | ".join(columns + [c.replace("_", "-") for c in counts]) + " |"
+def format_results_table(results_by_split, columns, counts=("refs", "sentences")):
+    """A Markdown table, one row per split: the metric `columns` in % (an evaluator's, e.g. P@0.5
+    ... P@0.9, oIoU, mIoU), then the `counts`."""
+    header = "| split | " + " | ".join(list(columns) + [c.replace("_", "-") for c in counts]) + " |"
     lines = [header, "|" + "---|" * (len(columns) + len(counts) + 1)]
     for split, results in results_by_split.items():
         values = [f"{results[column]:.2f}" for column in columns] + [str(results.get(c, "-")) for c in counts]

@@ -1,14 +1,87 @@
-"""Referring-segmentation metrics, exactly as LAVT/VPD count them.
+"""Referring-segmentation metrics, exactly as LAVT/VPD (RIS) and ReLA (GRES) count them.
 
-Per sentence: I = |pred AND gt|, U = |pred OR gt| of the argmax mask at the evaluated
+A metric sees each evaluation batch as `SentenceMasks`: per sentence the predicted and the target
+mask, whether the sentence names nothing, its id. `measure` turns a batch into per-sentence scores
+and named counts; the counts add up over batches and `compute` sums them over processes once
+(integers as int64, sums of scores as float64: exact, whatever the sharding) before `summarize`
+turns them into the results row. engine/evaluators/ groups metrics per dataset.
+
+RIS, per sentence: I = |pred AND gt|, U = |pred OR gt| of the argmax mask at the evaluated
 resolution; IoU = I / U, and 0 when U = 0. Over a split: oIoU = sum(I) / sum(U),
 mIoU = mean(IoU), P@t = share of sentences with IoU >= t.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 
 from utils.dist import all_reduce_sum
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class SentenceMasks:
+    """One evaluation batch as the metrics see it, one row per sentence.
+
+    predictions, targets: (N, H, W) bool masks on the evaluation device (the target is the
+    sentence's ref's mask); no_target: (N,) bool, the sentence names nothing (GRES); sent_ids,
+    ref_ids: the sentence's and its ref's ids.
+    """
+
+    predictions: torch.Tensor
+    targets: torch.Tensor
+    no_target: torch.Tensor
+    sent_ids: list
+    ref_ids: list
+
+
+class Metric:
+    """Per-sentence scores and named counts accumulated over batches.
+
+    A subclass gives `zero_counts` (the counts' names; an int counts, a float sums scores),
+    `measure(batch) -> (per-sentence scores {name: (N,) tensor}, the batch's counts)` and
+    `summarize(counts) -> results row`. `update` adds a batch, `compute` reduces over processes
+    (collective: every rank calls it) and summarises.
+    """
+
+    def __init__(self):
+        self.counts = self.zero_counts()
+
+    def zero_counts(self) -> dict[str, int | float]:
+        raise NotImplementedError
+
+    def measure(self, batch: SentenceMasks) -> tuple[dict[str, torch.Tensor], dict[str, int | float]]:
+        raise NotImplementedError
+
+    def summarize(self, counts: dict[str, int | float]) -> dict:
+        raise NotImplementedError
+
+    def update(self, batch: SentenceMasks) -> dict[str, torch.Tensor]:
+        """Add a batch; returns its per-sentence scores."""
+        return self.accumulate(*self.measure(batch))
+
+    def accumulate(self, scores: dict, counts: dict) -> dict:
+        for name, value in counts.items():
+            self.counts[name] += value
+        return scores
+
+    def compute(self) -> dict:
+        return self.summarize(reduce_counts(self.counts))
+
+
+def reduce_counts(counts: dict[str, int | float]) -> dict[str, int | float]:
+    """Named counts summed over every process (a no-op in one process): the integers in one int64
+    tensor, the float sums in one float64 tensor. Collective: every rank calls it with the same
+    names."""
+    totals = {}
+    for kind, dtype in ((int, torch.int64), (float, torch.float64)):
+        names = [name for name, value in counts.items() if type(value) is kind]
+        if names:
+            summed = all_reduce_sum(torch.tensor([counts[name] for name in names], dtype=dtype))
+            totals.update(zip(names, summed.tolist()))
+    return {name: totals[name] for name in counts}
 
 
 def intersection_and_union(prediction, target):
@@ -30,55 +103,37 @@ def iou_from_counts(intersection, union):
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union))
 
 
-class RISMetric:
-    """Accumulates per-sentence counts; `compute` reduces over processes once and summarises.
-
-    Only sums are kept, so sharding the sentences over any number of processes gives the
-    same result.
-    """
+class RISMetric(Metric):
+    """oIoU, mIoU and P@t (module docstring); per-sentence score "IoU"."""
 
     def __init__(self, thresholds=PRECISION_THRESHOLDS):
         self.thresholds = tuple(thresholds)
-        self.reset()
+        super().__init__()
 
-    def reset(self):
-        self.cumulative_intersection = 0
-        self.cumulative_union = 0
-        self.iou_sum = 0.0
-        self.num_sentences = 0
-        self.precision_hits = [0] * len(self.thresholds)
+    def zero_counts(self):
+        return {"intersection": 0, "union": 0, "sentences": 0,
+                **{f"P@{t:g} hits": 0 for t in self.thresholds}, "iou_sum": 0.0}
 
-    def update(self, intersection, union):
-        """Add a batch of per-sentence counts; returns the batch's per-sentence IoU."""
+    def measure(self, batch):
+        intersection, union = intersection_and_union(batch.predictions, batch.targets)
+        return self.from_counts(intersection.cpu(), union.cpu())
+
+    def from_counts(self, intersection, union):
+        """(scores, counts) of per-sentence intersections and unions."""
         iou = iou_from_counts(intersection, union)
-        self.cumulative_intersection += int(intersection.sum())
-        self.cumulative_union += int(union.sum())
-        self.iou_sum += float(iou.sum())
-        self.num_sentences += int(iou.numel())
-        for k, threshold in enumerate(self.thresholds):
-            self.precision_hits[k] += int((iou >= threshold).sum())
-        return iou
+        counts = {"intersection": int(intersection.sum()), "union": int(union.sum()),
+                  "sentences": int(iou.numel()), "iou_sum": float(iou.sum())}
+        counts.update({f"P@{t:g} hits": int((iou >= t).sum()) for t in self.thresholds})
+        return {"IoU": iou}, counts
 
-    def compute(self):
-        """Reduce over processes (collective: every rank must call it) and summarise in %."""
-        counts = torch.tensor([self.cumulative_intersection, self.cumulative_union,
-                               self.num_sentences, *self.precision_hits], dtype=torch.int64)
-        iou_sum = torch.tensor([self.iou_sum], dtype=torch.float64)
-        counts, iou_sum = all_reduce_sum(counts), all_reduce_sum(iou_sum)
-        return summarize(counts[0].item(), counts[1].item(), iou_sum.item(), counts[2].item(),
-                         counts[3:].tolist(), self.thresholds)
-
-
-def summarize(cumulative_intersection, cumulative_union, iou_sum, num_sentences,
-              precision_hits, thresholds=PRECISION_THRESHOLDS):
-    """The results row: P@t, oIoU and mIoU in percent, plus the sentence count."""
-    results = {}
-    for threshold, hits in zip(thresholds, precision_hits):
-        results[f"P@{threshold:g}"] = 100.0 * hits / max(num_sentences, 1)
-    results["oIoU"] = 100.0 * cumulative_intersection / max(cumulative_union, 1)
-    results["mIoU"] = 100.0 * iou_sum / max(num_sentences, 1)
-    results["sentences"] = num_sentences
-    return results
+    def summarize(self, counts):
+        """The results row: P@t, oIoU and mIoU in percent, plus the sentence count."""
+        sentences = counts["sentences"]
+        results = {f"P@{t:g}": 100.0 * counts[f"P@{t:g} hits"] / max(sentences, 1) for t in self.thresholds}
+        results["oIoU"] = 100.0 * counts["intersection"] / max(counts["union"], 1)
+        results["mIoU"] = 100.0 * counts["iou_sum"] / max(sentences, 1)
+        results["sentences"] = sentences
+        return results
 
 
 # ------------------------------------------------------------------------------------ GRES
@@ -105,38 +160,45 @@ def gres_sample_scores(intersection, union, predicted_none, target_none):
     return intersection, union, iou
 
 
-class GRESMetric:
-    """Accumulates GRES counts per sample; `compute` reduces over processes once (exact sums)."""
+class GRESMetric(Metric):
+    """gIoU, cIoU, N-acc, T-acc and Pr@t (above); predicted "no target" = an empty mask;
+    per-sentence score "IoU" (GRES rules)."""
 
     def __init__(self, thresholds=GRES_THRESHOLDS):
         self.thresholds = tuple(thresholds)
-        self.counts = torch.zeros(8 + len(self.thresholds), dtype=torch.int64)
-        self.iou_sum = 0.0
+        super().__init__()
 
-    # counts: I, U, samples, TP, FN, FP, TN, targets, then precision hits per threshold
-    def update(self, intersection, union, predicted_none, target_none):
-        """Add a batch; returns the batch's per-sample IoU (GRES rules)."""
+    def zero_counts(self):
+        return {"intersection": 0, "union": 0, "sentences": 0, "TP": 0, "FN": 0, "FP": 0, "TN": 0,
+                "targets": 0, **{f"Pr@{t:g} hits": 0 for t in self.thresholds}, "iou_sum": 0.0}
+
+    def measure(self, batch):
+        intersection, union = intersection_and_union(batch.predictions, batch.targets)
+        predicted_none = ~batch.predictions.flatten(1).any(dim=1)
+        return self.from_counts(intersection.cpu(), union.cpu(), predicted_none.cpu(),
+                                batch.no_target.cpu())
+
+    def from_counts(self, intersection, union, predicted_none, target_none):
+        """(scores, counts) of per-sample I, U, "predicted no target" and "has no target"."""
         intersection, union, iou = gres_sample_scores(intersection, union, predicted_none, target_none)
         has_target = ~target_none
-        outcome = [target_none & predicted_none, target_none & ~predicted_none,
-                   has_target & predicted_none, has_target & ~predicted_none]
-        self.counts += torch.tensor(
-            [int(intersection.sum()), int(union.sum()), int(iou.numel()), *(int(o.sum()) for o in outcome),
-             int(has_target.sum()), *(int(((iou >= t) & has_target).sum()) for t in self.thresholds)],
-            dtype=torch.int64)
-        self.iou_sum += float(iou.sum())
-        return iou
+        counts = {"intersection": int(intersection.sum()), "union": int(union.sum()),
+                  "sentences": int(iou.numel()), "TP": int((target_none & predicted_none).sum()),
+                  "FN": int((target_none & ~predicted_none).sum()),
+                  "FP": int((has_target & predicted_none).sum()),
+                  "TN": int((has_target & ~predicted_none).sum()), "targets": int(has_target.sum()),
+                  "iou_sum": float(iou.sum())}
+        counts.update({f"Pr@{t:g} hits": int(((iou >= t) & has_target).sum()) for t in self.thresholds})
+        return {"IoU": iou}, counts
 
-    def compute(self):
-        counts = all_reduce_sum(self.counts.clone())
-        iou_sum = all_reduce_sum(torch.tensor([self.iou_sum], dtype=torch.float64)).item()
-        total_i, total_u, samples, tp, fn, fp, tn, targets = counts[:8].tolist()
-        hits = counts[8:].tolist()
-        results = {"gIoU": 100.0 * iou_sum / max(samples, 1),
-                   "cIoU": 100.0 * total_i / max(total_u, 1),
+    def summarize(self, counts):
+        tp, fn, fp, tn = (counts[name] for name in ("TP", "FN", "FP", "TN"))
+        samples = counts["sentences"]
+        results = {"gIoU": 100.0 * counts["iou_sum"] / max(samples, 1),
+                   "cIoU": 100.0 * counts["intersection"] / max(counts["union"], 1),
                    "N-acc": 100.0 * tp / max(tp + fn, 1),
                    "T-acc": 100.0 * tn / max(tn + fp, 1)}
-        for threshold, hit in zip(self.thresholds, hits):
-            results[f"Pr@{threshold:g}"] = 100.0 * hit / max(targets, 1)
+        for t in self.thresholds:
+            results[f"Pr@{t:g}"] = 100.0 * counts[f"Pr@{t:g} hits"] / max(counts["targets"], 1)
         results.update(sentences=samples, no_target=tp + fn, TP=tp, FN=fn, FP=fp, TN=tn)
         return results

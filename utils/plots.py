@@ -1,12 +1,10 @@
 """Training curves from metrics.jsonl rows: one run (curves.png, redrawn after every epoch) or
 several overlaid on the same axes (tools/plot_runs.py)."""
+import itertools
 import json
 import os
 
 from .io import atomic_write
-
-# Validation metrics drawn when a run reports them (classic RIS, then GRES).
-CURVE_METRICS = ("oIoU", "mIoU", "gIoU", "cIoU")
 
 
 def read_metrics(path):
@@ -21,9 +19,10 @@ def read_metrics(path):
     return rows
 
 
-def plot_runs(runs, path, title=None):
-    """Draw loss and lr by iteration and validation metrics by epoch, one colour per run, the best
-    epoch of each run marked; `runs` is a list of (label, rows). Written atomically as PNG."""
+def plot_runs(runs, path, metrics, title=None):
+    """Draw loss and lr by iteration and the validation results named in `metrics` (those a run
+    has; an evaluator's curves) by epoch, one colour per run, the best epoch of each run marked;
+    `runs` is a list of (label, rows). Written atomically as PNG."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -44,7 +43,7 @@ def plot_runs(runs, path, title=None):
                            color=colour, label=label)
             lr_axis.plot([r["step"] for r in epochs], [r["lr"] for r in epochs], "o-", color=colour, label=label)
         for dataset in (epochs[-1]["val"] if epochs else {}):
-            for metric, style in zip(CURVE_METRICS, ("-", "--", "-", "--")):
+            for metric, style in zip(metrics, itertools.cycle(("-", "--"))):
                 points = [(r["epoch"], r["val"][dataset][metric]) for r in epochs
                           if metric in r["val"].get(dataset, {})]
                 if points:
