@@ -26,7 +26,7 @@ class ToySegmenter(torch.nn.Module):
     def forward(self, input_ids, images, attention_mask=None):
         return self.norm(self.head(images))
 
-    def loss(self, logits, masks, dice_weight=0.0):  # VPDSegmenter.loss's signature
+    def loss(self, logits, masks):  # VPDSegmenter.loss's signature
         self.calls += 1
         loss = torch.nn.functional.cross_entropy(logits, masks)
         return loss * float("nan") if self.calls == self.nan_at_call else loss
