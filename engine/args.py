@@ -669,27 +669,7 @@ MODEL_FLAGS = ("model", "img_size", "token_length", "attn_grad", "no_target_area
 def check_args(parser, args, program):
     """Cheap consistency checks (no image is read); argparse errors naming the flag."""
     if hasattr(args, "datasets"):
-        if len(args.datasets) > 1 and program != "train":
-            parser.error(f"argument --dataset: {program} reads one dataset at a time; a joint "
-                         f"model is evaluated on each, e.g. --dataset {args.datasets[0][0]}")
-        if len(args.datasets) > 1 and args.splitBy:
-            parser.error("argument --splitBy: in a joint list give each dataset's partition "
-                         "after a colon, e.g. refcoco,refcocog:google")
-        records = [get_dataset(dataset) for dataset, _ in args.datasets]
-        if getattr(args, "no_target_area", None) and not all(record.generalized for record in records):
-            generalized = [name for name in dataset_names() if get_dataset(name).generalized]
-            parser.error(f"argument --no_target_area: only for datasets whose expressions may "
-                         f"refer to nothing ({', '.join(generalized)}, or a jsonl: folder with "
-                         f"no_target lines)")
-        for record, (dataset, splitBy) in zip(records, args.datasets):
-            if splitBy not in record.partitions:
-                parser.error(f"argument --splitBy: {dataset} has no {splitBy!r} partition; "
-                             f"expected one of {', '.join(record.partitions)}")
-            if hasattr(args, "split"):
-                allowed = record.held_out_splits(splitBy) + (["all"] if program == "test" else [])
-                if args.split not in allowed:
-                    parser.error(f"argument --split: {dataset} ({splitBy}) has no held-out split "
-                                 f"{args.split!r}; expected one of {', '.join(allowed) or 'none'}")
+        _check_datasets(parser, args, program)
     if getattr(args, "model_id", None) is not None and not is_plain_file_name(args.model_id):
         parser.error(f"argument --model_id: {args.model_id!r} is not a plain name (it names the "
                      f"checkpoint files in --output-dir and the log folder; no '/')")
@@ -722,23 +702,53 @@ def check_args(parser, args, program):
         parser.error(f"argument --out: {args.out} is a folder; give a file name such as "
                      f"{os.path.join(args.out, 'overlay.png')}")
     if program == "predict":
-        if not args.checkpoint and not args.random_weights:
-            parser.error("argument --checkpoint: the model to run is required (a checkpoint, a model "
-                         "folder or a Hugging Face Hub repository id)")
-        if args.checkpoint and args.random_weights:
-            parser.error("argument --random_weights: it builds the model --model describes; --checkpoint "
-                         "names one to read; give one of them")
-        if (args.manifest is None) == (args.images is None):
-            parser.error("argument --manifest/--images: give one of them (a JSONL manifest, or a "
-                         "folder of images with --text)")
-        if args.images is not None and not args.text:
-            parser.error("argument --text: --images needs at least one --text expression")
-        if args.manifest is not None and args.text:
-            parser.error("argument --text: it is for --images; each manifest line lists its own sentences")
-        if args.image_root is not None and args.manifest is None:
-            parser.error("argument --image_root: it is for --manifest")
-        if not args.out:
-            parser.error("argument --out: the output folder is required")
+        _check_predict_inputs(parser, args)
+
+
+def _check_datasets(parser, args, program):
+    """--dataset / --splitBy / --split / --no_target_area against the dataset catalog."""
+    if len(args.datasets) > 1 and program != "train":
+        parser.error(f"argument --dataset: {program} reads one dataset at a time; a joint "
+                     f"model is evaluated on each, e.g. --dataset {args.datasets[0][0]}")
+    if len(args.datasets) > 1 and args.splitBy:
+        parser.error("argument --splitBy: in a joint list give each dataset's partition "
+                     "after a colon, e.g. refcoco,refcocog:google")
+    records = [get_dataset(dataset) for dataset, _ in args.datasets]
+    if getattr(args, "no_target_area", None) and not all(record.generalized for record in records):
+        generalized = [name for name in dataset_names() if get_dataset(name).generalized]
+        parser.error(f"argument --no_target_area: only for datasets whose expressions may "
+                     f"refer to nothing ({', '.join(generalized)}, or a jsonl: folder with "
+                     f"no_target lines)")
+    for record, (dataset, splitBy) in zip(records, args.datasets):
+        if splitBy not in record.partitions:
+            parser.error(f"argument --splitBy: {dataset} has no {splitBy!r} partition; "
+                         f"expected one of {', '.join(record.partitions)}")
+        if hasattr(args, "split"):
+            allowed = record.held_out_splits(splitBy) + (["all"] if program == "test" else [])
+            if args.split not in allowed:
+                parser.error(f"argument --split: {dataset} ({splitBy}) has no held-out split "
+                             f"{args.split!r}; expected one of {', '.join(allowed) or 'none'}")
+
+
+def _check_predict_inputs(parser, args):
+    """predict.py: one model source, one kind of input, an output folder."""
+    if not args.checkpoint and not args.random_weights:
+        parser.error("argument --checkpoint: the model to run is required (a checkpoint, a model "
+                     "folder or a Hugging Face Hub repository id)")
+    if args.checkpoint and args.random_weights:
+        parser.error("argument --random_weights: it builds the model --model describes; --checkpoint "
+                     "names one to read; give one of them")
+    if (args.manifest is None) == (args.images is None):
+        parser.error("argument --manifest/--images: give one of them (a JSONL manifest, or a "
+                     "folder of images with --text)")
+    if args.images is not None and not args.text:
+        parser.error("argument --text: --images needs at least one --text expression")
+    if args.manifest is not None and args.text:
+        parser.error("argument --text: it is for --images; each manifest line lists its own sentences")
+    if args.image_root is not None and args.manifest is None:
+        parser.error("argument --image_root: it is for --manifest")
+    if not args.out:
+        parser.error("argument --out: the output folder is required")
 
 
 def warn_ignored_flags(args):
@@ -768,9 +778,10 @@ class ModelFlagError(InputError, ValueError):
 
 
 def model_config(args):
-    """train.py: the SegmenterConfig the flags describe, with what they leave to the preset; its
-    loss section from --dice_weight and --loss_weight."""
-    loss = LossConfig.with_terms(dice=args.dice_weight, **dict(args.loss_weight))
+    """train.py (and --random_weights): the SegmenterConfig the flags describe, with what they
+    leave to the preset; its loss section from --dice_weight and --loss_weight (a program without
+    them, which never computes a loss, gets the default: VPD's)."""
+    loss = LossConfig.with_terms(dice=getattr(args, "dice_weight", 0.0), **dict(getattr(args, "loss_weight", ())))
     return complete_config(SegmenterConfig(preset=args.model, token_length=args.token_length,
                                            img_size=args.img_size, attn_grad=bool(args.attn_grad),
                                            no_target_area=args.no_target_area, sd_path=args.sd_path,
