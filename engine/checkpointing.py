@@ -149,8 +149,10 @@ def check_resumable(state, path, config: SegmenterConfig, schedule):
     if differences:
         shown = "; ".join(f"{name}: checkpoint {saved!r}, this run {ours!r}"
                           for name, saved, ours in differences)
+        loss = ("; the loss comes from --dice_weight and --loss_weight TERM=W, a term registered "
+                "with models.register_loss_term" if any(name == "loss" for name, _, _ in differences) else "")
         raise ResumeError(f"{path} holds another model than this run's flags describe ({shown}); "
-                          f"resume with the same model flags, or start a new run")
+                          f"resume with the same model flags, or start a new run{loss}")
     saved_schedule = state.get("schedule")
     if saved_schedule is None:  # written before schedules were recorded: compare its flags
         args = state.get("args") or {}

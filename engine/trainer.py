@@ -181,6 +181,7 @@ class Trainer:
             if not (k in IGNORED_FLAG_NAMES and v in (None, False))))
         self.logger.info(f"{self.dist.world_size} process(es) on {self.device.type}, training "
                          f"precision {self.dtype}, validation precision {self.eval_dtype}")
+        self.logger.info(f"model {self.config.preset}, loss {self.config.loss}")
         self.model = self.setup_model()
         self.check_stop()
         self.setup_data()
@@ -390,7 +391,8 @@ class Trainer:
                "eval_seconds": sum(r["seconds"] for r in results.values()),
                "peak_memory_bytes": peak_memory_bytes(self.device), "val": results, "score": score,
                "score_name": self.score_name,
-               "best": {key: value for key, value in self.best.items() if key != "val"}}
+               "best": {**{key: value for key, value in self.best.items() if key != "val"},
+                        "epoch": self.best["epoch"] + 1}}  # 1-based, as the row's own
         return EpochSummary(epoch, row, improved)
 
     def log_epoch(self, summary):

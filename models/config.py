@@ -90,6 +90,10 @@ class LossConfig:
     def __repr__(self) -> str:
         return repr(self.to_dict())
 
+    def __str__(self) -> str:  # the training log's: "1 x cross_entropy + 0.5 x focal (class weights 0.9, 1.1)"
+        terms = " + ".join(f"{weight:g} x {name}" for name, weight in self.terms) or "no term"
+        return f"{terms} (class weights {self.class_weights[0]:g}, {self.class_weights[1]:g})"
+
 
 def _from_dict(cls, values, source: str, what: str):
     """`cls(**values)` of settings read from `source` (a file, a checkpoint), every error naming

@@ -94,7 +94,8 @@ def test_a_loss_term_added_through_the_config_alone_trains(focal_term, toy_root,
     assert state["config"]["loss"] == {"class_weights": [0.9, 1.1],
                                        "terms": {"cross_entropy": 1.0, "dice": 1.0, "focal": 0.5}}
     with pytest.raises(InputError, match=r"holds another model than this run's flags describe \(loss: "
-                                         r"checkpoint .*'focal': 0.5.*this run"):
+                                         r"checkpoint .*'focal': 0.5.*this run.*the loss comes from "
+                                         r"--dice_weight and --loss_weight TERM=W"):
         main_here("train.py", train_command(toy_root, tmp_path, 2)[2:])
 
 

@@ -96,6 +96,10 @@ def test_a_run_leaves_a_record(two_process_run):
         assert f"epoch {row['epoch']}/{EPOCHS} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | " \
                f"val oIoU {row['val']['toy']['oIoU']:.2f} mIoU {row['val']['toy']['mIoU']:.2f}" in log
         assert row["peak_memory_bytes"] > 0 and row["images_per_s"] > 0
+        best = max(epochs[:epochs.index(row) + 1], key=lambda earlier: earlier["score"])
+        assert row["best"]["epoch"] == best["epoch"]  # counted from 1 like the row's own
+        assert f"best oIoU {row['best']['score']:.2f} (epoch {row['best']['epoch']})" in log
+    assert "model tiny, loss 1 x cross_entropy + 1 x dice (class weights 0.9, 1.1)" in log
     steps = [row["step"] for row in rows if row["kind"] == "iteration"]
     assert steps and steps == sorted(set(steps)) and all(step % 2 == 0 for step in steps)
     # TensorBoard holds the same scalars, and validation panels.
