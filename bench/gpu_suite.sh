@@ -13,6 +13,7 @@
 #            graph with a dynamic batch; its profile at 32; the estimate
 #   variants (not run unless named in PARTS) the batch-4 variants of 2026-11-26
 #   toy      (not run unless named in PARTS) the README toy run on the GPU, 2 epochs
+#   predict  (not run unless named in PARTS) predict.py on vpd at 512 px, bf16 then fp32: images/s
 # Each part has its own time limit (PART_SECONDS_*) and writes its own files as it ends, so a part
 # cut short leaves the others'; compile, last, gets what is left of SUITE_SECONDS (default 530).
 # Needs a python (PYTHON, default python3) with torch, diffusers, open_clip_torch and pycocotools
@@ -92,4 +93,13 @@ if wants toy; then
         --epochs 2 --cache_latents "$scratch/latents" --output-dir "$scratch" >"$dir/toy.log" 2>&1
     log "toy: exit $?"
     rm -rf "$scratch"
+fi
+
+if wants predict; then
+    for precision in bf16 fp32; do  # fp32: test.py's default
+        timeout "$(limit "${PART_SECONDS_PREDICT:-60}")" "$PYTHON" bench/bench_predict.py --count 256 -- \
+            --model vpd --random_weights --img_size 512 --token_length 40 --device cuda \
+            --precision "$precision" >>"$dir/predict.md" 2>&1
+        log "predict ($precision): exit $?"
+    done
 fi
