@@ -204,6 +204,6 @@ class StopHook(Hook):
 
     def after_epoch(self, summary):
         trainer = self.trainer
-        if trainer.stop.agreed(trainer.device):
+        if trainer.stop.agreed():
             trainer.end(f"{trainer.stop.signal_name}: stopping after epoch {summary.epoch + 1}; "
                         f"{trainer.last_path} saved")

@@ -28,10 +28,11 @@ class StopRequest:
         self.requested = True
         self.signal_name = reason
 
-    def agreed(self, device):
+    def agreed(self):
         """True on every process once any of them was signalled, so all stop at the same step
-        (a rank leaving the loop alone would leave the others waiting in DDP's all-reduce)."""
+        (a rank leaving the loop alone would leave the others waiting in DDP's all-reduce). The
+        flag is summed on the host (gloo, utils.dist.process_group_backend): checking it after
+        every step does not wait for the GPU."""
         if not is_distributed():
             return self.requested
-        flag = torch.tensor([int(self.requested)], device=device)
-        return bool(all_reduce_sum(flag).item())
+        return bool(all_reduce_sum(torch.tensor([int(self.requested)])).item())

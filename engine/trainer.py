@@ -166,7 +166,7 @@ class Trainer:
                 self.logger.info(f"removed {path}, left by a run killed while saving")
 
     def check_stop(self):
-        if self.stop.agreed(self.device):
+        if self.stop.agreed():
             raise StoppedDuringSetup
 
     # ---------------------------------------------------------------------------------- set-up

@@ -240,7 +240,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, dtype, epoch, s
         interval.after_batch(iteration, masks.shape[0], readings, scheduler)
         if after_step is not None:
             after_step()
-        if last_micro_step and stop is not None and stop.agreed(device):
+        if last_micro_step and stop is not None and stop.agreed():
             break
     progress.close()
     readings.read(epoch)  # before anything is saved: a non-finite loss since the last reading

@@ -73,8 +73,16 @@ def init_distributed(backend="auto", device="auto", local_rank=None):
         chosen = torch.device("cpu")
 
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=chosen if chosen.type == "cuda" else None)
+        dist.init_process_group(backend=process_group_backend(backend),
+                                device_id=chosen if chosen.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
+
+
+def process_group_backend(backend):
+    """The backend string of the process group: NCCL carries CUDA tensors only, so with it the
+    host-side reductions (metric counts, the stop flag) go over gloo in the same group
+    ("cpu:gloo,cuda:nccl"); they then never wait for the GPU's queued work either."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def is_distributed():
@@ -87,7 +95,8 @@ def barrier():
 
 
 def all_reduce_sum(tensor):
-    """Sum a tensor over all processes in place (a no-op when single-process); returns it."""
+    """Sum a tensor (on the CPU or the process's GPU) over all processes in place (a no-op when
+    single-process); returns it."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
