@@ -1,11 +1,16 @@
 """The programs' exit path (utils/logging.run_cli) and one-line messages (utils/errors.one_line)."""
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from data.transforms import ImageReadError
 from utils.errors import InputError, one_line
 from utils.logging import get_logger, run_cli, setup_logging
+from utils.paths import REPO_ROOT
 
 
 def test_input_errors_are_one_line_with_status_2(capsys, tmp_path):
@@ -60,3 +65,30 @@ def test_log_file_gets_lines_only_from_rank_0(tmp_path):
     assert (tmp_path / "rank0.txt").read_text().endswith("from rank 0\n")
     assert get_logger().level == logging.INFO
     setup_logging(True)
+
+
+FAILING_PROCESS = textwrap.dedent("""
+    import atexit
+    from utils.errors import InputError
+    from utils.logging import get_logger, run_cli, setup_logging
+    atexit.register(print, "teardown ran")
+    setup_logging(True, log_file={log!r})
+    def main():
+        get_logger().info("started")
+        raise InputError("cannot read image a.jpg")
+    run_cli(main)
+""")
+
+
+@pytest.mark.parametrize("world_size, teardown", [("1", True), ("2", False)])
+def test_a_failed_process_of_several_leaves_without_the_interpreters_teardown(tmp_path, world_size, teardown):
+    """In a process of a several-process run an input error still prints its one line, keeps it in
+    the log and exits with 2, but skips the interpreter's teardown (the atexit handler here), where
+    the collectives' C++ objects could abort the process after the message (exit -6)."""
+    log = tmp_path / "log.txt"
+    result = subprocess.run([sys.executable, "-c", FAILING_PROCESS.format(log=str(log))], cwd=REPO_ROOT,
+                            env={**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": REPO_ROOT},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == "error: cannot read image a.jpg\n", result.stderr
+    assert ("teardown ran" in result.stdout) == teardown and "started" in result.stdout
+    assert log.read_text().splitlines()[-1].endswith("error: cannot read image a.jpg")

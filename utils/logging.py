@@ -71,6 +71,21 @@ def _log_to_files(message, exc_info=None):
             handler.flush()
 
 
+def _exit_failed(status):
+    """Exit with `status` after a failure. In a process of a several-process run, without the
+    interpreter's teardown: its collectives' C++ objects (gloo's threads, DDP's reducer), torn down
+    while another process of the run is leaving too, can abort the process (SIGABRT, "terminate
+    called without an active exception") after its one-line error, and the launcher would then
+    report the abort instead of the error. Logs and the terminal are flushed first; checkpoints,
+    locks and the run record were closed by the program's own `finally` blocks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
 def run_cli(main):
     """Run an entry point's main() and exit with its status.
 
@@ -91,7 +106,7 @@ def run_cli(main):
         message = f"error: {one_line(error)}"
         _log_to_files(message)
         print(message, file=sys.stderr, flush=True)
-        sys.exit(EXIT_INPUT_ERROR)
+        _exit_failed(EXIT_INPUT_ERROR)
     except KeyboardInterrupt:
         _stop_child_processes()
         print("interrupted", file=sys.stderr, flush=True)
@@ -101,7 +116,7 @@ def run_cli(main):
         if is_peer_failure(error) and os.environ.get("RIS_DEBUG") != "1":
             _log_to_files("stopped: another process of the run ended while this one waited for it "
                           "(its error is on the terminal)")
-            sys.exit(EXIT_PEER_FAILED)
+            _exit_failed(EXIT_PEER_FAILED)
         if not isinstance(error, SystemExit):
             _log_to_files("unexpected error (traceback follows)", exc_info=error)
         raise
