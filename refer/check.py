@@ -382,6 +382,8 @@ def main(argv=None):
     partitions = None
     if args.dataset:
         partitions = partitions_to_check(parser, args.dataset, args.refer_data_root)
+        for name in dict.fromkeys(name for name, _ in partitions):  # a generated one (toy, gtoy) is
+            get_dataset(name).prepare(args.refer_data_root)          # made, as train.py would make it
     result = check_data(args.refer_data_root, partitions, quick=args.quick,
                         show_progress=sys.stderr.isatty(), cache_dir=args.cache_latents)
     print(format_table(result))

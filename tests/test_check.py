@@ -182,3 +182,12 @@ def test_an_unknown_partition_is_named_without_a_download_hint(tmp_path, capsys)
     assert exit_info.value.code == 2
     assert "error: refcoco has no 'umd' partition; expected one of unc, google" in err
     assert "refcoco.zip" not in err
+
+
+def test_a_generated_dataset_named_on_an_empty_root_is_made_then_checked(tmp_path, capsys):
+    """`python -m refer.check --dataset toy` before any training: the toy is generated, as
+    train.py would generate it, instead of reported missing with advice to delete a folder that
+    does not exist."""
+    status, out = run_main(["--refer_data_root", str(tmp_path), "--dataset", "toy", "--quick"], capsys)
+    assert status == 0 and "all files present and readable" in out, out
+    assert (tmp_path / "toy" / "instances.json").is_file()
