@@ -3,7 +3,7 @@ TrainerBase + HookBase, Lightning's callbacks).
 
     Trainer(args).fit()      # train.py parses the flags, then this
 
-`fit` opens the session (the process group, the output and log folders' locks, logging), then
+`fit` opens the run (`opened`: the process group, the output and log folders' locks, logging), then
 runs the steps, each a method a subclass may override:
 
     setup       the model (`build_model`, then the run's flags applied), the data, the optimizer
@@ -113,7 +113,7 @@ class Trainer:
     def fit(self) -> int:
         """Train. Returns the exit status: 0 done (or stopped and saved), 1 the loss became
         non-finite (the last good checkpoint is kept)."""
-        with self.session():
+        with self.opened():
             try:
                 self.setup()
                 if not self.resume():
@@ -131,7 +131,7 @@ class Trainer:
                 self.call("after_train")
 
     @contextlib.contextmanager
-    def session(self):
+    def opened(self):
         """The process group; rank 0 holds the output folder's lock (for this model_id) and the log
         folder's, each checked writable before anything is read; logging to the log folder."""
         args = self.args
