@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from .errors import InputError, launched_world_size
 
 
 class DistributedSetupError(InputError, ValueError):
@@ -39,7 +39,7 @@ def init_distributed(backend="auto", device="auto", local_rank=None):
     takes the GPU of its local rank). local_rank: `--local_rank` of torch.distributed.launch, used
     when the environment has no LOCAL_RANK.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))

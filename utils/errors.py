@@ -41,10 +41,16 @@ def one_line(error: BaseException) -> str:
 PEER_GONE_MESSAGES = ("Connection closed by peer", "Connection reset by peer")
 
 
+def launched_world_size():
+    """How many processes the launcher (torchrun) started for this run; 1 without one. Read from
+    the environment, so it holds before the process group exists and after it is destroyed."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_peer_failure(error):
     """Whether `error` (or an exception it was raised from) is this process's collective failing
     because another process of a several-process run ended: that process says why."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return False
     seen = set()
     while error is not None and id(error) not in seen:

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from .errors import EXIT_INPUT_ERROR, EXIT_PEER_FAILED, InputError, is_peer_failure, one_line
+from .errors import EXIT_INPUT_ERROR, EXIT_PEER_FAILED, InputError, is_peer_failure, launched_world_size, one_line
 
 LOGGER_NAME = "ris"
 EXIT_INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C
@@ -78,7 +78,7 @@ def _exit_failed(status):
     called without an active exception") after its one-line error, and the launcher would then
     report the abort instead of the error. Logs and the terminal are flushed first; checkpoints,
     locks and the run record were closed by the program's own `finally` blocks."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         sys.exit(status)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
